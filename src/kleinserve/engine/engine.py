@@ -1,0 +1,348 @@
+"""Staged FLUX.2 [klein] generation on the diffusers and transformers components.
+
+The stages of ``Flux2KleinPipeline.__call__`` are taken apart so that the server can cache prompt
+embeddings, report progress after every step and cancel between steps: (1) prompt encoding that runs
+the text encoder only up to its deepest tapped layer, (2) reference-image encoding, (3) the
+flow-matching denoising loop, with true CFG for the undistilled variants, (4) VAE decoding.
+
+Reproducibility contract: for the same weights, inputs, device and dtype this produces the pixels
+``Flux2KleinPipeline`` produces with ``generator=torch.Generator("cpu").manual_seed(seed)``; image
+``i`` of a request uses ``seed + i``. The tests hold the engine to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kleinserve.engine.variants import Variant
+from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
+
+if TYPE_CHECKING:
+    from diffusers import Flux2KleinPipeline
+
+Stage = Literal["encode_prompt", "encode_references", "denoise", "decode"]
+DEFAULT_SIZE = 1024
+REFERENCE_MAX_PIXELS = 1024 * 1024  # diffusers shrinks larger references to this area
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a generation is: ``step`` of ``total`` within ``stage``."""
+
+    stage: Stage
+    step: int
+    total: int
+
+
+ProgressCallback = Callable[[Progress], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """Fully resolved inputs of one generation (defaults already applied by the caller)."""
+
+    prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int = 1
+    references: Sequence[Image.Image] = ()
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class EngineOutput:
+    """Generated images with the parameters that actually made them."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    cfg: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _StopEncoding(Exception):
+    """Raised from a forward hook once the deepest tapped text-encoder layer has run."""
+
+
+class Engine:
+    """One loaded klein model on one device: typed inputs in, PIL images out.
+
+    Not thread-safe: a worker owns an engine and runs one generation at a time.
+    """
+
+    def __init__(self, pipeline: Flux2KleinPipeline, variant: Variant) -> None:
+        self.pipeline = pipeline
+        self.variant = variant
+        self.layers = tuple(variant.text_encoder_layers)
+        n_layers = pipeline.text_encoder.config.num_hidden_layers
+        if max(self.layers) >= n_layers:
+            # hidden_states[n_layers] would be the final-norm output, which klein never taps.
+            raise ValueError(f"text encoder has {n_layers} layers; cannot tap layer {max(self.layers)}")
+        self._empty_embedding: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.transformer.dtype
+
+    # -- stage 1: prompt ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """The prompt embedding ``(1, 512, 3 * hidden)``: stacked hidden states of the tapped layers.
+
+        Runs the decoder layers only up to the deepest tap; the final norm and the LM head never run.
+        """
+        pipe = self.pipeline
+        text = pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+        tokens = pipe.tokenizer(
+            text,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_SEQUENCE_LENGTH,
+        )
+        encoder = pipe.text_encoder
+        device = encoder.device
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(self.layers)
+
+        def capture(index: int) -> Callable[..., None]:
+            def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
+                captured[index] = output[0] if isinstance(output, tuple) else output  # type: ignore[assignment]
+                if index == deepest:
+                    raise _StopEncoding
+
+            return hook
+
+        # hidden_states[k] is the output of decoder layer k - 1 (k = 0 is the token embedding).
+        modules = {k: encoder.model.layers[k - 1] if k > 0 else encoder.model.embed_tokens for k in self.layers}
+        handles = [modules[k].register_forward_hook(capture(k)) for k in self.layers]
+        try:
+            encoder.model(
+                input_ids=tokens["input_ids"].to(device),
+                attention_mask=tokens["attention_mask"].to(device),
+                use_cache=False,
+            )
+        except _StopEncoding:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        stacked = torch.stack([captured[k] for k in self.layers], dim=1).to(encoder.dtype)
+        batch, channels, seq_len, hidden = stacked.shape
+        return stacked.permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden).to(self.device)
+
+    def empty_prompt_embedding(self) -> torch.Tensor:
+        """The embedding of the empty prompt (the CFG negative), computed once per loaded model."""
+        if self._empty_embedding is None:
+            self._empty_embedding = self.encode_prompt("")
+        return self._empty_embedding
+
+    # -- stage 2: references --------------------------------------------------------------------
+
+    def preprocess_reference(self, image: Image.Image) -> torch.Tensor:
+        """Resize (to at most 1 MP) and crop a reference to the 16-pixel grid, as diffusers does."""
+        processor = self.pipeline.image_processor
+        width, height = image.size
+        if width * height > REFERENCE_MAX_PIXELS:
+            image = processor._resize_to_target_area(image, REFERENCE_MAX_PIXELS)
+            width, height = image.size
+        multiple = self.pipeline.vae_scale_factor * 2
+        width, height = (width // multiple) * multiple, (height // multiple) * multiple
+        return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+    @torch.inference_mode()
+    def encode_references(
+        self, images: Sequence[Image.Image], batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """VAE latents and position ids of the references, and the first reference's (width, height)."""
+        pipe = self.pipeline
+        tensors = [self.preprocess_reference(image) for image in images]
+        first_size = (int(tensors[0].shape[-1]), int(tensors[0].shape[-2]))
+        latents, ids = pipe.prepare_image_latents(
+            images=tensors,
+            batch_size=batch_size,
+            generator=None,  # references are encoded with the posterior mode: no randomness
+            device=self.device,
+            dtype=pipe.vae.dtype,
+        )
+        return latents, ids, first_size
+
+    # -- stages 3 and 4: denoise and decode -----------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs: EngineInputs,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        prompt_embedding: torch.Tensor | None = None,
+    ) -> EngineOutput:
+        """Run a whole generation. ``prompt_embedding`` may come from a cache of :meth:`encode_prompt`.
+
+        Raises :class:`GenerationCancelledError` when ``should_cancel`` turns true between steps and
+        :class:`ResourceExhaustedError` when the device runs out of memory.
+        """
+        try:
+            return self._generate(inputs, on_progress, should_cancel, prompt_embedding)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise ResourceExhaustedError(
+                f"out of {self.device} memory for {inputs.num_images} image(s) at this size; "
+                "ask for fewer or smaller images"
+            ) from None
+
+    def _generate(
+        self,
+        inputs: EngineInputs,
+        on_progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        prompt_embedding: torch.Tensor | None,
+    ) -> EngineOutput:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+        pipe = self.pipeline
+        report = on_progress or (lambda _p: None)
+        cancelled = should_cancel or (lambda: False)
+        timings: dict[str, float] = {}
+        n = inputs.num_images
+        cfg = self.variant.uses_cfg and inputs.guidance > 1.0 and not pipe.config.is_distilled
+
+        started = time.perf_counter()
+        report(Progress("encode_prompt", 0, 1))
+        embedding = prompt_embedding if prompt_embedding is not None else self.encode_prompt(inputs.prompt)
+        prompt_embeds = embedding.expand(n, -1, -1)
+        text_ids = pipe._prepare_text_ids(prompt_embeds).to(self.device)
+        negative_embeds = negative_ids = None
+        if cfg:
+            negative_embeds = self.empty_prompt_embedding().expand(n, -1, -1)
+            negative_ids = pipe._prepare_text_ids(negative_embeds).to(self.device)
+        timings["encode_prompt"] = time.perf_counter() - started
+
+        ref_latents = ref_ids = None
+        width, height = inputs.width, inputs.height
+        if inputs.references:
+            started = time.perf_counter()
+            report(Progress("encode_references", 0, len(inputs.references)))
+            ref_latents, ref_ids, first_size = self.encode_references(inputs.references, n)
+            if width is None or height is None:
+                width, height = first_size
+            timings["encode_references"] = time.perf_counter() - started
+        width = width or DEFAULT_SIZE
+        height = height or DEFAULT_SIZE
+        self._check_cancel(cancelled)
+
+        started = time.perf_counter()
+        seeds = [inputs.seed + i for i in range(n)]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        latents, latent_ids = pipe.prepare_latents(
+            batch_size=n,
+            num_latents_channels=pipe.transformer.config.in_channels // 4,
+            height=height,
+            width=width,
+            dtype=prompt_embeds.dtype,
+            device=self.device,
+            generator=generators,
+        )
+        # A private scheduler per generation: the shared one carries step state.
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        steps = inputs.steps
+        sigmas: np.ndarray | None = np.linspace(1.0, 1 / steps, steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+
+        model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
+        transformer = pipe.transformer
+        for i, t in enumerate(timesteps):
+            self._check_cancel(cancelled)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
+            model_input = model_input.to(transformer.dtype)
+            noise = transformer(
+                hidden_states=model_input,
+                timestep=timestep / 1000,
+                guidance=None,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=model_input_ids,
+                return_dict=False,
+            )[0][:, : latents.size(1)]
+            if cfg:
+                negative = transformer(
+                    hidden_states=model_input,
+                    timestep=timestep / 1000,
+                    guidance=None,
+                    encoder_hidden_states=negative_embeds,
+                    txt_ids=negative_ids,
+                    img_ids=model_input_ids,
+                    return_dict=False,
+                )[0][:, : latents.size(1)]
+                noise = negative + inputs.guidance * (noise - negative)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            report(Progress("denoise", i + 1, len(timesteps)))
+        timings["denoise"] = time.perf_counter() - started
+        self._check_cancel(cancelled)
+
+        started = time.perf_counter()
+        report(Progress("decode", 0, 1))
+        images = self.decode(latents, latent_ids, width, height)
+        timings["decode"] = time.perf_counter() - started
+        report(Progress("decode", 1, 1))
+        return EngineOutput(
+            images=images,
+            seeds=seeds,
+            width=images[0].width,
+            height=images[0].height,
+            steps=steps,
+            guidance=inputs.guidance,
+            cfg=cfg,
+            timings=timings,
+        )
+
+    def decode(self, latents: torch.Tensor, latent_ids: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+        """Unpack packed latents, undo the VAE batch-norm and decode to PIL images."""
+        pipe = self.pipeline
+        grid = pipe.vae_scale_factor * 2
+        latents = pipe._unpack_latents_with_ids(latents, latent_ids, height // grid, width // grid)
+        vae = pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype
+        )
+        latents = pipe._unpatchify_latents(latents * std + mean)
+        decoded = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
+        return images
+
+    @staticmethod
+    def _check_cancel(cancelled: CancelCheck) -> None:
+        if cancelled():
+            raise GenerationCancelledError()

@@ -1,0 +1,182 @@
+"""Tiny random-weight FLUX.2 [klein] checkpoints of the real architecture (``kleinserve make-tiny``).
+
+The hub cannot always be reached (CI, air-gapped hosts, demos), yet every part of the engine must
+run on the real classes. This module writes a diffusers-format directory with the same component
+classes as the published checkpoints (Flux2Transformer2DModel, AutoencoderKLFlux2, Qwen3ForCausalLM,
+FlowMatchEulerDiscreteScheduler and a Qwen2-style byte-level BPE tokenizer with a chat template),
+shrunk to a few MB. It keeps what the engine depends on: a 36-layer text encoder so the real layer
+taps (9, 18, 27) exist, a VAE with the real 16-pixel latent grid, and ``is_distilled`` in
+``model_index.json``. The same ``seed`` always writes the same weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+TinyKind = Literal["distilled", "base"]
+
+# Text the tiny tokenizer's BPE merges are learned from; any fixed text gives a fixed vocabulary.
+_CORPUS = (
+    "a red fox in snow. a cat wearing a hat. put the hat from image 2 on the cat. "
+    "a photo of a mountain lake at sunrise, highly detailed, cinematic lighting. "
+    "the quick brown fox jumps over the lazy dog. an astronaut riding a horse on the moon. "
+    "make it a watercolor painting. replace the background with a beach. user assistant system"
+)
+_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# The Qwen3 chat template, reduced to what a prompt encoder needs: user turns and the
+# generation prompt, with the empty thinking block Qwen3 adds when enable_thinking is false.
+_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+# Qwen2's pre-tokenisation split (the published tokenizer's pattern).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEXT_HIDDEN = 32
+TEXT_LAYERS = 36
+
+
+def build_tokenizer(directory: Path) -> None:
+    """Write a Qwen2-style byte-level BPE tokenizer, learned offline from a fixed corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=131072,
+    )
+    wrapped.chat_template = _CHAT_TEMPLATE
+    wrapped.save_pretrained(str(directory))
+    _set_tokenizer_class(directory)
+
+
+def _set_tokenizer_class(directory: Path) -> None:
+    """Name the Qwen2 tokenizer class in tokenizer_config.json, as the published checkpoints do."""
+    import json
+
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> Path:
+    """Write a tiny random-weight klein checkpoint to ``directory`` and return it.
+
+    ``kind`` chooses ``is_distilled`` (``distilled`` like klein 4B/9B, ``base`` like Base 4B/9B).
+    The directory loads with ``Flux2KleinPipeline.from_pretrained(directory)``.
+    """
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    if kind not in ("distilled", "base"):
+        raise ValueError(f"kind must be 'distilled' or 'base', not {kind!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tokenizer(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    vocab_size = len(tokenizer)
+
+    # Each component gets its own seed offset so changing one size never reshuffles the others.
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, patchified 2 x 2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * TEXT_HIDDEN,  # three stacked text-encoder layers
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels: the real 8x spatial factor
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+    # Non-trivial latent statistics, so the batch-norm (de)normalisation is exercised.
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.1)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
+    )
+    pipeline = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=(kind == "distilled"),
+    )
+    pipeline.save_pretrained(str(directory))
+    _set_tokenizer_class(directory / "tokenizer")
+    return directory

@@ -1,0 +1,160 @@
+"""Where a variant's weights come from, and loading them.
+
+``--model ID`` resolves the variant's hub repository through huggingface_hub: the local HF cache
+first (``HF_HOME``), then a download (``HF_TOKEN`` for gated repos), unless ``HF_HUB_OFFLINE`` is set.
+``--model ID=PATH`` serves a local diffusers-format directory under variant ``ID``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    from diffusers import Flux2KleinPipeline
+
+# Everything a Flux2KleinPipeline loads; the hub repos also hold single-file checkpoints we skip.
+_ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "text_encoder/*",
+    "transformer/*",
+    "vae/*",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve: a variant, and optionally a local directory holding its weights."""
+
+    variant: Variant
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Parse ``ID`` or ``ID=PATH`` (the ``--model`` syntax)."""
+        name, sep, path = text.partition("=")
+        if sep and not path.strip():
+            raise InvalidParameterError("model", f"{text!r} has an empty path after '='")
+        variant = find_variant(name)
+        return cls(variant, Path(path).expanduser() if sep else None)
+
+    def __str__(self) -> str:
+        return f"{self.variant.id}={self.path}" if self.path else self.variant.id
+
+
+def read_model_index(directory: Path) -> dict[str, Any]:
+    """The ``model_index.json`` of a diffusers directory, or a clear error."""
+    index = directory / "model_index.json"
+    if not index.is_file():
+        raise WeightsUnavailableError(
+            f"{directory} is not a diffusers model directory (no model_index.json); "
+            "point --model ID=PATH at a directory saved by diffusers or made by `kleinserve make-tiny`"
+        )
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsUnavailableError(f"cannot read {index}: {err}") from None
+    if not isinstance(data, dict) or data.get("_class_name") != "Flux2KleinPipeline":
+        found = data.get("_class_name") if isinstance(data, dict) else None
+        raise WeightsUnavailableError(f"{directory} holds a {found!r} model, not a Flux2KleinPipeline")
+    return data
+
+
+def check_local_directory(spec: ModelSpec) -> Path:
+    """Check that a local directory exists and agrees with its variant on ``is_distilled``."""
+    assert spec.path is not None
+    directory = spec.path
+    if not directory.is_dir():
+        raise WeightsUnavailableError(f"model directory {directory} does not exist")
+    index = read_model_index(directory)
+    distilled = bool(index.get("is_distilled", False))
+    if distilled != spec.variant.distilled:
+        want = "distilled" if spec.variant.distilled else "undistilled (base)"
+        have = "distilled" if distilled else "undistilled (base)"
+        raise WeightsUnavailableError(
+            f"{directory} holds an {have} checkpoint (is_distilled={str(distilled).lower()}), "
+            f"but {spec.variant.id} is {want}; serve it under a matching variant id"
+        )
+    return directory
+
+
+def _hub_advice(variant: Variant) -> str:
+    advice = [f"pass --model {variant.id}=PATH to serve a local copy"]
+    if variant.gated:
+        advice.insert(
+            0,
+            f"accept the licence at https://huggingface.co/{variant.repo_id} and set HF_TOKEN "
+            "(or run `hf auth login`)",
+        )
+    return "; ".join(advice)
+
+
+def resolve_from_hub(variant: Variant, *, allow_download: bool = True) -> Path:
+    """The local snapshot directory of ``variant``'s hub repo: the HF cache, then a download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(variant.repo_id, allow_patterns=_ALLOW_PATTERNS, local_files_only=True)
+        )
+    except Exception:  # noqa: BLE001 - not cached (or partly): fall through to the download
+        pass
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    cache = constants.HF_HUB_CACHE
+    if offline or not allow_download:
+        why = "HF_HUB_OFFLINE is set" if offline else "downloads are disabled"
+        raise WeightsUnavailableError(
+            f"weights for {variant.id} ({variant.repo_id}) are not in the HF cache at {cache} and {why}; "
+            + _hub_advice(variant)
+        )
+    try:
+        return Path(snapshot_download(variant.repo_id, allow_patterns=_ALLOW_PATTERNS))
+    except GatedRepoError:
+        reason = "the repository is gated and this token has no access"
+    except RepositoryNotFoundError:
+        reason = "the repository was not found (or needs a token)"
+    except Exception as err:  # noqa: BLE001 - network errors come in many classes; all mean the same here
+        reason = f"the download failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    token_note = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
+    raise WeightsUnavailableError(
+        f"cannot get weights for {variant.id}: not in the HF cache at {cache}, and a download of "
+        f"{variant.repo_id} from the hub failed: {reason} ({token_note}); " + _hub_advice(variant)
+    )
+
+
+def resolve_weights(spec: ModelSpec, *, allow_download: bool = True) -> Path:
+    """The directory holding ``spec``'s weights, checked; raises :class:`WeightsUnavailableError`."""
+    if spec.path is not None:
+        return check_local_directory(spec)
+    directory = resolve_from_hub(spec.variant, allow_download=allow_download)
+    return check_local_directory(ModelSpec(spec.variant, directory))
+
+
+def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
+    """Load a Flux2KleinPipeline's components from ``directory`` onto ``device`` in ``dtype``."""
+    from diffusers import Flux2KleinPipeline
+
+    try:
+        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), torch_dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - corrupt or partial directories fail in many ways
+        raise WeightsUnavailableError(f"cannot load the model in {directory}: {err}") from err
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        return pipeline.to(device)
+    except torch.OutOfMemoryError:
+        from kleinserve.errors import ResourceExhaustedError
+
+        raise ResourceExhaustedError(f"the model in {directory} does not fit in {device} memory") from None

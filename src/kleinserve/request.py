@@ -1,0 +1,241 @@
+"""The canonical generation request, and the size rules every dialect shares.
+
+Each provider dialect translates its wire format into one :class:`GenerationRequest`; the engine,
+the job system and the CLI only ever see this model. Bounds that an operator may tune come from
+:class:`~kleinserve.settings.Settings` and are checked by :meth:`GenerationRequest.parse`, which turns
+every validation failure into an :class:`~kleinserve.errors.InvalidParameterError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import model_validator
+
+from kleinserve.engine.variants import DEFAULT_VARIANT_ID
+from kleinserve.errors import InvalidParameterError
+from kleinserve.settings import Settings
+
+SIZE_MULTIPLE = 16
+DEFAULT_SIZE = (1024, 1024)
+MAX_SEED = 2**53 - 1  # JSON-safe for every client, JavaScript included.
+
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1, 1),
+    "16:9": (16, 9),
+    "9:16": (9, 16),
+    "4:3": (4, 3),
+    "3:4": (3, 4),
+    "3:2": (3, 2),
+    "2:3": (2, 3),
+    "4:5": (4, 5),
+    "5:4": (5, 4),
+    "21:9": (21, 9),
+    "9:21": (9, 21),
+}
+MEGAPIXELS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+# One "megapixel" is 1024 x 1024 pixels, so 1:1 at 1 MP is exactly 1024 x 1024.
+_PIXELS_PER_MEGAPIXEL = 1024 * 1024
+
+
+class OutputFormat(StrEnum):
+    """Encodings the server can return."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.value}"
+
+    @classmethod
+    def parse(cls, value: str) -> OutputFormat:
+        """Accept any case and the ``jpg`` spelling."""
+        text = value.strip().lower()
+        if text == "jpg":
+            text = "jpeg"
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(f"must be one of png, jpeg (or jpg), webp; got {value!r}") from None
+
+
+def _round_to_multiple(value: float) -> int:
+    return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+
+def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0) -> tuple[int, int]:
+    """Width and height for an aspect ratio and a megapixel budget, in multiples of 16.
+
+    ``megapixels`` must be one of :data:`MEGAPIXELS`; 1 MP means 1024 x 1024 pixels, and each side
+    is rounded to the nearest multiple of 16 (so ``16:9`` at 1 MP is 1360 x 768).
+    """
+    ratio = ASPECT_RATIOS.get(aspect_ratio.strip())
+    if ratio is None:
+        raise InvalidParameterError(
+            "aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}; got {aspect_ratio!r}"
+        )
+    if not any(math.isclose(megapixels, m) for m in MEGAPIXELS):
+        allowed = ", ".join(f"{m:g}" for m in MEGAPIXELS)
+        raise InvalidParameterError("megapixels", f"must be one of {allowed}; got {megapixels!r}")
+    pixels = megapixels * _PIXELS_PER_MEGAPIXEL
+    w, h = ratio
+    return _round_to_multiple(math.sqrt(pixels * w / h)), _round_to_multiple(math.sqrt(pixels * h / w))
+
+
+def _side_problem(value: int, settings: Settings) -> str | None:
+    if value % SIZE_MULTIPLE or not settings.min_side <= value <= settings.max_side:
+        return f"{settings.size_bounds_text()}; got {value}"
+    return None
+
+
+def _area_problem(width: int, height: int, settings: Settings) -> str | None:
+    if width * height > settings.max_pixels:
+        return f"{width}x{height} is {width * height} pixels, over the limit of {settings.max_pixels}"
+    return None
+
+
+def check_size(width: int, height: int, settings: Settings) -> None:
+    """Raise :class:`InvalidParameterError` unless the size obeys the configured size rule."""
+    for name, value in (("width", width), ("height", height)):
+        if problem := _side_problem(value, settings):
+            raise InvalidParameterError(name, problem)
+    if problem := _area_problem(width, height, settings):
+        raise InvalidParameterError("size", problem)
+
+
+def random_seed() -> int:
+    """A fresh seed for a request that did not name one (kept below 2**32 so it is easy to quote)."""
+    return secrets.randbelow(2**32)
+
+
+class GenerationRequest(BaseModel):
+    """One text-to-image or reference-editing request, in kleinserve's own terms.
+
+    ``steps``, ``guidance`` and ``seed`` left as ``None`` take the variant's defaults and a random
+    seed when the job runs; ``width``/``height`` left as ``None`` take the first reference image's
+    size (as diffusers does), or 1024 x 1024 without references. Image ``i`` uses ``seed + i``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_VARIANT_ID, min_length=1, max_length=200)
+    prompt: str = Field(..., description="What to draw, or how to change the reference images.")
+    images: list[str] = Field(
+        default_factory=list,
+        description="Reference images: URL, data URI or base64 (a file path only from the CLI).",
+    )
+    width: int | None = Field(None, description="Output width, a multiple of 16.")
+    height: int | None = Field(None, description="Output height, a multiple of 16.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps; default: the variant's.")
+    guidance: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Guidance scale; default: the variant's."
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
+    num_images: int = Field(1, ge=1, description="How many images to generate.")
+    output_format: OutputFormat = Field(OutputFormat.PNG, description="png, jpeg (or jpg) or webp.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP encoder quality, 1-100.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        settings = _settings_from(info)
+        if len(value) > settings.max_prompt_chars:
+            raise ValueError(f"is {len(value)} characters, over the limit of {settings.max_prompt_chars}")
+        return value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _parse_format(cls, value: Any) -> Any:
+        return OutputFormat.parse(value) if isinstance(value, str) else value
+
+    @field_validator("images")
+    @classmethod
+    def _images_within_limit(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limit = _settings_from(info).max_references
+        if len(value) > limit:
+            raise ValueError(f"at most {limit} reference images are allowed; got {len(value)}")
+        if any(not item.strip() for item in value):
+            raise ValueError("reference images must not be empty strings")
+        return value
+
+    @field_validator("num_images")
+    @classmethod
+    def _num_images_within_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = _settings_from(info).max_images
+        if value > limit:
+            raise ValueError(f"must be at most {limit}; got {value}")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _settings_from(info).max_steps
+        if value is not None and value > limit:
+            raise ValueError(f"must be at most {limit}; got {value}")
+        return value
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = _settings_from(info).max_guidance
+        if value is not None and value > limit:
+            raise ValueError(f"must be at most {limit:g}; got {value:g}")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side_rule(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and (problem := _side_problem(value, _settings_from(info))):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _size_rule(self, info: ValidationInfo) -> GenerationRequest:
+        # Errors raised here have no field of their own; parse() reports them under "size".
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height must be given together")
+        if self.width is not None and self.height is not None:
+            if problem := _area_problem(self.width, self.height, _settings_from(info)):
+                raise ValueError(problem)
+        return self
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any], settings: Settings | None = None) -> GenerationRequest:
+        """Validate ``data`` against the model and the configured bounds.
+
+        Raises :class:`InvalidParameterError` naming the first bad field.
+        """
+        try:
+            return cls.model_validate(dict(data), context={"settings": settings or Settings()})
+        except ValidationError as err:
+            raise _to_parameter_error(err) from None
+
+
+def _settings_from(info: ValidationInfo) -> Settings:
+    context = info.context or {}
+    settings = context.get("settings")
+    return settings if isinstance(settings, Settings) else Settings()
+
+
+def _to_parameter_error(err: ValidationError) -> InvalidParameterError:
+    first = err.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or "size"
+    message = first["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if first["type"] == "extra_forbidden":
+        message = "is not a known parameter"
+    elif first["type"] == "missing":
+        message = "is required"
+    return InvalidParameterError(field, message)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kleinserve.engine.engine import Engine
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
 
@@ -82,7 +83,7 @@ def check_local_directory(spec: ModelSpec) -> Path:
         want = "distilled" if spec.variant.distilled else "undistilled (base)"
         have = "distilled" if distilled else "undistilled (base)"
         raise WeightsUnavailableError(
-            f"{directory} holds an {have} checkpoint (is_distilled={str(distilled).lower()}), "
+            f"{directory} holds a {have} checkpoint (is_distilled={str(distilled).lower()}), "
             f"but {spec.variant.id} is {want}; serve it under a matching variant id"
         )
     return directory
@@ -143,12 +144,24 @@ def resolve_weights(spec: ModelSpec, *, allow_download: bool = True) -> Path:
     return check_local_directory(ModelSpec(spec.variant, directory))
 
 
+def _dtype_keyword() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 deprecates the old name)."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
     """Load a Flux2KleinPipeline's components from ``directory`` onto ``device`` in ``dtype``."""
     from diffusers import Flux2KleinPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Our callers show their own progress; the libraries' per-component bars would interleave with it.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
-        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), torch_dtype=dtype)
+        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype})
     except Exception as err:  # noqa: BLE001 - corrupt or partial directories fail in many ways
         raise WeightsUnavailableError(f"cannot load the model in {directory}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
@@ -158,3 +171,9 @@ def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> 
         from kleinserve.errors import ResourceExhaustedError
 
         raise ResourceExhaustedError(f"the model in {directory} does not fit in {device} memory") from None
+
+
+def load_engine(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, allow_download: bool = True) -> Engine:
+    """Resolve ``spec``'s weights and load them as a ready :class:`Engine`."""
+    directory = resolve_weights(spec, allow_download=allow_download)
+    return Engine(load_pipeline(directory, device, dtype), spec.variant)

@@ -1,0 +1,221 @@
+"""The ``kleinserve`` command: arguments -> settings -> library calls, and nothing more."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from kleinserve.errors import InvalidParameterError, KleinserveError
+from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
+from kleinserve.settings import Settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="kleinserve: FLUX.2 [klein] text-to-image and multi-reference editing, on your own hardware.",
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+_STAGE_LABELS = {
+    "encode_prompt": "encoding prompt",
+    "encode_references": "encoding references",
+    "denoise": "denoising",
+    "decode": "decoding",
+}
+
+
+def _fail(message: str) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except Exception as err:  # noqa: BLE001 - pydantic-settings reports bad environment values
+        _fail(f"bad setting: {err}")
+
+
+def _size(
+    width: int | None, height: int | None, aspect_ratio: str | None, megapixels: float | None
+) -> tuple[int | None, int | None]:
+    if aspect_ratio is None and megapixels is None:
+        return width, height
+    if width is not None or height is not None:
+        raise InvalidParameterError("size", "give either --width/--height or --aspect-ratio/--megapixels, not both")
+    return size_for_aspect_ratio(aspect_ratio or "1:1", megapixels if megapixels is not None else 1.0)
+
+
+def _output_format(flag: str | None, suffix_format: str | None) -> OutputFormat:
+    try:
+        return OutputFormat.parse(flag) if flag else OutputFormat(suffix_format or "png")
+    except ValueError as err:
+        raise InvalidParameterError("output_format", str(err)) from None
+
+
+def _output_paths(output: Path, fmt: OutputFormat, prompt: str, seeds: list[int]) -> list[Path]:
+    """Paths to write: ``output`` itself for one image with a file name, else files in a directory."""
+    if output.suffix.lower() in _SUFFIX_FORMATS:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if len(seeds) == 1:
+            return [output]
+        return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(seeds))]
+    output.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "image"
+    extension = "jpg" if fmt is OutputFormat.JPEG else fmt.value
+    paths = []
+    for seed in seeds:
+        path = output / f"{slug}-{seed}.{extension}"
+        counter = 1
+        while path.exists():
+            path = output / f"{slug}-{seed}-{counter}.{extension}"
+            counter += 1
+        paths.append(path)
+    return paths
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw, or how to edit the reference images.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Variant id, or ID=PATH for a local directory.")] = (
+        "flux-2-klein-4b"
+    ),
+    image: Annotated[
+        Optional[list[str]],
+        typer.Option("--image", "-i", help="Reference image (path, URL, base64 or data URI); repeatable."),
+    ] = None,
+    width: Annotated[Optional[int], typer.Option(help="Output width, a multiple of 16.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Output height, a multiple of 16.")] = None,
+    aspect_ratio: Annotated[
+        Optional[str], typer.Option("--aspect-ratio", "-a", help=f"One of {', '.join(ASPECT_RATIOS)}.")
+    ] = None,
+    megapixels: Annotated[
+        Optional[float], typer.Option(help=f"One of {', '.join(f'{m:g}' for m in MEGAPIXELS)} (with --aspect-ratio).")
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the variant's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the variant's).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
+    fmt: Annotated[
+        Optional[str], typer.Option("--format", "-f", help="png, jpeg (jpg) or webp (default: from -o, else png).")
+    ] = None,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality, 1-100.")] = 95,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory (created) or file name.")] = Path("out"),
+) -> None:
+    """Generate images from a prompt, optionally editing 1-4 reference images."""
+    from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.images import InputPolicy, load_references
+    from kleinserve.engine.weights import ModelSpec, load_engine
+    from kleinserve.generation import run_request
+
+    settings = _settings(device=device, dtype=dtype)
+    try:
+        spec = ModelSpec.parse(model)
+        suffix_format = _SUFFIX_FORMATS.get(output.suffix.lower())
+        chosen = _output_format(fmt, suffix_format)
+        if suffix_format and chosen.value != suffix_format:
+            raise InvalidParameterError("format", f"--format {chosen.value} does not match the file name {output.name}")
+        w, h = _size(width, height, aspect_ratio, megapixels)
+        request = GenerationRequest.parse(
+            {
+                "model": spec.variant.id,
+                "prompt": prompt,
+                "images": image or [],
+                "width": w,
+                "height": h,
+                "steps": steps,
+                "guidance": guidance,
+                "seed": seed,
+                "num_images": num_images,
+                "output_format": chosen,
+                "quality": quality,
+            },
+            settings,
+        )
+        references = load_references(request.images, InputPolicy.from_settings(settings, allow_paths=True))
+        torch_device = pick_device(settings.device)
+        torch_dtype = pick_dtype(torch_device, settings.dtype)
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", total=None)
+            started = time.perf_counter()
+            engine = load_engine(spec, torch_device, torch_dtype)
+            load_seconds = time.perf_counter() - started
+
+            def on_progress(p: Any) -> None:
+                progress.update(task, description=_STAGE_LABELS[p.stage], completed=p.step, total=p.total)
+
+            result = run_request(request, engine, references, on_progress=on_progress)
+        paths = _output_paths(output, request.output_format, prompt, result.seeds)
+        for path, encoded in zip(paths, result.images):
+            path.write_bytes(encoded.data)
+    except KleinserveError as err:
+        _fail(err.message)
+
+    timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    err_console.print(
+        f"{result.model}: {result.steps} steps, guidance {result.guidance:g}; load {load_seconds:.2f}s, {timing}",
+        highlight=False,
+    )
+    for path, encoded, image_seed in zip(paths, result.images, result.seeds):
+        out_console.print(f"{path}  seed={image_seed}  {encoded.width}x{encoded.height}", highlight=False)
+
+
+@app.command("make-tiny")
+def make_tiny_command(
+    directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    variant: Annotated[str, typer.Option(help="distilled (like klein 4B/9B) or base (like Base 4B/9B).")] = (
+        "distilled"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny random-weight klein checkpoint (real architecture, a few MB) for tests and demos."""
+    from kleinserve.engine.tiny import make_tiny
+
+    if variant not in ("distilled", "base"):
+        _fail(f"--variant must be distilled or base, not {variant!r}")
+    make_tiny(directory, variant, seed)  # type: ignore[arg-type]
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    out_console.print(f"wrote a tiny {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+
+
+@app.command()
+def models() -> None:
+    """List the klein variants, their defaults and every accepted id."""
+    from kleinserve.engine.variants import VARIANTS
+
+    for v in VARIANTS:
+        kind = "distilled" if v.distilled else "undistilled, true CFG"
+        out_console.print(
+            f"[bold]{v.id}[/]  {v.display_name}: {kind}, default {v.default_steps} steps, guidance "
+            f"{v.default_guidance:g}; {v.license}{' (gated)' if v.gated else ''}; {v.vram_note}",
+            highlight=False,
+        )
+        out_console.print(f"    also accepted as: {', '.join(v.aliases)}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,243 @@
+"""Reading reference images safely, and encoding generated ones.
+
+Inputs may be a URL (http/https), a ``data:`` URI, bare base64, or (only where the caller allows it,
+i.e. the CLI) a file path. Every input is capped in bytes and pixels before it is decoded, gets its
+EXIF orientation applied, and is flattened onto white when it has alpha. Errors name the input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from kleinserve.errors import InvalidImageError
+from kleinserve.request import OutputFormat
+from kleinserve.settings import Settings
+
+# Formats a reference may come in; animated GIF/WebP/PNG contribute their first frame.
+ALLOWED_INPUT_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
+_WHITESPACE = re.compile(r"\s+")
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """What reference inputs are accepted and how far a fetch may go."""
+
+    max_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    timeout: float = 15.0
+    allow_paths: bool = False
+    field: str = "images"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, allow_paths: bool = False, field: str = "images") -> InputPolicy:
+        return cls(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            timeout=settings.fetch_timeout,
+            allow_paths=allow_paths,
+            field=field,
+        )
+
+
+def load_references(sources: Sequence[str], policy: InputPolicy) -> list[Image.Image]:
+    """Load every reference in order; the first bad one raises :class:`InvalidImageError`."""
+    return [load_reference(source, index, policy) for index, source in enumerate(sources)]
+
+
+def load_reference(source: str, index: int, policy: InputPolicy) -> Image.Image:
+    """Read one reference from wherever ``source`` points and decode it to an RGB image."""
+    return decode_image(read_source(source, index, policy), index, policy)
+
+
+def read_source(source: str, index: int, policy: InputPolicy) -> bytes:
+    """The raw bytes behind a URL, data URI, base64 string or (if allowed) file path."""
+    text = source.strip()
+    if text.startswith(("http://", "https://")):
+        return fetch_url(text, index, policy)
+    if text.startswith("data:"):
+        return _decode_data_uri(text, index, policy)
+    if "://" in text[:16]:
+        scheme = text.split("://", 1)[0]
+        raise InvalidImageError(index, f"unsupported URL scheme {scheme!r}; use http or https", field=policy.field)
+    if policy.allow_paths and len(text) < 4096:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return _read_file(path, index, policy)
+        if _looks_like_path(text):
+            raise InvalidImageError(index, f"no such file: {text}", field=policy.field)
+    data = _decode_base64(text)
+    if data is None:
+        what = "a file, an http(s) URL, a data URI or base64" if policy.allow_paths else (
+            "an http(s) URL, a data URI or base64 image data"
+        )
+        raise InvalidImageError(index, f"is not {what}", field=policy.field)
+    _check_byte_size(len(data), index, policy)
+    return data
+
+
+def _looks_like_path(text: str) -> bool:
+    # Base64 never has a file suffix, and never starts with "./", "../" or "~".
+    return text.startswith(("./", "../", "~")) or Path(text).suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _read_file(path: Path, index: int, policy: InputPolicy) -> bytes:
+    size = path.stat().st_size
+    _check_byte_size(size, index, policy)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidImageError(index, f"cannot read {path}: {err.strerror}", field=policy.field) from None
+
+
+def _check_byte_size(size: int, index: int, policy: InputPolicy) -> None:
+    if size > policy.max_bytes:
+        raise InvalidImageError(
+            index, f"is {size} bytes, over the limit of {policy.max_bytes} bytes", field=policy.field
+        )
+
+
+def _decode_base64(text: str) -> bytes | None:
+    compact = _WHITESPACE.sub("", text)
+    if not compact:
+        return None
+    compact += "=" * (-len(compact) % 4)
+    if "-" in compact or "_" in compact:  # the URL-safe alphabet
+        compact = compact.translate(str.maketrans("-_", "+/"))
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _decode_data_uri(text: str, index: int, policy: InputPolicy) -> bytes:
+    match = _DATA_URI.match(text)
+    if match is None or ";base64" not in match.group("params").lower():
+        raise InvalidImageError(index, "data URI must be of the form data:image/...;base64,...", field=policy.field)
+    # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
+    _check_byte_size(len(match.group("data")) * 3 // 4, index, policy)
+    data = _decode_base64(match.group("data"))
+    if data is None:
+        raise InvalidImageError(index, "data URI does not hold valid base64", field=policy.field)
+    return data
+
+
+def fetch_url(url: str, index: int, policy: InputPolicy) -> bytes:
+    """GET ``url`` with timeouts and a byte cap enforced while streaming."""
+    try:
+        with httpx.Client(timeout=policy.timeout, follow_redirects=True, max_redirects=5) as client:
+            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                if response.status_code != 200:
+                    raise InvalidImageError(
+                        index, f"fetching {url} gave HTTP {response.status_code}", field=policy.field
+                    )
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit():
+                    _check_byte_size(int(declared), index, policy)
+                chunks: list[bytes] = []
+                total = 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    _check_byte_size(total, index, policy)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except httpx.TimeoutException:
+        raise InvalidImageError(index, f"fetching {url} timed out after {policy.timeout:g}s", field=policy.field) from None
+    except httpx.TooManyRedirects:
+        raise InvalidImageError(index, f"fetching {url} followed too many redirects", field=policy.field) from None
+    except httpx.HTTPError as err:
+        raise InvalidImageError(index, f"fetching {url} failed: {type(err).__name__}", field=policy.field) from None
+
+
+def decode_image(data: bytes, index: int, policy: InputPolicy) -> Image.Image:
+    """Decode image bytes to RGB, refusing unknown formats, bombs and truncated files."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise InvalidImageError(index, "image has too many pixels", field=policy.field) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InvalidImageError(index, "is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=policy.field) from None
+    if image.format not in ALLOWED_INPUT_FORMATS:
+        raise InvalidImageError(index, f"image format {image.format} is not accepted", field=policy.field)
+    width, height = image.size
+    # Checked on the header, before any pixel is decoded (decompression bombs).
+    if width * height > policy.max_pixels:
+        raise InvalidImageError(
+            index, f"is {width}x{height} pixels, over the limit of {policy.max_pixels}", field=policy.field
+        )
+    if width < 1 or height < 1:
+        raise InvalidImageError(index, "image is empty", field=policy.field)
+    try:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InvalidImageError(index, f"image data is corrupt or truncated ({err})", field=policy.field) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any Pillow mode: alpha flattened onto white, 16-bit scaled to 8-bit."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0) <= 1.0:
+            values = values * 255
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An encoded output image."""
+
+    data: bytes
+    format: OutputFormat
+    width: int
+    height: int
+
+    @property
+    def media_type(self) -> str:
+        return self.format.media_type
+
+
+def encode_image(
+    image: Image.Image, fmt: OutputFormat, quality: int, metadata: Mapping[str, Any] | None = None
+) -> EncodedImage:
+    """Encode to PNG (metadata in a ``parameters`` text chunk), JPEG or WebP at ``quality``."""
+    buffer = io.BytesIO()
+    text = json.dumps(dict(metadata), sort_keys=True, ensure_ascii=False) if metadata else None
+    if fmt is OutputFormat.PNG:
+        info = PngImagePlugin.PngInfo()
+        if text:
+            info.add_itxt("parameters", text)
+        image.save(buffer, format="PNG", pnginfo=info)
+    elif fmt is OutputFormat.JPEG:
+        extra: dict[str, Any] = {"comment": text.encode()} if text else {}
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality, **extra)
+    else:
+        image.save(buffer, format="WEBP", quality=quality)
+    return EncodedImage(buffer.getvalue(), fmt, image.width, image.height)

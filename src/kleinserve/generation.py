@@ -1,0 +1,110 @@
+"""Turning a :class:`GenerationRequest` into encoded images with an :class:`Engine`.
+
+The one place that applies a variant's defaults, draws a random seed when none was given, loads the
+reference images, runs the engine and encodes its output. The CLI and the server's worker both call
+:func:`run_request`, so a request means the same thing wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, ProgressCallback
+from kleinserve.engine.images import EncodedImage, encode_image
+from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.errors import InvalidParameterError
+from kleinserve.request import GenerationRequest, random_seed
+
+
+@dataclass
+class GenerationResult:
+    """What a finished request produced, with the parameters that produced it."""
+
+    model: str
+    images: list[EncodedImage]
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def metadata(self, index: int, prompt: str) -> dict[str, Any]:
+        """The parameters of image ``index``, as embedded in its file."""
+        return {
+            "generator": "kleinserve",
+            "model": self.model,
+            "prompt": prompt,
+            "seed": self.seeds[index],
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "width": self.width,
+            "height": self.height,
+        }
+
+
+def resolved_parameters(request: GenerationRequest, variant: Variant) -> tuple[int, float, int]:
+    """Steps, guidance and seed for ``request``: its own values, else the variant's defaults."""
+    steps = request.steps if request.steps is not None else variant.default_steps
+    guidance = request.guidance if request.guidance is not None else variant.default_guidance
+    seed = request.seed if request.seed is not None else random_seed()
+    return steps, guidance, seed
+
+
+def run_request(
+    request: GenerationRequest,
+    engine: Engine,
+    references: Sequence[Image.Image] = (),
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> GenerationResult:
+    """Generate and encode every image ``request`` asks for on ``engine``.
+
+    ``references`` are ``request.images`` already loaded (:func:`~kleinserve.engine.images.load_references`),
+    so callers can refuse bad inputs before they load a model.
+    """
+    variant = find_variant(request.model)
+    if variant.id != engine.variant.id:
+        raise InvalidParameterError("model", f"{request.model!r} is not served by this engine ({engine.variant.id})")
+    steps, guidance, seed = resolved_parameters(request, variant)
+    if len(references) != len(request.images):
+        raise InvalidParameterError("images", "references were not loaded for this request")
+    timings: dict[str, float] = {}
+    output = engine.generate(
+        EngineInputs(
+            prompt=request.prompt,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            num_images=request.num_images,
+            references=references,
+            width=request.width,
+            height=request.height,
+        ),
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+    )
+    timings.update(output.timings)
+    result = GenerationResult(
+        model=variant.id,
+        images=[],
+        seeds=output.seeds,
+        width=output.width,
+        height=output.height,
+        steps=output.steps,
+        guidance=output.guidance,
+        timings=timings,
+    )
+    started = time.perf_counter()
+    result.images = [
+        encode_image(image, request.output_format, request.quality, result.metadata(i, request.prompt))
+        for i, image in enumerate(output.images)
+    ]
+    timings["encode"] = time.perf_counter() - started
+    return result

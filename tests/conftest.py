@@ -1,0 +1,99 @@
+"""Session fixtures: tiny random-weight checkpoints built once, and a loopback image server."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from kleinserve.engine.engine import Engine
+from kleinserve.engine.tiny import make_tiny
+from kleinserve.engine.variants import find_variant
+from kleinserve.engine.weights import load_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_distilled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny distilled checkpoint (like klein 4B/9B)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-distilled"), "distilled", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny undistilled checkpoint (like Base 4B/9B)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-base"), "base", seed=1)
+
+
+@pytest.fixture(scope="session")
+def distilled_engine(tiny_distilled: Path) -> Engine:
+    pipeline = load_pipeline(tiny_distilled, torch.device("cpu"), torch.float32)
+    return Engine(pipeline, find_variant("flux-2-klein-4b"))
+
+
+@pytest.fixture(scope="session")
+def base_engine(tiny_base: Path) -> Engine:
+    pipeline = load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    return Engine(pipeline, find_variant("flux-2-klein-base-4b"))
+
+
+def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A small solid-colour PNG with a gradient stripe, so crops and resizes are visible."""
+    image = Image.new("RGB", (width, height), color)
+    for x in range(width):
+        image.putpixel((x, height // 2), (x * 255 // max(1, width - 1), 0, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ImageServer:
+    """Files served over HTTP on 127.0.0.1: ``server.add(name, data)`` returns the URL."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        files = self.files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                data = files.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def add(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"{self.base_url}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.close()

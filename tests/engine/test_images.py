@@ -340,11 +340,6 @@ def test_byte_cap_allows_exact_size() -> None:
     assert_rgb(load_reference(base64.b64encode(data).decode(), 0, InputPolicy(max_bytes=len(data))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the data URI pre-check counts base64 padding as payload (len*3//4), so a payload of "
-    "exactly max_bytes is refused and the message overstates its size",
-)
 def test_data_uri_byte_cap_allows_exact_size() -> None:
     data = png_bytes()
     assert len(data) % 3 != 0  # so the base64 text ends in padding
@@ -380,10 +375,6 @@ def test_16_bit_grayscale_is_scaled() -> None:
     assert abs(r - 128) <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: to_rgb treats an I;16 image whose values are all <= 255 as 8-bit and does not scale it",
-)
 def test_dark_16_bit_grayscale_stays_dark() -> None:
     # 200 / 65535 is almost black; it must not come out as 200 / 255.
     image = decode_image(image_bytes(Image.new("I;16", SIZE, 200), "PNG"), 0, InputPolicy())

@@ -128,7 +128,8 @@ def _decode_data_uri(text: str, index: int, policy: InputPolicy) -> bytes:
     if match is None or ";base64" not in match.group("params").lower():
         raise InvalidImageError(index, "data URI must be of the form data:image/...;base64,...", field=policy.field)
     # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
-    _check_byte_size(len(match.group("data")) * 3 // 4, index, policy)
+    payload = _WHITESPACE.sub("", match.group("data")).rstrip("=")
+    _check_byte_size(len(payload) * 3 // 4, index, policy)
     data = _decode_base64(match.group("data"))
     if data is None:
         raise InvalidImageError(index, "data URI does not hold valid base64", field=policy.field)
@@ -193,7 +194,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """RGB version of any Pillow mode: alpha flattened onto white, 16-bit scaled to 8-bit."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        # 16-bit modes span 0-65535; plain 32-bit "I" carries no range, so judge it by its values.
+        scale = 257.0 if image.mode != "I" or values.max(initial=0) > 255 else 1.0
         image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
         values = np.asarray(image, dtype=np.float64)

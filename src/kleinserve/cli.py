@@ -179,6 +179,59 @@ def generate(
         out_console.print(f"{path}  seed={image_seed}  {encoded.width}x{encoded.height}", highlight=False)
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option("--model", "-m", help="ID or ID=PATH, repeatable; 'auto' (default) falls back to demo weights."),
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the HTTP server (Oxen.ai API and more) until interrupted."""
+    import logging
+
+    import uvicorn
+
+    from kleinserve.api.app import create_app
+    from kleinserve.engine.catalog import plan_models
+
+    settings = _settings(
+        models=model, host=host, port=port, data_dir=data_dir, device=device, dtype=dtype, public_url=public_url
+    )
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        served = plan_models(settings.models, settings.data_dir)
+    except KleinserveError as err:
+        _fail(err.message)
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{shown_host}:{settings.port}"
+    if any(m.demo for m in served):
+        err_console.print(
+            "[bold yellow]DEMO MODE:[/] no real weights could be found or downloaded; every model runs on tiny "
+            "random weights and makes noise, not pictures. Pass --model ID or --model ID=PATH for real weights.",
+            highlight=False,
+        )
+    err_console.print(f"kleinserve {url}", highlight=False)
+    for m in served:
+        err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+    err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
+    err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
+    uvicorn.run(
+        create_app(settings, served),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
 @app.command("make-tiny")
 def make_tiny_command(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],

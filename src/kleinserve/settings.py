@@ -27,6 +27,22 @@ class Settings(BaseSettings):
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
 
+    # Server.
+    host: str = Field("127.0.0.1", description="Address the server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the server listens on.")
+    models: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        description="Models to serve: ID or ID=PATH, repeatable; 'auto' falls back to tiny demo weights.",
+    )
+    public_url: str | None = Field(None, description="Base URL for result links (default: from the request).")
+    max_queue: int = Field(100, ge=1, description="Most queued + running jobs; past it new work gets 503.")
+    max_attempts: int = Field(3, ge=1, description="Runs a job gets before an interruption fails it.")
+    retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
+    cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
+    url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")
+    sync_timeout: float = Field(600, gt=0, description="Longest a sync request waits for its job.")
+    keepalive_interval: float = Field(15, gt=0, description="Seconds between SSE keep-alive comments.")
+
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
     max_references: int = Field(4, ge=0, le=16, description="Most reference images per request.")

@@ -1,0 +1,88 @@
+"""The HTTP application: ``create_app(settings)`` builds it; the lifespan starts the runtime.
+
+No work happens at import time. The lifespan loads the models in the background so ``/healthz``
+answers at once, while ``/readyz`` (and every generation endpoint) answers 503 until they are loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from kleinserve import __version__
+from kleinserve.api.dialects.base import Dialect
+from kleinserve.api.dialects.oxen import OxenDialect
+from kleinserve.api.errors import install_error_handlers
+from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.engine.catalog import ServedModel
+from kleinserve.runtime import Runtime
+from kleinserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+def create_app(settings: Settings | None = None, served: list[ServedModel] | None = None) -> FastAPI:
+    """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
+    settings = settings or Settings()
+    runtime = Runtime(settings, served)
+    dialects: list[Dialect] = [OxenDialect()]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(runtime.start()), asyncio.create_task(runtime.sweep_forever())]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(runtime.stop)
+
+    app = FastAPI(
+        title="kleinserve",
+        version=__version__,
+        description="FLUX.2 [klein] inference server speaking the Oxen.ai, OpenAI, 1min.ai and Verda APIs.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app, dialects)
+
+    @app.middleware("http")
+    async def demo_header(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        if runtime.demo:
+            response.headers[DEMO_HEADER] = "true"
+        return response
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: 200 once every model is loaded, else 503.")
+    async def readyz() -> JSONResponse:
+        body = {
+            "status": "ready" if runtime.ready else ("error" if runtime.load_error else "loading"),
+            "demo": runtime.demo,
+            "models": runtime.served_ids(),
+            "device": runtime.device,
+            "dtype": runtime.dtype,
+        }
+        if runtime.load_error:
+            body["error"] = runtime.load_error
+        return JSONResponse(body, status_code=200 if runtime.ready else 503)
+
+    @app.get("/files/{key:path}", tags=["files"], summary="A result file, through a signed, expiring URL.")
+    async def files(key: str, expires: str | None = None, sig: str | None = None) -> FileResponse:
+        runtime.storage.verify(key, expires, sig)
+        stored = runtime.storage.open(key)
+        assert stored.path is not None
+        return FileResponse(stored.path, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    for dialect in dialects:
+        app.include_router(dialect.router())
+    return app

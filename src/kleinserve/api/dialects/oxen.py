@@ -1,0 +1,400 @@
+"""The Oxen.ai dialect: sync generate/edit, the async queue, SSE events and the model catalogue.
+
+Contract: ../shared/api/oxen.md. Choices where Oxen is silent (published in the README):
+- parameters left out take the *variant's* defaults (klein 4B/9B: 4 steps, guidance 1.0), not the
+  28 steps / 2.0 Oxen advertises for these 4-step distilled models; explicit values are honoured;
+- ``aspect_ratio`` maps through kleinserve's ~1 MP table; without it, text-to-image is 16:9 (as
+  Oxen's current pages say) and editing keeps the first input image's size;
+- ``output_quality`` is the JPEG/WebP encoder quality: ``standard`` = 90, ``high`` = 100;
+- ``num_generations`` N queues N generations; with a seed, generation i uses seed + i.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from kleinserve.api.jobs_http import (
+    ReadyRuntime,
+    outputs_of,
+    public_base_url,
+    result_b64,
+    result_url,
+    runtime_of,
+    wait_for_jobs,
+)
+from kleinserve.engine.variants import VARIANTS, Variant, find_variant
+from kleinserve.errors import (
+    InvalidParameterError,
+    InvalidRequestError,
+    KleinserveError,
+    NotFoundError,
+    UnknownModelError,
+)
+from kleinserve.jobs.events import Event, EventType
+from kleinserve.jobs.job import Job, JobStatus
+from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, size_for_aspect_ratio
+from kleinserve.runtime import Runtime
+
+PREFIX = "/api"
+COMPLETED = "media_generation_completed"
+QUALITY = {"standard": 90, "high": 100}
+DEFAULT_ASPECT_RATIO = "16:9"
+# Oxen's older `image_size` presets (fal.ai names), kept for clients written against them.
+IMAGE_SIZE_PRESETS = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+# Canonical field -> the Oxen name a client sent, for error messages.
+_FIELD_NAMES = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "images": "input_image",
+    "num_images": "num_generations",
+    "quality": "output_quality",
+    "width": "aspect_ratio",
+    "height": "aspect_ratio",
+    "size": "aspect_ratio",
+}
+_ERROR_TYPES = {
+    400: ("invalid_params", "Invalid parameters supplied, please check your request and try again."),
+    401: ("unauthenticated", "Authentication is required."),
+    403: ("forbidden", "Access to this resource is forbidden."),
+    404: ("resource_not_found", "The requested resource could not be found"),
+    409: ("conflict", "The request conflicts with the state of the resource."),
+    503: ("service_unavailable", "The service is temporarily unavailable, please retry later."),
+}
+
+
+def oxen_id(variant: Variant) -> str:
+    """Oxen's hyphenated id, e.g. ``black-forest-labs-flux-2-klein-4b``."""
+    return f"black-forest-labs-{variant.id}"
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class OxenImageRequest(BaseModel):
+    """Body of /images/generate, /images/edit and /queue for the klein models."""
+
+    model_config = ConfigDict(extra="forbid", title="FLUX.2 [klein] request")
+
+    model: str = Field(..., description="Model id, e.g. black-forest-labs-flux-2-klein-4b.")
+    prompt: str = Field(..., description="Text prompt; may refer to inputs as @Image1, @Image2, ...")
+    input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
+    image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
+    aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
+        None, description="Output aspect ratio (~1 MP); default 16:9, or the first input image's size."
+    )
+    image_size: Literal[tuple(IMAGE_SIZE_PRESETS)] | ImageSize | None = Field(  # type: ignore[valid-type]
+        None, description="Older alternative to aspect_ratio: a preset or {width, height}."
+    )
+    output_quality: Literal["standard", "high"] = Field("standard", description="Encoder quality 90 or 100.")
+    output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Image format.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible results.")
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Default: the model's own (4 or 50).")
+    guidance_scale: float | None = Field(
+        None, ge=0, le=10, allow_inf_nan=False, description="Default: the model's own (1.0 or 4.0)."
+    )
+    response_format: Literal["url", "b64_json"] = Field("url", description="Return URLs or base64.")
+    target_namespace: str | None = Field(None, description="Accepted for compatibility; results stay here.")
+    num_generations: int = Field(1, ge=1, le=4, description="Generations to run (queue), or images (sync).")
+
+    def references(self) -> list[str]:
+        source = self.input_image if self.input_image is not None else self.image
+        if source is None:
+            return []
+        return [source] if isinstance(source, str) else list(source)
+
+
+REQUEST_SCHEMA = OxenImageRequest.model_json_schema()
+
+
+def _size(body: OxenImageRequest, has_references: bool) -> tuple[int | None, int | None]:
+    if body.aspect_ratio is not None:
+        return size_for_aspect_ratio(body.aspect_ratio)
+    if isinstance(body.image_size, ImageSize):
+        return body.image_size.width, body.image_size.height
+    if isinstance(body.image_size, str):
+        return IMAGE_SIZE_PRESETS[body.image_size]
+    return (None, None) if has_references else size_for_aspect_ratio(DEFAULT_ASPECT_RATIO)
+
+
+def to_generation_request(body: OxenImageRequest, runtime: Runtime, *, num_images: int = 1, seed_offset: int = 0) -> GenerationRequest:
+    """Translate an Oxen body to the canonical request (field errors keep Oxen's names)."""
+    references = body.references()
+    width, height = _size(body, bool(references))
+    try:
+        return GenerationRequest.parse(
+            {
+                "model": runtime.service.check_model(body.model),
+                "prompt": body.prompt,
+                "images": references,
+                "width": width,
+                "height": height,
+                "steps": body.num_inference_steps,
+                "guidance": body.guidance_scale,
+                "seed": None if body.seed is None else body.seed + seed_offset,
+                "num_images": num_images,
+                "output_format": body.output_format,
+                "quality": QUALITY[body.output_quality],
+            },
+            runtime.settings,
+        )
+    except InvalidParameterError as err:
+        field = _FIELD_NAMES.get(err.field, err.field)
+        raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
+
+
+def _echo(body: OxenImageRequest) -> dict[str, Any]:
+    """The parameters a client sent, echoed on generation objects."""
+    return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace"})
+
+
+class OxenDialect:
+    """The Oxen.ai inference API under /api."""
+
+    name = "oxen"
+    prefixes = ("/api/ai", "/api/events")
+
+    def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
+        error_type, title = _ERROR_TYPES.get(status, ("unknown_error", "An unexpected error occurred."))
+        return {
+            "error": {"type": error_type, "title": title, "detail": error.message, "message": error.message},
+            "status": "error",
+            "status_message": error_type,
+        }
+
+    def router(self) -> APIRouter:
+        router = APIRouter(prefix=PREFIX, tags=["oxen"])
+
+        async def run_sync(request: Request, body: OxenImageRequest, runtime: Runtime) -> dict[str, Any]:
+            gen = to_generation_request(body, runtime, num_images=body.num_generations)
+            jobs = await asyncio.to_thread(
+                runtime.service.submit, [gen], dialect=self.name, extra={"model": body.model, **_echo(body)}
+            )
+            (job,) = await wait_for_jobs(request, runtime, jobs)
+            base = public_base_url(request)
+            images = [
+                {"b64_json": result_b64(runtime, o)} if body.response_format == "b64_json" else {"url": result_url(runtime, base, o)}
+                for o in outputs_of(job)
+            ]
+            return {"model": body.model, "created": int(job.created_at), "images": images}
+
+        @router.post("/ai/images/generate", summary="Generate images (sync).")
+        async def generate(request: Request, body: OxenImageRequest, runtime: ReadyRuntime) -> dict[str, Any]:
+            return await run_sync(request, body, runtime)
+
+        @router.post("/ai/images/edit", summary="Edit or generate images from references (sync).")
+        async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime) -> dict[str, Any]:
+            return await run_sync(request, body, runtime)
+
+        @router.post("/ai/queue", summary="Queue 1-4 generations.")
+        async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime) -> dict[str, Any]:
+            requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
+            jobs = await asyncio.to_thread(
+                runtime.service.submit, requests, dialect=self.name, extra={"model": body.model, **_echo(body)}
+            )
+            return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
+
+        @router.get("/ai/queue", summary="List generations (default: queued and processing).")
+        async def list_queue(
+            request: Request,
+            model: str | None = None,
+            status: Literal["queued", "processing", "succeeded", "failed", "cancelled"] | None = None,
+            media_type: Literal["image", "video"] | None = None,
+            namespace: str | None = None,
+            repo: str | None = None,
+            folder: str | None = None,
+        ) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            if media_type == "video":
+                return {"count": 0, "generations": []}
+            statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
+            model_id = find_variant(model).id if model else None
+            jobs = await asyncio.to_thread(runtime.service.list, statuses=statuses, model=model_id)
+            base = public_base_url(request)
+            items = [generation_object(runtime, job, base) for job in jobs]
+            return {"count": len(items), "generations": items}
+
+        @router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
+        async def get_generation(request: Request, generation_id: str) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            job = await asyncio.to_thread(runtime.service.get, generation_id)
+            return generation_object(runtime, job, public_base_url(request))
+
+        @router.delete("/ai/queue/{generation_id}", summary="Cancel a queued or processing generation.")
+        async def cancel_generation(request: Request, generation_id: str) -> dict[str, Any]:
+            job = await asyncio.to_thread(runtime_of(request).service.cancel, generation_id)
+            return {"status": "success", "generation_id": generation_id, "generation_status": job.status.value}
+
+        @router.get("/events", summary="Server-Sent Events: media_generation_completed and progress.")
+        async def events(
+            request: Request,
+            last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        ) -> EventSourceResponse:
+            runtime = runtime_of(request)
+            after = int(last_event_id) if last_event_id and last_event_id.isdigit() else None
+            base = public_base_url(request)
+
+            async def stream() -> AsyncIterator[ServerSentEvent]:
+                async with runtime.bus.subscribe(after=after) as subscription:
+                    async for event in subscription:
+                        for sse in to_sse(runtime, event, base):
+                            yield sse
+
+            return EventSourceResponse(
+                stream(),
+                ping=runtime.settings.keepalive_interval,
+                ping_message_factory=lambda: _frame(comment="keep-alive"),
+                sep="\n",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        @router.get("/ai/models", summary="Served models.")
+        async def list_models(request: Request) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in runtime.models()]}
+
+        @router.get("/ai/models/search", summary="Served models whose id or name contains a text.")
+        async def search_models(request: Request, search: str = Query("", max_length=200)) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            text = search.lower()
+            found = [
+                model_object(runtime, m.variant, m.demo)
+                for m in runtime.models()
+                if text in oxen_id(m.variant) or text in m.variant.display_name.lower()
+            ]
+            return {"object": "list", "data": found}
+
+        @router.get("/ai/models/{model_id:path}", summary="One served model, with its request schema.")
+        async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            try:
+                variant = find_variant(model_id)
+            except UnknownModelError:
+                raise NotFoundError(f"Model not found: {model_id}") from None
+            for served in runtime.models():
+                if served.variant.id == variant.id:
+                    return model_object(runtime, variant, served.demo)
+            raise NotFoundError(f"Model not found: {model_id}")
+
+        return router
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def generation_object(runtime: Runtime, job: Job, base_url: str) -> dict[str, Any]:
+    """A queue item as Oxen shapes it, plus kleinserve's extras (progress, queue position, size)."""
+    outputs = outputs_of(job)
+    item: dict[str, Any] = {
+        "generation_id": job.id,
+        "model_name": job.extra.get("model", oxen_id(find_variant(job.request.model))),
+        "prompt": job.request.prompt,
+        "media_type": "image",
+        "status": job.status.value,
+        "result_url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+        "error_message": job.error_message,
+        "enqueued_at": _ts(job.created_at),
+        "started_at": _ts(job.started_at),
+        "completed_at": _ts(job.completed_at),
+    }
+    echoed = {k: v for k, v in job.extra.items() if k not in item and k not in ("model", "response_format")}
+    item.update(echoed)
+    item["seed"] = job.request.seed
+    item["progress"] = {"step": job.progress_step, "total": job.progress_total}
+    if job.status is JobStatus.QUEUED:
+        item["queue_position"] = runtime.service.queue_position(job)
+    if outputs:
+        item["width"], item["height"] = outputs[0].width, outputs[0].height
+    return item
+
+
+def _frame(**fields: Any) -> ServerSentEvent:
+    # Plain "\n" line ends: the seeds' awk client matches "^event: media_generation_completed$".
+    return ServerSentEvent(sep="\n", **fields)
+
+
+def _compact(data: dict[str, Any]) -> str:
+    # One line, no spaces: the seeds' awk client greps for "generation_id":"<id>" literally.
+    return json.dumps(data, separators=(",", ":"))
+
+
+_OWN_EVENTS = {
+    EventType.QUEUED: "kleinserve.generation.queued",
+    EventType.STARTED: "kleinserve.generation.started",
+    EventType.PROGRESS: "kleinserve.generation.progress",
+    EventType.FAILED: "kleinserve.generation.failed",
+    EventType.CANCELLED: "kleinserve.generation.cancelled",
+}
+
+
+def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEvent]:
+    """The SSE frames for one job event: Oxen's completion event, then kleinserve's own."""
+    frames: list[ServerSentEvent] = []
+    job_id = event.job_id
+    if event.type is EventType.SUCCEEDED:
+        job = runtime.store.get(job_id)
+        outputs = outputs_of(job) if job else []
+        payload: dict[str, Any] = {
+            "generation_id": job_id,
+            "status": "succeeded",
+            "media_type": "image",
+            "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
+            "url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+        }
+        frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
+    elif event.type is EventType.FAILED:
+        payload = {"generation_id": job_id, "status": "failed", "media_type": "image", "error": event.data.get("error")}
+        frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
+    own = _OWN_EVENTS.get(event.type)
+    if own is not None:
+        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **event.data}
+        frames.append(_frame(data=_compact(data), event=own, id=str(event.seq)))
+    return frames
+
+
+def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, Any]:
+    """A model as Oxen's /models lists it, with the request schema under both of Oxen's keys."""
+    steps = "fixed 4-step distilled" if variant.distilled else "undistilled, 50 steps with true CFG"
+    return {
+        "id": oxen_id(variant),
+        "object": "model",
+        "created": int(runtime.started_at),
+        "owned_by": "black-forest-labs",
+        "display_name": variant.display_name,
+        "description": f"{variant.display_name} from Black Forest Labs ({steps}), served by kleinserve.",
+        "summary": f"{variant.display_name}: text-to-image and multi-reference editing.",
+        "model_type": "base",
+        "endpoint": "/images/generate",
+        "capabilities": {"input": ["text", "image"], "output": ["image"]},
+        "pricing": {"method": "per_image", "cost_per_image": None},
+        "fine_tuning": None,
+        "deployments": [{"status": "active"}],
+        "developer": {"name": "Black Forest Labs", "logo": None},
+        "source_model": variant.repo_id,
+        "image_url": None,
+        "released_at": None,
+        "license": variant.license,
+        "defaults": {"num_inference_steps": variant.default_steps, "guidance_scale": variant.default_guidance},
+        "aliases": list(variant.all_names()),
+        "demo": demo,
+        "request_schema": REQUEST_SCHEMA,
+        "json_request_schema": REQUEST_SCHEMA,
+    }
+

@@ -1,0 +1,126 @@
+"""The one table from domain errors to HTTP statuses, and each dialect's error body.
+
+Starlette looks exception handlers up along the exception's MRO; here the status table is looked
+up the same way, and the body is rendered by the dialect that owns the request's path, so a
+client always gets errors in the shape of the API it called. Unknown exceptions become a logged
+500 with a generic message; FastAPI's own validation errors become ``InvalidParameterError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kleinserve.api.dialects.base import Dialect
+from kleinserve.errors import (
+    GenerationCancelledError,
+    InvalidImageError,
+    InvalidParameterError,
+    InvalidRequestError,
+    KleinserveError,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServiceUnavailableError,
+    UnknownModelError,
+    WeightsUnavailableError,
+)
+from kleinserve.storage.base import SignatureError
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[KleinserveError], int] = {
+    InvalidParameterError: 400,
+    InvalidImageError: 400,
+    UnknownModelError: 404,
+    NotFoundError: 404,
+    InvalidRequestError: 400,
+    SignatureError: 403,
+    GenerationCancelledError: 409,
+    ServiceUnavailableError: 503,
+    ResourceExhaustedError: 503,
+    WeightsUnavailableError: 503,
+    KleinserveError: 500,
+}
+
+
+def status_for(error: KleinserveError) -> int:
+    """The HTTP status of ``error``: the entry of its nearest class in :data:`STATUS_BY_ERROR`."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+class NativeDialect:
+    """kleinserve's own error shape, for paths no provider dialect owns (/files, /readyz, ...)."""
+
+    name = "kleinserve"
+    prefixes: tuple[str, ...] = ()
+
+    def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": error.code, "message": error.message}
+        if isinstance(error, InvalidParameterError):
+            body["param"] = error.field
+        return {"error": body}
+
+
+class HTTPStatusError(KleinserveError):
+    """An HTTP-level refusal from the framework itself (unknown route, wrong method)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        super().__init__(message, code=codes.get(status, "http_error"))
+        self.status = status
+
+
+def install_error_handlers(app: FastAPI, dialects: Sequence[Dialect]) -> None:
+    """Render every error in the shape of the dialect owning the request path."""
+    native = NativeDialect()
+    by_prefix = sorted(((p, d) for d in dialects for p in d.prefixes), key=lambda pd: -len(pd[0]))
+
+    def dialect_for(request: Request) -> Dialect | NativeDialect:
+        path = request.url.path
+        for prefix, dialect in by_prefix:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return dialect
+        return native
+
+    def respond(request: Request, error: KleinserveError, status: int) -> JSONResponse:
+        headers = {}
+        if isinstance(error, ServiceUnavailableError) and error.retry_after:
+            headers["Retry-After"] = str(error.retry_after)
+        body = dialect_for(request).error_body(error, status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(KleinserveError)
+    async def domain_error(request: Request, error: KleinserveError) -> JSONResponse:
+        return respond(request, error, status_for(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            message = "request body is not valid JSON"
+        elif first.get("type") == "missing":
+            message = "is required"
+        elif first.get("type") == "extra_forbidden":
+            message = "is not a known parameter"
+        return respond(request, InvalidParameterError(".".join(loc) or "body", message), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = str(error.detail) if error.detail else "request refused"
+        return respond(request, HTTPStatusError(error.status_code, message), error.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return respond(request, KleinserveError("internal server error"), 500)

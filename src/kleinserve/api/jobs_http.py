@@ -1,0 +1,109 @@
+"""HTTP helpers every dialect shares: sync waits that cancel on disconnect, result URLs and bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from kleinserve.errors import (
+    GenerationCancelledError,
+    InvalidRequestError,
+    KleinserveError,
+    ResourceExhaustedError,
+    ServiceUnavailableError,
+)
+from kleinserve.jobs.job import Job, JobOutput, JobStatus
+from kleinserve.runtime import Runtime
+
+_DISCONNECT_POLL = 0.25
+DEMO_HEADER = "X-Kleinserve-Demo"
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The runtime serving ``request``."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def ready_runtime(request: Request) -> Runtime:
+    """The runtime, or 503 with Retry-After while models are still loading (or failed to)."""
+    runtime = runtime_of(request)
+    if not runtime.ready:
+        why = f"models failed to load: {runtime.load_error}" if runtime.load_error else "models are still loading"
+        raise ServiceUnavailableError(f"not ready: {why}", retry_after=5)
+    return runtime
+
+
+def public_base_url(request: Request) -> str:
+    """Base URL for links in responses: the configured public URL, else the one the client used."""
+    configured = runtime_of(request).settings.public_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+ReadyRuntime = Annotated[Runtime, Depends(ready_runtime)]
+
+
+def job_error(job: Job) -> KleinserveError:
+    """The domain error that ended a failed or cancelled job, for a sync response."""
+    message = job.error_message or f"generation {job.status.value}"
+    code = job.error_code or "generation_failed"
+    if job.status is JobStatus.CANCELLED:
+        return GenerationCancelledError("generation was cancelled")
+    if code.startswith("invalid_") or code == "unknown_model":
+        return InvalidRequestError(message, code=code)
+    if code == "out_of_memory":
+        return ResourceExhaustedError(message)
+    return KleinserveError(message, code=code)
+
+
+async def wait_for_jobs(request: Request, runtime: Runtime, jobs: list[Job]) -> list[Job]:
+    """Wait for every job of a sync request; a client that disconnects cancels them.
+
+    Raises the job's error when one fails, and 503 when the wait outlasts ``sync_timeout``.
+    """
+    service = runtime.service
+    waits = [asyncio.ensure_future(service.wait(job.id)) for job in jobs]
+    deadline = asyncio.get_running_loop().time() + runtime.settings.sync_timeout
+    try:
+        while not all(w.done() for w in waits):
+            await asyncio.wait(waits, timeout=_DISCONNECT_POLL)
+            if await request.is_disconnected():
+                for job in jobs:
+                    await asyncio.to_thread(service.cancel, job.id)
+                raise GenerationCancelledError("the client disconnected; generation cancelled")
+            if asyncio.get_running_loop().time() > deadline:
+                for job in jobs:
+                    await asyncio.to_thread(service.cancel, job.id)
+                raise ServiceUnavailableError(
+                    f"generation took longer than {runtime.settings.sync_timeout:g}s; use the async queue",
+                    retry_after=30,
+                )
+    finally:
+        for w in waits:
+            if not w.done():
+                w.cancel()
+    finished = [w.result() for w in waits]
+    for job in finished:
+        if job.status is not JobStatus.SUCCEEDED:
+            raise job_error(job)
+    return finished
+
+
+def outputs_of(job: Job) -> list[JobOutput]:
+    return list(job.result.outputs) if job.result else []
+
+
+def result_url(runtime: Runtime, base_url: str, output: JobOutput) -> str:
+    """An absolute, signed and expiring URL of one result file."""
+    return base_url + runtime.storage.signed_path(output.key)
+
+
+def result_b64(runtime: Runtime, output: JobOutput) -> str:
+    """One result file's bytes, base64-encoded."""
+    stored = runtime.storage.open(output.key)
+    data = stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+    return base64.b64encode(data).decode()

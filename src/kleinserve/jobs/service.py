@@ -1,0 +1,146 @@
+"""The job service: what dialects call to submit, read, list, cancel and wait for jobs.
+
+Sync endpoints are jobs too (submit, then wait), so every request shares one queue, one bound and
+one set of limits. The service never touches tensors; the workers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
+from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.job import Job, JobStatus
+from kleinserve.jobs.store.base import JobStore
+from kleinserve.jobs.worker import CancelRequests, Worker
+from kleinserve.engine.variants import find_variant
+from kleinserve.request import GenerationRequest, random_seed
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
+
+
+class JobService:
+    """Submits jobs to the durable queue and reports on them."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        bus: EventBus,
+        cancels: CancelRequests,
+        served_models: Iterable[str],
+        *,
+        max_queue: int = 100,
+        retry_after: int = 10,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.cancels = cancels
+        self.served_models = list(served_models)
+        self.max_queue = max_queue
+        self.retry_after = retry_after
+        self.workers: list[Worker] = []
+
+    # -- submission -----------------------------------------------------------------------------
+
+    def check_model(self, model: str) -> str:
+        """The canonical id of ``model`` if this server serves it; else :class:`UnknownModelError`."""
+        try:
+            variant_id = find_variant(model).id
+        except UnknownModelError:
+            raise UnknownModelError(model, self.served_models) from None
+        if variant_id not in self.served_models:
+            raise UnknownModelError(model, self.served_models)
+        return variant_id
+
+    def submit(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        owner: str | None = None,
+        dialect: str = "kleinserve",
+        extra: dict[str, Any] | None = None,
+    ) -> list[Job]:
+        """Queue one job per request (all or none); each gets a fixed seed now if it has none."""
+        jobs = []
+        for request in requests:
+            model = self.check_model(request.model)
+            seed = request.seed if request.seed is not None else random_seed()
+            request = request.model_copy(update={"model": model, "seed": seed})
+            jobs.append(Job(request=request, owner=owner, dialect=dialect, extra=dict(extra or {})))
+        active = self.store.count(ACTIVE)
+        if active + len(jobs) > self.max_queue:
+            raise ServiceUnavailableError(
+                f"the queue is full ({active} jobs waiting or running); retry later", retry_after=self.retry_after
+            )
+        for job in jobs:
+            self.store.add(job)
+            self.bus.publish(Event.for_job(EventType.QUEUED, job, model=job.request.model))
+        for worker in self.workers:
+            worker.wake()
+        return jobs
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def get(self, job_id: str, *, owner: str | None = None, any_owner: bool = True) -> Job:
+        """The job, if it exists and (unless ``any_owner``) belongs to ``owner``; else 404."""
+        job = self.store.get(job_id)
+        if job is None or (not any_owner and job.owner != owner):
+            raise NotFoundError(f"generation {job_id} not found")
+        return job
+
+    def list(
+        self,
+        *,
+        owner: str | None = None,
+        any_owner: bool = True,
+        statuses: Iterable[JobStatus] | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        return self.store.list(owner=owner, any_owner=any_owner, statuses=statuses, model=model, limit=limit)
+
+    def queue_position(self, job: Job) -> int:
+        """How many queued jobs are ahead of ``job`` (0 when it runs next or is not queued)."""
+        if job.status is not JobStatus.QUEUED:
+            return 0
+        queued = self.store.list(statuses=[JobStatus.QUEUED], limit=self.max_queue + 1)
+        return sum(1 for other in queued if other.created_at < job.created_at)
+
+    # -- cancelling and waiting -----------------------------------------------------------------
+
+    def cancel(self, job_id: str, *, owner: str | None = None, any_owner: bool = True) -> Job:
+        """Cancel a queued job now, or ask its worker to stop a running one at the next step.
+
+        A finished job is returned unchanged: cancelling it has no effect.
+        """
+        job = self.get(job_id, owner=owner, any_owner=any_owner)
+        if job.status is JobStatus.QUEUED:
+            cancelled = self.store.transition(job_id, JobStatus.CANCELLED, expect=[JobStatus.QUEUED])
+            if cancelled is not None:
+                self.bus.publish(Event.for_job(EventType.CANCELLED, cancelled))
+                return cancelled
+            job = self.get(job_id)  # a worker claimed it meanwhile
+        if job.status is JobStatus.PROCESSING:
+            self.cancels.request(job_id)
+        return job
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Wait until the job is finished and return it (``TimeoutError`` after ``timeout``)."""
+        async with self.bus.subscribe() as events:
+            job = await asyncio.to_thread(self.get, job_id)
+            if job.terminal:
+                return job
+
+            async def until_done() -> Job:
+                async for event in events:
+                    if event.job_id == job_id and event.type in (
+                        EventType.SUCCEEDED,
+                        EventType.FAILED,
+                        EventType.CANCELLED,
+                    ):
+                        break
+                return await asyncio.to_thread(self.get, job_id)
+
+            return await asyncio.wait_for(until_done(), timeout)

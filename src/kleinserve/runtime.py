@@ -1,0 +1,142 @@
+"""The server's moving parts, wired together and started in order (no HTTP here).
+
+``Runtime`` owns the job store, event bus, result storage, job service, the loaded engines and the
+workers. ``start()`` loads the models (off the event loop), recovers jobs a crash interrupted, and
+starts the workers; ``stop()`` stops them so the running job goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
+from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+from kleinserve.engine.engine import Engine
+from kleinserve.engine.images import InputPolicy
+from kleinserve.errors import KleinserveError
+from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.service import JobService
+from kleinserve.jobs.store.sqlite import SQLiteJobStore
+from kleinserve.jobs.worker import CancelRequests, Worker
+from kleinserve.settings import Settings
+from kleinserve.storage.local import LocalStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    """A served model as the API layer describes it."""
+
+    served: ServedModel
+    loaded: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.served.variant.id
+
+
+@dataclass
+class Runtime:
+    """Everything a running server holds, built from :class:`Settings`."""
+
+    settings: Settings
+    served: list[ServedModel] | None = None
+    store: SQLiteJobStore = field(init=False)
+    bus: EventBus = field(init=False)
+    storage: LocalStorage = field(init=False)
+    cancels: CancelRequests = field(init=False)
+    service: JobService = field(init=False)
+    engines: dict[str, Engine] = field(default_factory=dict, init=False)
+    workers: list[Worker] = field(default_factory=list, init=False)
+    ready: bool = field(default=False, init=False)
+    load_error: str | None = field(default=None, init=False)
+    device: str = field(default="", init=False)
+    dtype: str = field(default="", init=False)
+    started_at: float = field(default_factory=time.time, init=False)
+
+    def __post_init__(self) -> None:
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.bus = EventBus(self.store)
+        self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
+        self.cancels = CancelRequests()
+        self.service = JobService(
+            self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
+        )
+
+    def served_ids(self) -> list[str]:
+        return [m.variant.id for m in self.served or []]
+
+    @property
+    def demo(self) -> bool:
+        return any(m.demo for m in self.served or [])
+
+    def models(self) -> list[ServedModel]:
+        return list(self.served or [])
+
+    async def start(self) -> None:
+        """Plan and load the models, recover interrupted jobs, start the workers."""
+        try:
+            if self.served is None:
+                self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
+            self.service.served_models = self.served_ids()
+            device = pick_device(self.settings.device)
+            dtype = pick_dtype(device, self.settings.dtype)
+            self.device, self.dtype = str(device), dtype_name(dtype)
+            self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+        except KleinserveError as err:
+            self.load_error = err.message
+            log.error("cannot load models: %s", err.message)
+            return
+        self.recover()
+        worker = Worker(
+            self.store,
+            self.bus,
+            self.storage,
+            self.engines,
+            InputPolicy.from_settings(self.settings),
+            self.cancels,
+        )
+        worker.start()
+        self.workers.append(worker)
+        self.service.workers = self.workers
+        self.ready = True
+        log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
+
+    def recover(self) -> None:
+        """Jobs a crash left running go back to the queue, or fail once out of attempts."""
+        requeued, failed = self.store.recover(self.settings.max_attempts)
+        for job in failed:
+            self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
+        # Queued jobs for a model this start does not serve fail in the worker, with that reason.
+        if requeued or failed:
+            log.warning("recovered after a restart: %d job(s) requeued, %d failed", len(requeued), len(failed))
+
+    def stop(self) -> None:
+        """Stop the workers (the running job is requeued) and close the store."""
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        self.store.close()
+
+    def sweep(self) -> int:
+        """Remove finished jobs and their files past the retention time; return how many."""
+        removed = self.store.remove_finished_before(time.time() - self.settings.retention_seconds)
+        for job in removed:
+            self.storage.delete_prefix(f"{job.id}/")
+        return len(removed)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.sweep)
+                if removed:
+                    log.info("retention: removed %d finished job(s)", removed)
+            except Exception:  # noqa: BLE001 - the sweep must keep running
+                log.exception("retention sweep failed")
+            await asyncio.sleep(self.settings.cleanup_interval)

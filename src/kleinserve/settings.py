@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
     url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")
     sync_timeout: float = Field(600, gt=0, description="Longest a sync request waits for its job.")
+    sse_replay_seconds: float = Field(
+        60, ge=0, description="A new SSE connection first gets the events of this many past seconds."
+    )
     keepalive_interval: float = Field(15, gt=0, description="Seconds between SSE keep-alive comments.")
 
     # Request bounds (request.py enforces them).

@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__
 from kleinserve.api.dialects.base import Dialect
@@ -25,6 +26,30 @@ from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+class DemoHeaderMiddleware:
+    """Marks every response ``X-Kleinserve-Demo: true`` while the server runs on demo weights.
+
+    Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware wraps
+    ``receive`` so that endpoints no longer see a client disconnect, which sync endpoints need.
+    """
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.runtime.demo:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append(DEMO_HEADER, "true")
+            await send(message)
+
+        await self.app(scope, receive, send_marked)
+
 
 def create_app(settings: Settings | None = None, served: list[ServedModel] | None = None) -> FastAPI:
     """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
@@ -52,12 +77,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     app.state.runtime = runtime
     install_error_handlers(app, dialects)
 
-    @app.middleware("http")
-    async def demo_header(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        if runtime.demo:
-            response.headers[DEMO_HEADER] = "true"
-        return response
+    app.add_middleware(DemoHeaderMiddleware, runtime=runtime)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:

@@ -154,10 +154,10 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> P
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels: the real 8x spatial factor
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=0,  # the decoder still gets one resnet per level; encoder levels only downsample
         latent_channels=4,
-        norm_num_groups=4,
+        norm_num_groups=2,
         sample_size=64,
         mid_block_add_attention=False,
     )
@@ -177,6 +177,9 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> P
         transformer=transformer,
         is_distilled=(kind == "distilled"),
     )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" would interleave with our output
     pipeline.save_pretrained(str(directory))
     _set_tokenizer_class(directory / "tokenizer")
     return directory

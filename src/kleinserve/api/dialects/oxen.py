@@ -247,7 +247,13 @@ class OxenDialect:
             last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
         ) -> EventSourceResponse:
             runtime = runtime_of(request)
-            after = int(last_event_id) if last_event_id and last_event_id.isdigit() else None
+            if last_event_id and last_event_id.isdigit():
+                after = int(last_event_id)
+            else:
+                # Oxen's own examples enqueue first and connect after, so a fast job could finish
+                # in between; a short replay window closes that race (clients filter by id).
+                since = time.time() - runtime.settings.sse_replay_seconds
+                after = await asyncio.to_thread(runtime.store.last_seq_before, since)
             base = public_base_url(request)
 
             async def stream() -> AsyncIterator[ServerSentEvent]:

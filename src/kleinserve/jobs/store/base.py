@@ -67,5 +67,8 @@ class JobStore(Protocol):
     def events_after(self, seq: int, owner: str | None = None) -> list[Event]:
         """Stored events numbered above ``seq`` (only ``owner``'s when given), oldest first."""
 
+    def last_seq_before(self, created_at: float) -> int:
+        """The number of the last event stored before ``created_at`` (0 when there is none)."""
+
     def close(self) -> None:
         """Release connections."""

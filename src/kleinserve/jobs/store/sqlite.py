@@ -261,3 +261,7 @@ class SQLiteJobStore:
             params.append(owner)
         rows = self._db().execute(query + " ORDER BY seq LIMIT 10000", params)
         return [Event.model_validate({**json.loads(body), "seq": s}) for s, body in rows]
+
+    def last_seq_before(self, created_at: float) -> int:
+        row = self._db().execute("SELECT MAX(seq) FROM events WHERE created_at < ?", (created_at,)).fetchone()
+        return int(row[0] or 0)

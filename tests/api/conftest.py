@@ -1,0 +1,89 @@
+"""A real kleinserve server process on 127.0.0.1, serving tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """``kleinserve serve`` in a subprocess, with its log in the data dir."""
+
+    def __init__(self, data_dir: Path, models: list[str], *extra: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.models = models
+        self.extra = extra
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "server.log"
+
+    def start(self, timeout: float = 120) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "kleinserve", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        for model in self.models:
+            args += ["--model", model]
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen([*args, *self.extra], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the session: klein 4B and 9B on the tiny distilled weights, Base 4B on tiny base."""
+    process = ServerProcess(
+        tmp_path_factory.mktemp("server"),
+        [f"flux-2-klein-4b={tiny_distilled}", f"flux-2-klein-9b={tiny_distilled}", f"flux-2-klein-base-4b={tiny_base}"],
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1"},
+    ).start()
+    yield process
+    process.stop()

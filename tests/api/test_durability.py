@@ -1,0 +1,134 @@
+"""A job accepted is never lost: kill -9 and SIGTERM mid-job, restart, and every job ends well."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.conftest import ServerProcess
+
+MODEL = "black-forest-labs-flux-2-klein-4b"
+# Slow enough on a tiny model (a few seconds) to be caught mid-run.
+SLOW = {"model": MODEL, "prompt": "slow", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 40}
+QUICK = {"model": MODEL, "prompt": "quick", "image_size": {"width": 64, "height": 64}}
+
+
+def enqueue(server: ServerProcess, body: dict[str, Any]) -> str:
+    response = httpx.post(f"{server.url}/api/ai/queue", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return str(response.json()["generations"][0]["generation_id"])
+
+
+def item(server: ServerProcess, generation_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/api/ai/queue/{generation_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_until_running(server: ServerProcess, generation_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while item(server, generation_id)["progress"]["step"] < 1:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+
+
+def wait_terminal(server: ServerProcess, generation_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = item(server, generation_id)
+        if current["status"] in ("succeeded", "failed", "cancelled"):
+            return current
+        time.sleep(0.1)
+    raise TimeoutError(generation_id)
+
+
+def assert_graceful(server: ServerProcess, returncode: int) -> None:
+    # uvicorn re-raises the signal it caught once its graceful shutdown is done.
+    assert returncode in (0, -signal.SIGTERM, -signal.SIGINT), returncode
+    assert "Application shutdown complete." in server.log()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, tiny_distilled: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Servers on one data dir (so restarts see the same jobs), all stopped at the end."""
+    made: list[ServerProcess] = []
+
+    def make(**env: str) -> ServerProcess:
+        server = ServerProcess(
+            tmp_path, [f"flux-2-klein-4b={tiny_distilled}"], "--dtype", "float32", env={k.upper(): v for k, v in env.items()}
+        )
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        if server.process is not None:
+            server.stop(signal.SIGKILL)
+
+
+def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server().start()
+    done_before = enqueue(server, QUICK)
+    wait_terminal(server, done_before)
+    running = enqueue(server, SLOW)
+    waiting = enqueue(server, QUICK)
+    wait_until_running(server, running)
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    server.start()  # same data dir, new process
+    finished = wait_terminal(server, running)
+    assert finished["status"] == "succeeded" and finished["result_url"]
+    assert wait_terminal(server, waiting)["status"] == "succeeded"
+    before = item(server, done_before)
+    assert before["status"] == "succeeded" and httpx.get(before["result_url"]).status_code == 200
+    assert "requeued" in server.log() or "recovered" in server.log()
+    assert_graceful(server, server.stop())
+
+
+def test_sigterm_requeues_the_running_job_without_spending_an_attempt(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(kleinserve_max_attempts="1").start()
+    running = enqueue(server, SLOW)
+    wait_until_running(server, running)
+    assert_graceful(server, server.stop(signal.SIGTERM))
+    assert "requeued at shutdown" in server.log()
+
+    server.start()
+    # With one attempt allowed, only a graceful requeue (which spends none) lets it run again.
+    assert wait_terminal(server, running)["status"] == "succeeded"
+    assert_graceful(server, server.stop())
+
+
+def test_a_job_interrupted_too_often_fails_with_a_reason(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(kleinserve_max_attempts="1").start()
+    running = enqueue(server, SLOW)
+    wait_until_running(server, running)
+    server.stop(signal.SIGKILL)
+
+    server.start()
+    failed = wait_terminal(server, running)
+    assert failed["status"] == "failed" and failed["error_message"].startswith("interrupted")
+    assert_graceful(server, server.stop())
+
+
+def test_full_queue_is_503_with_retry_after(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(kleinserve_max_queue="2").start()
+    enqueue(server, SLOW)
+    enqueue(server, QUICK)
+    response = httpx.post(f"{server.url}/api/ai/queue", json=QUICK, timeout=30)
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+    assert response.json()["error"]["type"] == "service_unavailable"
+    # Sync requests share the same queue and the same bound.
+    sync = httpx.post(f"{server.url}/api/ai/images/generate", json=QUICK, timeout=30)
+    assert sync.status_code == 503 and "queue is full" in sync.json()["error"]["detail"]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_stops_cleanly(make_server: Callable[..., ServerProcess], signal_number: int) -> None:
+    server = make_server().start()
+    assert_graceful(server, server.stop(signal_number))

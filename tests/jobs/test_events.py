@@ -219,11 +219,6 @@ def test_owner_filter_live_for_ownerless(store: SQLiteJobStore) -> None:
     assert quiet
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: subscribe(after=..., owner=None, all_owners=False) replays every owner's events "
-    "(events_after treats owner None as 'no filter'), while live delivery only sends ownerless ones",
-)
 def test_owner_filter_replay_for_ownerless(store: SQLiteJobStore) -> None:
     bus = EventBus(store)
     alice, anon = job_of("alice"), job_of(None)
@@ -245,11 +240,6 @@ def test_owner_filter_replay_for_ownerless(store: SQLiteJobStore) -> None:
     assert [x.data.get("step") for x in got] == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the replay stops after 10000 events (events_after has LIMIT 10000), so a "
-    "subscriber further behind silently misses the rest",
-)
 def test_subscribe_after_replays_everything_when_far_behind(store: SQLiteJobStore) -> None:
     bus = EventBus(store)
     job = job_of(None)

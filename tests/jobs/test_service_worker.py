@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -183,11 +184,6 @@ def test_queue_bound_is_all_or_none(system: System) -> None:
     assert system.store.count([JobStatus.QUEUED]) == 2 and system.store.get(third.id) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: submit() counts active jobs and adds the new ones in separate transactions, so "
-    "concurrent submissions (the HTTP layer calls submit from many threads) overshoot max_queue",
-)
 def test_queue_bound_holds_under_concurrent_submissions(system: System) -> None:
     request = GenerationRequest.parse({"prompt": "x", "model": MODEL})
     counts = []
@@ -261,17 +257,44 @@ def test_worker_runs_job_to_success(system: System) -> None:
     assert system.store.get(job.id) == done
 
     events = system.events(job.id)
+    assert all(e.owner == "alice" for e in events)
+    assert [e.type for e in events].count(EventType.QUEUED) == 1
+    # (job.queued itself may land after job.started: see test_queued_event_comes_before_started.)
+    events = [e for e in events if e.type is not EventType.QUEUED]
     assert [e.type for e in events] == [
-        EventType.QUEUED,
         EventType.STARTED,
         EventType.PROGRESS,
         EventType.PROGRESS,
         EventType.SUCCEEDED,
     ]
-    assert all(e.owner == "alice" for e in events)
-    assert [(e.data["step"], e.data["total"]) for e in events[2:4]] == [(1, 2), (2, 2)]
-    assert events[1].data == {"model": MODEL, "attempt": 1}
+    assert [(e.data["step"], e.data["total"]) for e in events[1:3]] == [(1, 2), (2, 2)]
+    assert events[0].data == {"model": MODEL, "attempt": 1}
     assert events[-1].data["outputs"] == [output.key]
+
+
+def test_queued_event_comes_before_started(system: System) -> None:
+    """Forces the interleaving real scheduling sometimes produces: the submitting thread is held
+    (by a profiler hook, no code replaced) right after the job row is committed."""
+    system.worker()
+    add_code = SQLiteJobStore.add.__code__
+
+    def hold_after_add(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_code is add_code:
+            job_id = frame.f_locals["job"].id
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                if any(e.type is EventType.STARTED for e in system.events(job_id)):
+                    break
+                time.sleep(0.005)
+
+    sys.setprofile(hold_after_add)
+    try:
+        job = system.submit()
+    finally:
+        sys.setprofile(None)
+    system.finished(job.id)
+    types = [e.type for e in system.events(job.id)]
+    assert types[:2] == [EventType.QUEUED, EventType.STARTED]
 
 
 def test_worker_runs_several_images_and_jobs_in_order(system: System) -> None:
@@ -340,7 +363,7 @@ def test_cancel_processing_job(system: System) -> None:
     assert done.completed_at is not None and done.result is None
     assert done.progress_step < LONG["steps"]
     types = [e.type for e in system.events(job.id)]
-    assert types[:2] == [EventType.QUEUED, EventType.STARTED]
+    assert types.count(EventType.QUEUED) == 1 and types.count(EventType.STARTED) == 1
     assert types[-1] is EventType.CANCELLED and types.count(EventType.CANCELLED) == 1
     assert EventType.SUCCEEDED not in types
     assert system.job_files(job.id) == []

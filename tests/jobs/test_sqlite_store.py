@@ -390,9 +390,10 @@ def test_events_after_and_owner_filter(store: SQLiteJobStore) -> None:
     assert store.events_after(0) == stored
     assert store.events_after(stored[2].seq) == stored[3:]
     assert store.events_after(stored[-1].seq) == []
-    assert store.events_after(stored[0].seq, "alice") == [stored[3], stored[5]]
-    assert store.events_after(0, "bob") == [stored[1], stored[4]]
-    assert store.events_after(0, "nobody") == []
+    assert store.events_after(stored[0].seq, owner="alice", any_owner=False) == [stored[3], stored[5]]
+    assert store.events_after(0, owner="bob", any_owner=False) == [stored[1], stored[4]]
+    assert store.events_after(0, owner="nobody", any_owner=False) == []
+    assert store.events_after(0, owner=None, any_owner=False) == [stored[2]]  # jobs without an owner
     assert [e.type for e in store.events_after(0)] == [EventType.QUEUED] * 3 + [EventType.STARTED] * 3
     assert store.events_after(stored[3].seq)[0].data == {"i": 4}
 

@@ -52,6 +52,9 @@ class Event(BaseModel):
         return cls(type=type, job_id=job.id, owner=job.owner, data=data)
 
 
+_REPLAY_PAGE = 1000
+
+
 @dataclass(eq=False)  # identity-hashed: each subscription is its own entry in the set
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
@@ -71,6 +74,11 @@ class EventBus:
     def publish(self, event: Event) -> Event:
         """Persist and deliver ``event``; safe to call from any thread."""
         stored = self.store.append_event(event)
+        self.deliver(stored)
+        return stored
+
+    def deliver(self, stored: Event) -> None:
+        """Hand an already stored (numbered) event to every live subscriber that may see it."""
         with self._lock:
             subscribers = list(self._subscribers)
         for sub in subscribers:
@@ -79,7 +87,6 @@ class EventBus:
                     sub.loop.call_soon_threadsafe(sub.queue.put_nowait, stored)
                 except RuntimeError:  # the subscriber's loop has closed; it is going away
                     pass
-        return stored
 
     @asynccontextmanager
     async def subscribe(
@@ -102,12 +109,16 @@ class EventBus:
         last = -1
         if after is not None:
             # Registered before replaying, so nothing published meanwhile is lost; seq dedupes.
-            replay = await asyncio.to_thread(
-                self.store.events_after, after, None if sub.all_owners else sub.owner
-            )
-            for event in replay:
-                last = event.seq
-                yield event
+            last = after
+            while True:
+                page = await asyncio.to_thread(
+                    self.store.events_after, last, owner=sub.owner, any_owner=sub.all_owners, limit=_REPLAY_PAGE
+                )
+                for event in page:
+                    last = event.seq
+                    yield event
+                if len(page) < _REPLAY_PAGE:
+                    break
         while True:
             event = await sub.queue.get()
             if event.seq > last:

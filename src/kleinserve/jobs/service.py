@@ -69,14 +69,17 @@ class JobService:
             seed = request.seed if request.seed is not None else random_seed()
             request = request.model_copy(update={"model": model, "seed": seed})
             jobs.append(Job(request=request, owner=owner, dialect=dialect, extra=dict(extra or {})))
-        active = self.store.count(ACTIVE)
-        if active + len(jobs) > self.max_queue:
+        # Jobs and their queued events are stored together, under the bound, in one transaction:
+        # concurrent submissions cannot overshoot it, and job.queued always precedes job.started.
+        queued = [Event.for_job(EventType.QUEUED, job, model=job.request.model) for job in jobs]
+        stored = self.store.enqueue(jobs, queued, self.max_queue)
+        if stored is None:
             raise ServiceUnavailableError(
-                f"the queue is full ({active} jobs waiting or running); retry later", retry_after=self.retry_after
+                f"the queue is full (at most {self.max_queue} jobs waiting or running); retry later",
+                retry_after=self.retry_after,
             )
-        for job in jobs:
-            self.store.add(job)
-            self.bus.publish(Event.for_job(EventType.QUEUED, job, model=job.request.model))
+        for event in stored:
+            self.bus.deliver(event)
         for worker in self.workers:
             worker.wake()
         return jobs
@@ -124,6 +127,9 @@ class JobService:
             job = self.get(job_id)  # a worker claimed it meanwhile
         if job.status is JobStatus.PROCESSING:
             self.cancels.request(job_id)
+            job = self.get(job_id)
+            if job.terminal:  # it finished meanwhile: its worker will never look for this request
+                self.cancels.discard(job_id)
         return job
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:

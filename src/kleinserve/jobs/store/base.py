@@ -8,7 +8,7 @@ can never both win.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from kleinserve.jobs.events import Event
@@ -21,6 +21,10 @@ class JobStore(Protocol):
 
     def add(self, job: Job) -> None:
         """Store a new job."""
+
+    def enqueue(self, jobs: Sequence[Job], events: Sequence[Event], max_active: int) -> list[Event] | None:
+        """Store new jobs and their first events in one transaction, unless that would bring the
+        queued and processing jobs over ``max_active``; return the numbered events, or ``None``."""
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or ``None``."""
@@ -64,8 +68,11 @@ class JobStore(Protocol):
     def append_event(self, event: Event) -> Event:
         """Store an event and return it with its sequence number."""
 
-    def events_after(self, seq: int, owner: str | None = None) -> list[Event]:
-        """Stored events numbered above ``seq`` (only ``owner``'s when given), oldest first."""
+    def events_after(
+        self, seq: int, *, owner: str | None = None, any_owner: bool = True, limit: int = 1000
+    ) -> list[Event]:
+        """Up to ``limit`` stored events numbered above ``seq``, oldest first; only ``owner``'s
+        (``None`` meaning jobs without an owner) unless ``any_owner``."""
 
     def last_seq_before(self, created_at: float) -> int:
         """The number of the last event stored before ``created_at`` (0 when there is none)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,18 @@ class SQLiteJobStore:
                 "INSERT INTO jobs (owner, status, model, created_at, completed_at, body, id) VALUES (?,?,?,?,?,?,?)",
                 self._row(job),
             )
+
+    def enqueue(self, jobs: Sequence[Job], events: Sequence[Event], max_active: int) -> list[Event] | None:
+        active = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
+        with self._write() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", active).fetchone()
+            if count + len(jobs) > max_active:
+                return None
+            db.executemany(
+                "INSERT INTO jobs (owner, status, model, created_at, completed_at, body, id) VALUES (?,?,?,?,?,?,?)",
+                [self._row(job) for job in jobs],
+            )
+            return [self._insert_event(db, event) for event in events]
 
     def _save(self, db: sqlite3.Connection, job: Job) -> None:
         db.execute(
@@ -243,23 +255,28 @@ class SQLiteJobStore:
 
     # -- events ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _insert_event(db: sqlite3.Connection, event: Event) -> Event:
+        body = event.model_dump(mode="json", exclude={"seq"})
+        cursor = db.execute(
+            "INSERT INTO events (job_id, owner, created_at, body) VALUES (?,?,?,?)",
+            (event.job_id, event.owner, event.created_at, json.dumps(body)),
+        )
+        return event.model_copy(update={"seq": int(cursor.lastrowid or 0)})
+
     def append_event(self, event: Event) -> Event:
         with self._write() as db:
-            body = event.model_dump(mode="json", exclude={"seq"})
-            cursor = db.execute(
-                "INSERT INTO events (job_id, owner, created_at, body) VALUES (?,?,?,?)",
-                (event.job_id, event.owner, event.created_at, json.dumps(body)),
-            )
-            seq = int(cursor.lastrowid or 0)
-        return event.model_copy(update={"seq": seq})
+            return self._insert_event(db, event)
 
-    def events_after(self, seq: int, owner: str | None = None) -> list[Event]:
+    def events_after(
+        self, seq: int, *, owner: str | None = None, any_owner: bool = True, limit: int = 1000
+    ) -> list[Event]:
         query = "SELECT seq, body FROM events WHERE seq > ?"
         params: list[Any] = [seq]
-        if owner is not None:
+        if not any_owner:
             query += " AND owner IS ?"
             params.append(owner)
-        rows = self._db().execute(query + " ORDER BY seq LIMIT 10000", params)
+        rows = self._db().execute(query + " ORDER BY seq LIMIT ?", (*params, limit))
         return [Event.model_validate({**json.loads(body), "seq": s}) for s, body in rows]
 
     def last_seq_before(self, created_at: float) -> int:

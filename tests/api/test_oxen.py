@@ -270,17 +270,22 @@ def test_twenty_concurrent_sync_requests(server: ServerProcess) -> None:
 
 
 def test_sync_client_disconnect_cancels_its_job(server: ServerProcess) -> None:
-    slow = {**SMALL, "prompt": "disconnect me", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/api/ai/images/generate", json=slow, timeout=1.5)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        jobs = httpx.get(f"{server.url}/api/ai/queue", params={"status": "cancelled"}).json()["generations"]
-        if any(j["prompt"] == "disconnect me" for j in jobs):
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the disconnected client's job was not cancelled")
+    # Keep the worker busy so the sync job is still waiting when its client goes away.
+    blocker = post(server, "/api/ai/queue", {**SMALL, "image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 50})
+    blocker_id = blocker.json()["generations"][0]["generation_id"]
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/api/ai/images/generate", json={**SMALL, "prompt": "disconnect me"}, timeout=1.0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            jobs = httpx.get(f"{server.url}/api/ai/queue", params={"status": "cancelled"}).json()["generations"]
+            if any(j["prompt"] == "disconnect me" for j in jobs):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the disconnected client's job was not cancelled")
+    finally:
+        httpx.delete(f"{server.url}/api/ai/queue/{blocker_id}")
 
 
 def test_readyz_and_healthz(server: ServerProcess) -> None:

@@ -60,7 +60,7 @@ class ImageServer:
         files = self.files
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 data = files.get(self.path.lstrip("/"))
                 if data is None:
                     self.send_error(404)

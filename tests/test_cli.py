@@ -33,8 +33,24 @@ def model_arg(directory: Path, variant: str = "flux-2-klein-4b") -> str:
 def test_text_to_image_with_aspect_ratio_n2_webp(tmp_path: Path, tiny_distilled: Path) -> None:
     out = tmp_path / "out"
     code, stdout, stderr = run(
-        "generate", "a red fox in snow", "--model", model_arg(tiny_distilled), "--aspect-ratio", "16:9",
-        "--megapixels", "0.25", "--seed", "7", "-n", "2", "--format", "webp", "--quality", "90", "-o", str(out),
+        "generate",
+        "a red fox in snow",
+        "--model",
+        model_arg(tiny_distilled),
+        "--aspect-ratio",
+        "16:9",
+        "--megapixels",
+        "0.25",
+        "--seed",
+        "7",
+        "-n",
+        "2",
+        "--format",
+        "webp",
+        "--quality",
+        "90",
+        "-o",
+        str(out),
     )
     assert code == 0, stderr
     files = sorted(out.iterdir())
@@ -49,28 +65,56 @@ def test_text_to_image_with_aspect_ratio_n2_webp(tmp_path: Path, tiny_distilled:
 def test_output_png_matches_diffusers_and_carries_parameters(tmp_path: Path, tiny_distilled: Path) -> None:
     target = tmp_path / "fox.png"
     code, stdout, stderr = run(
-        "generate", "a fox", "--model", model_arg(tiny_distilled), "--width", "80", "--height", "64",
-        "--seed", "3", "--steps", "3", "--dtype", "float32", "--device", "cpu", "-o", str(target),
+        "generate",
+        "a fox",
+        "--model",
+        model_arg(tiny_distilled),
+        "--width",
+        "80",
+        "--height",
+        "64",
+        "--seed",
+        "3",
+        "--steps",
+        "3",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "-o",
+        str(target),
     )
     assert code == 0, stderr
     pipe = Flux2KleinPipeline.from_pretrained(str(tiny_distilled))
     expected = pipe(
-        prompt="a fox", width=80, height=64, num_inference_steps=3, guidance_scale=1.0,
+        prompt="a fox",
+        width=80,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=1.0,
         generator=torch.Generator("cpu").manual_seed(3),
     ).images[0]
     with Image.open(target) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
         params = json.loads(image.text["parameters"])
     assert params == {
-        "generator": "kleinserve", "model": "flux-2-klein-4b", "prompt": "a fox", "seed": 3, "steps": 3,
-        "guidance": 1.0, "width": 80, "height": 64,
+        "generator": "kleinserve",
+        "model": "flux-2-klein-4b",
+        "prompt": "a fox",
+        "seed": 3,
+        "steps": 3,
+        "guidance": 1.0,
+        "width": 80,
+        "height": 64,
     }
     assert str(target) in stdout
 
 
 def test_no_seed_gets_a_random_one_that_is_reported(tmp_path: Path, tiny_distilled: Path) -> None:
     target = tmp_path / "r.png"
-    code, stdout, _ = run("generate", "random", "-m", model_arg(tiny_distilled), "--width", "64", "--height", "64", "-o", str(target))
+    code, stdout, _ = run(
+        "generate", "random", "-m", model_arg(tiny_distilled), "--width", "64", "--height", "64", "-o", str(target)
+    )
     assert code == 0
     reported = int(stdout.split("seed=")[1].split()[0])
     with Image.open(target) as image:
@@ -87,10 +131,27 @@ def test_references_as_file_url_base64_and_data_uri(
     raw = base64.b64encode(png_bytes(40, 40, (0, 0, 200))).decode()
     data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(32, 64)).decode()
     out = tmp_path / "out"
-    code, stdout, stderr = run(
-        "generate", "put the hat from image 2 on the cat", "-m", model_arg(tiny_base, "flux-2-klein-base-4b"),
-        "-i", str(path), "-i", url, "-i", raw, "-i", data_uri, "--steps", "2", "--seed", "1", "--format", fmt,
-        "-o", str(out),
+    code, _, stderr = run(
+        "generate",
+        "put the hat from image 2 on the cat",
+        "-m",
+        model_arg(tiny_base, "flux-2-klein-base-4b"),
+        "-i",
+        str(path),
+        "-i",
+        url,
+        "-i",
+        raw,
+        "-i",
+        data_uri,
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--format",
+        fmt,
+        "-o",
+        str(out),
     )
     assert code == 0, stderr
     (written,) = list(out.iterdir())
@@ -169,9 +230,24 @@ def test_make_tiny_and_models(tmp_path: Path) -> None:
 def test_console_script_entry_point(tmp_path: Path, tiny_distilled: Path) -> None:
     script = Path(sys.executable).parent / "kleinserve"
     done = subprocess.run(
-        [str(script), "generate", "entry point", "-m", model_arg(tiny_distilled), "--width", "64", "--height", "64",
-         "--seed", "1", "-o", str(tmp_path / "e.png")],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(script),
+            "generate",
+            "entry point",
+            "-m",
+            model_arg(tiny_distilled),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "1",
+            "-o",
+            str(tmp_path / "e.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "e.png").is_file()

@@ -16,7 +16,7 @@ def test_aspect_ratio_table_matches_the_code() -> None:
     assert set(rows) == set(ASPECT_RATIOS)
     for ratio, cells in rows.items():
         published = [cell.strip() for cell in cells.strip(" |").split("|")]
-        assert published == ["%dx%d" % size_for_aspect_ratio(ratio, m) for m in MEGAPIXELS], ratio
+        assert published == ["{}x{}".format(*size_for_aspect_ratio(ratio, m)) for m in MEGAPIXELS], ratio
 
 
 def test_model_table_matches_the_registry() -> None:

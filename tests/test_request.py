@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from kleinserve.errors import InvalidParameterError
 from kleinserve.request import (
@@ -301,7 +302,7 @@ def test_full_request_round_trips() -> None:
 
 def test_request_is_frozen() -> None:
     request = GenerationRequest.parse({"prompt": "p"})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         request.prompt = "q"  # type: ignore[misc]
     assert request.prompt == "p"
 

@@ -23,7 +23,10 @@ def test_scripts_serve_starts_generates_and_stops(tmp_path: Path) -> None:
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
         [str(ROOT / "scripts" / "serve"), "--port", str(port), "--data-dir", str(tmp_path / "data")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
     )
     log.close()
     url = f"http://127.0.0.1:{port}"
@@ -40,7 +43,12 @@ def test_scripts_serve_starts_generates_and_stops(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.3)
         assert ready.json()["demo"] is True
-        assert ready.json()["models"] == ["flux-2-klein-4b", "flux-2-klein-9b", "flux-2-klein-base-4b", "flux-2-klein-base-9b"]
+        assert ready.json()["models"] == [
+            "flux-2-klein-4b",
+            "flux-2-klein-9b",
+            "flux-2-klein-base-4b",
+            "flux-2-klein-base-9b",
+        ]
         response = httpx.post(
             f"{url}/api/ai/images/generate",
             json={"model": "black-forest-labs-flux-2-klein-4b", "prompt": "a fox", "aspect_ratio": "1:1"},

@@ -41,7 +41,7 @@ def _fail(message: str) -> NoReturn:
 def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except Exception as err:  # noqa: BLE001 - pydantic-settings reports bad environment values
+    except Exception as err:
         _fail(f"bad setting: {err}")
 
 
@@ -165,7 +165,7 @@ def generate(
 
             result = run_request(request, engine, references, on_progress=on_progress)
         paths = _output_paths(output, request.output_format, prompt, result.seeds)
-        for path, encoded in zip(paths, result.images):
+        for path, encoded in zip(paths, result.images, strict=True):
             path.write_bytes(encoded.data)
     except KleinserveError as err:
         _fail(err.message)
@@ -175,7 +175,7 @@ def generate(
         f"{result.model}: {result.steps} steps, guidance {result.guidance:g}; load {load_seconds:.2f}s, {timing}",
         highlight=False,
     )
-    for path, encoded, image_seed in zip(paths, result.images, result.seeds):
+    for path, encoded, image_seed in zip(paths, result.images, result.seeds, strict=True):
         out_console.print(f"{path}  seed={image_seed}  {encoded.width}x{encoded.height}", highlight=False)
 
 

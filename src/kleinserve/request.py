@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from pydantic import model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kleinserve.engine.variants import DEFAULT_VARIANT_ID
 from kleinserve.errors import InvalidParameterError
@@ -67,7 +66,7 @@ class OutputFormat(StrEnum):
 
 
 def _round_to_multiple(value: float) -> int:
-    return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
 
 
 def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0) -> tuple[int, int]:
@@ -78,9 +77,7 @@ def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0) -> tuple[i
     """
     ratio = ASPECT_RATIOS.get(aspect_ratio.strip())
     if ratio is None:
-        raise InvalidParameterError(
-            "aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}; got {aspect_ratio!r}"
-        )
+        raise InvalidParameterError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}; got {aspect_ratio!r}")
     if not any(math.isclose(megapixels, m) for m in MEGAPIXELS):
         allowed = ", ".join(f"{m:g}" for m in MEGAPIXELS)
         raise InvalidParameterError("megapixels", f"must be one of {allowed}; got {megapixels!r}")
@@ -205,9 +202,12 @@ class GenerationRequest(BaseModel):
         # Errors raised here have no field of their own; parse() reports them under "size".
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height must be given together")
-        if self.width is not None and self.height is not None:
-            if problem := _area_problem(self.width, self.height, _settings_from(info)):
-                raise ValueError(problem)
+        if (
+            self.width is not None
+            and self.height is not None
+            and (problem := _area_problem(self.width, self.height, _settings_from(info)))
+        ):
+            raise ValueError(problem)
         return self
 
     @classmethod

@@ -137,6 +137,6 @@ class Runtime:
                 removed = await asyncio.to_thread(self.sweep)
                 if removed:
                     log.info("retention: removed %d finished job(s)", removed)
-            except Exception:  # noqa: BLE001 - the sweep must keep running
+            except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(self.settings.cleanup_interval)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -61,7 +61,11 @@ def make_server(tmp_path: Path, tiny_distilled: Path) -> Iterator[Callable[..., 
 
     def make(**env: str) -> ServerProcess:
         server = ServerProcess(
-            tmp_path, [f"flux-2-klein-4b={tiny_distilled}"], "--dtype", "float32", env={k.upper(): v for k, v in env.items()}
+            tmp_path,
+            [f"flux-2-klein-4b={tiny_distilled}"],
+            "--dtype",
+            "float32",
+            env={k.upper(): v for k, v in env.items()},
         )
         made.append(server)
         return server
@@ -91,7 +95,9 @@ def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..
     assert_graceful(server, server.stop())
 
 
-def test_sigterm_requeues_the_running_job_without_spending_an_attempt(make_server: Callable[..., ServerProcess]) -> None:
+def test_sigterm_requeues_the_running_job_without_spending_an_attempt(
+    make_server: Callable[..., ServerProcess],
+) -> None:
     server = make_server(kleinserve_max_attempts="1").start()
     running = enqueue(server, SLOW)
     wait_until_running(server, running)

@@ -129,8 +129,12 @@ def test_queue_generations_seeds_and_echo(server: ServerProcess) -> None:
 
 
 def test_num_generations_bounds(server: ServerProcess) -> None:
-    assert_oxen_error(post(server, "/api/ai/queue", {**SMALL, "num_generations": 5}), 400, "invalid_params", "num_generations")
-    assert_oxen_error(post(server, "/api/ai/queue", {**SMALL, "num_generations": 0}), 400, "invalid_params", "num_generations")
+    assert_oxen_error(
+        post(server, "/api/ai/queue", {**SMALL, "num_generations": 5}), 400, "invalid_params", "num_generations"
+    )
+    assert_oxen_error(
+        post(server, "/api/ai/queue", {**SMALL, "num_generations": 0}), 400, "invalid_params", "num_generations"
+    )
 
 
 def test_failed_generation_reports_its_reason(server: ServerProcess) -> None:
@@ -168,15 +172,21 @@ def test_list_defaults_to_active_and_filters(server: ServerProcess) -> None:
     generation_id = post(server, "/api/ai/queue", SMALL).json()["generations"][0]["generation_id"]
     wait_terminal(server, generation_id)
     done = httpx.get(f"{server.url}/api/ai/queue", params={"status": "succeeded"}).json()
-    assert done["count"] == len(done["generations"]) and generation_id in [g["generation_id"] for g in done["generations"]]
+    assert done["count"] == len(done["generations"]) and generation_id in [
+        g["generation_id"] for g in done["generations"]
+    ]
     active = httpx.get(f"{server.url}/api/ai/queue").json()
     assert all(g["status"] in ("queued", "processing") for g in active["generations"])
-    other = httpx.get(f"{server.url}/api/ai/queue", params={"status": "succeeded", "model": "flux2-klein-base-4b"}).json()
+    other = httpx.get(
+        f"{server.url}/api/ai/queue", params={"status": "succeeded", "model": "flux2-klein-base-4b"}
+    ).json()
     assert generation_id not in [g["generation_id"] for g in other["generations"]]
     assert httpx.get(f"{server.url}/api/ai/queue", params={"status": "bogus"}).status_code == 400
 
 
-def read_events(server: ServerProcess, headers: dict[str, str], until: str, timeout: float = 60) -> list[dict[str, str]]:
+def read_events(
+    server: ServerProcess, headers: dict[str, str], until: str, timeout: float = 60
+) -> list[dict[str, str]]:
     """Raw SSE frames until one whose data contains ``until``."""
     frames: list[dict[str, str]] = []
     current: dict[str, str] = {}
@@ -210,13 +220,17 @@ def test_events_stream_completion_progress_and_resume(server: ServerProcess) -> 
     assert ids == sorted(ids)
     # Resume: everything after the first progress event, and nothing before it.
     first_progress = next(f for f in mine if f["event"] == "kleinserve.generation.progress")
-    resumed = read_events(server, {"Last-Event-ID": first_progress["id"]}, f'"generation_id":"{generation_id}","status":"succeeded"')
+    resumed = read_events(
+        server, {"Last-Event-ID": first_progress["id"]}, f'"generation_id":"{generation_id}","status":"succeeded"'
+    )
     resumed_mine = [f["event"] for f in resumed if generation_id in f.get("data", "")]
     assert resumed_mine == names[names.index("kleinserve.generation.progress") + 1 :]
 
 
 def test_events_keep_alive_comment(server: ServerProcess) -> None:
-    with httpx.stream("GET", f"{server.url}/api/events", headers={"Last-Event-ID": "999999999"}, timeout=10) as response:
+    with httpx.stream(
+        "GET", f"{server.url}/api/events", headers={"Last-Event-ID": "999999999"}, timeout=10
+    ) as response:
         for line in response.iter_lines():
             if line.startswith(":"):
                 assert line == ": keep-alive"
@@ -224,7 +238,9 @@ def test_events_keep_alive_comment(server: ServerProcess) -> None:
 
 
 def test_failed_generation_event(server: ServerProcess) -> None:
-    generation_id = post(server, "/api/ai/queue", {**SMALL, "input_image": "not an image!"}).json()["generations"][0]["generation_id"]
+    generation_id = post(server, "/api/ai/queue", {**SMALL, "input_image": "not an image!"}).json()["generations"][0][
+        "generation_id"
+    ]
     frames = read_events(server, {}, f'"generation_id":"{generation_id}","status":"failed"')
     completed = [f for f in frames if f.get("event") == "media_generation_completed" and generation_id in f["data"]]
     payload = json.loads(completed[0]["data"])
@@ -271,7 +287,9 @@ def test_twenty_concurrent_sync_requests(server: ServerProcess) -> None:
 
 def test_sync_client_disconnect_cancels_its_job(server: ServerProcess) -> None:
     # Keep the worker busy so the sync job is still waiting when its client goes away.
-    blocker = post(server, "/api/ai/queue", {**SMALL, "image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 50})
+    blocker = post(
+        server, "/api/ai/queue", {**SMALL, "image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 50}
+    )
     blocker_id = blocker.json()["generations"][0]["generation_id"]
     try:
         with pytest.raises(httpx.ReadTimeout):
@@ -304,5 +322,3 @@ def test_openapi_documents_the_routes(server: ServerProcess) -> None:
 def test_unknown_route_is_404_in_oxen_shape(server: ServerProcess) -> None:
     response = httpx.get(f"{server.url}/api/ai/nothing-here")
     assert response.status_code == 404 and response.json()["status_message"] == "resource_not_found"
-
-

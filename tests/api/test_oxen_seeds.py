@@ -28,9 +28,8 @@ from PIL import Image
 from tests.api.conftest import ServerProcess
 from tests.conftest import ImageServer, png_bytes
 
+# The repository is checked out with shared/ beside it (as CI does).
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
-if not SEEDS.is_dir():  # CI clones main with shared/ beside it; a developer's tree has it one level up
-    SEEDS = Path(__file__).resolve().parents[2].parent / "shared" / "seeds"
 OXEN_HOST = "https://hub.oxen.ai"
 BLOXY = "https://hub.oxen.ai/api/repos/elau/assets/file/main/bloxy/bloxy_cropped_512x512.png"
 TABS = ("Sync", "Async", "Async with SSE")
@@ -49,7 +48,9 @@ def seed_examples() -> list[tuple[str, str, str]]:
     examples = []
     for index, (language, code) in enumerate(blocks):
         tab, level = TABS[index // 6], LEVELS[(index % 6) // 2]
-        examples.append((f"{tab}/{level}/{'python' if language == 'python' else 'curl'}", language, textwrap.dedent(code)))
+        examples.append(
+            (f"{tab}/{level}/{'python' if language == 'python' else 'curl'}", language, textwrap.dedent(code))
+        )
     return examples
 
 
@@ -80,7 +81,7 @@ def result_url(name: str, stdout: str) -> str:
         assert match, text
         return match.group(1)
     if name.startswith("Async/"):  # cURL polling: status lines, then the final generation object
-        body = json.loads(text[text.index("{"):])
+        body = json.loads(text[text.index("{") :])
         assert body["status"] == "succeeded"
         return str(body["result_url"])
     payload: dict[str, Any] = ast.literal_eval(text) if name.endswith("python") else json.loads(text)
@@ -110,14 +111,18 @@ def seed_000_bodies() -> list[tuple[str, dict[str, Any]]]:
     """The JSON bodies of seed 000's cURL examples (sync edit and queue), decoded as sent."""
     text = seed_text("000")
     found = []
-    for match in re.finditer(r"curl (?:-s )?-X POST https://hub\.oxen\.ai(/api/ai/[a-z/]+) \\.*?-d '(\{.*?\})'", text, re.S):
+    for match in re.finditer(
+        r"curl (?:-s )?-X POST https://hub\.oxen\.ai(/api/ai/[a-z/]+) \\.*?-d '(\{.*?\})'", text, re.S
+    ):
         found.append((match.group(1), json.loads(match.group(2))))
     assert len(found) >= 9
     return found
 
 
 @pytest.mark.parametrize(("path", "body"), seed_000_bodies())
-def test_seed_000_request_bodies(path: str, body: dict[str, Any], server: ServerProcess, image_server: ImageServer) -> None:
+def test_seed_000_request_bodies(
+    path: str, body: dict[str, Any], server: ServerProcess, image_server: ImageServer
+) -> None:
     asset = image_server.add("bloxy_cropped_512x512.png", png_bytes(512, 512))
     body = json.loads(json.dumps(body).replace(BLOXY, asset))
     assert body["model"] == "black-forest-labs-flux-2-klein-9b"
@@ -129,7 +134,9 @@ def test_seed_000_request_bodies(path: str, body: dict[str, Any], server: Server
         generation_id = response.json()["generations"][0]["generation_id"]
         url = wait_for_result(server, generation_id)
     image = Image.open(io.BytesIO(httpx.get(url, timeout=30).content))
-    expected = (1024, 1024) if body.get("aspect_ratio") == "1:1" else ((512, 512) if "input_image" in body else (1360, 768))
+    expected = (
+        (1024, 1024) if body.get("aspect_ratio") == "1:1" else ((512, 512) if "input_image" in body else (1360, 768))
+    )
     assert image.size == expected
 
 

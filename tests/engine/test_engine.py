@@ -80,13 +80,17 @@ def test_prompt_encoding_stops_at_the_deepest_tap(distilled_engine: Engine) -> N
 
 
 def test_distilled_text_to_image_matches_diffusers(distilled_engine: Engine) -> None:
-    expected = diffusers_images(distilled_engine, "a red fox in snow", steps=4, guidance=1.0, seeds=[7], width=64, height=64)
+    expected = diffusers_images(
+        distilled_engine, "a red fox in snow", steps=4, guidance=1.0, seeds=[7], width=64, height=64
+    )
     got = engine_images(distilled_engine, EngineInputs("a red fox in snow", 4, 1.0, 7, width=64, height=64))
     assert np.array_equal(got[0], expected[0])
 
 
 def test_base_with_cfg_matches_diffusers(base_engine: Engine) -> None:
-    expected = diffusers_images(base_engine, "a cat wearing a hat", steps=5, guidance=4.0, seeds=[3], width=64, height=64)
+    expected = diffusers_images(
+        base_engine, "a cat wearing a hat", steps=5, guidance=4.0, seeds=[3], width=64, height=64
+    )
     output = base_engine.generate(EngineInputs("a cat wearing a hat", 5, 4.0, 3, width=64, height=64))
     assert output.cfg
     assert np.array_equal(np.asarray(output.images[0]), expected[0])
@@ -96,7 +100,9 @@ def test_base_with_cfg_matches_diffusers(base_engine: Engine) -> None:
 
 
 def test_non_square_size_matches_diffusers(distilled_engine: Engine) -> None:
-    expected = diffusers_images(distilled_engine, "a wide lake", steps=3, guidance=1.0, seeds=[11], width=112, height=48)
+    expected = diffusers_images(
+        distilled_engine, "a wide lake", steps=3, guidance=1.0, seeds=[11], width=112, height=48
+    )
     got = engine_images(distilled_engine, EngineInputs("a wide lake", 3, 1.0, 11, width=112, height=48))
     assert got[0].shape == (48, 112, 3)
     assert np.array_equal(got[0], expected[0])
@@ -105,7 +111,9 @@ def test_non_square_size_matches_diffusers(distilled_engine: Engine) -> None:
 @pytest.mark.parametrize("count", [1, 3])
 def test_references_match_diffusers(base_engine: Engine, count: int) -> None:
     references = reference_images(count)
-    expected = diffusers_images(base_engine, "put the hat on the cat", steps=3, guidance=4.0, seeds=[5], references=references)
+    expected = diffusers_images(
+        base_engine, "put the hat on the cat", steps=3, guidance=4.0, seeds=[5], references=references
+    )
     output = base_engine.generate(EngineInputs("put the hat on the cat", 3, 4.0, 5, references=references))
     # With no size given, the output takes the first reference's size on the 16-pixel grid.
     assert (output.width, output.height) == (80, 64)
@@ -116,7 +124,9 @@ def test_two_images_use_seed_and_seed_plus_one(distilled_engine: Engine) -> None
     inputs = EngineInputs("two foxes", 3, 1.0, 20, num_images=2, width=64, height=48)
     output = distilled_engine.generate(inputs)
     assert output.seeds == [20, 21]
-    batched = diffusers_images(distilled_engine, "two foxes", steps=3, guidance=1.0, seeds=[20, 21], width=64, height=48)
+    batched = diffusers_images(
+        distilled_engine, "two foxes", steps=3, guidance=1.0, seeds=[20, 21], width=64, height=48
+    )
     got = [np.asarray(image) for image in output.images]
     assert np.array_equal(got[0], batched[0]) and np.array_equal(got[1], batched[1])
     assert not np.array_equal(got[0], got[1])

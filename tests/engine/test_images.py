@@ -85,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
     png = b""
     release: threading.Event
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence the server log
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def _send(self, status: int, body: bytes, content_type: str = "image/png", sized: bool = True) -> None:
@@ -96,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         try:
             if self.path == "/image.png":
                 self._send(200, self.png)
@@ -509,7 +509,13 @@ def test_error_uses_policy_field() -> None:
 
 
 def test_encode_png_carries_parameters() -> None:
-    metadata = {"prompt": "un chat sur un toit – 猫", "seed": 42, "steps": 4, "guidance": 1.0, "model": "flux-2-klein-4b"}
+    metadata = {
+        "prompt": "un chat sur un toit – 猫",
+        "seed": 42,
+        "steps": 4,
+        "guidance": 1.0,
+        "model": "flux-2-klein-4b",
+    }
     encoded = encode_image(Image.new("RGB", SIZE, COLOR), OutputFormat.PNG, 95, metadata)
     assert isinstance(encoded, EncodedImage)
     assert encoded.format is OutputFormat.PNG

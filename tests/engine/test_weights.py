@@ -40,7 +40,7 @@ def test_is_distilled_must_agree(tiny_distilled: Path, tiny_base: Path) -> None:
 def test_missing_and_foreign_directories(tmp_path: Path) -> None:
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         resolve_weights(ModelSpec.parse(f"flux-2-klein-4b={tmp_path / 'nothing'}"))
-    with pytest.raises(WeightsUnavailableError, match="no model_index.json"):
+    with pytest.raises(WeightsUnavailableError, match=r"no model_index\.json"):
         resolve_weights(ModelSpec.parse(f"flux-2-klein-4b={tmp_path}"))
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(WeightsUnavailableError, match="not a Flux2KleinPipeline"):

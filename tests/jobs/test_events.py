@@ -55,9 +55,7 @@ async def nothing_more(events: AsyncIterator[Event], wait: float = 0.3) -> bool:
     return False
 
 
-def publish_in_thread(
-    bus: EventBus, events: list[Event], start: threading.Event | None = None
-) -> threading.Thread:
+def publish_in_thread(bus: EventBus, events: list[Event], start: threading.Event | None = None) -> threading.Thread:
     def run() -> None:
         if start is not None:
             start.wait(TIMEOUT)

@@ -55,9 +55,7 @@ def test_check_transition(current: JobStatus, new: JobStatus) -> None:
         assert new not in ALLOWED_TRANSITIONS[current]
 
 
-@pytest.mark.parametrize(
-    ("status", "terminal"), [(Q, False), (P, False), (S, True), (F, True), (C, True)]
-)
+@pytest.mark.parametrize(("status", "terminal"), [(Q, False), (P, False), (S, True), (F, True), (C, True)])
 def test_terminal(status: JobStatus, terminal: bool) -> None:
     assert status.terminal is terminal
     job = Job(request=GenerationRequest.parse({"prompt": "x"}), status=status)
@@ -95,9 +93,7 @@ def test_job_round_trips_through_json() -> None:
         error_code=None,
         result=JobResult(
             outputs=[
-                JobOutput(
-                    key=f"j/{i}.jpg", media_type="image/jpeg", seed=42 + i, width=64, height=128, size_bytes=9
-                )
+                JobOutput(key=f"j/{i}.jpg", media_type="image/jpeg", seed=42 + i, width=64, height=128, size_bytes=9)
                 for i in range(2)
             ],
             steps=3,

@@ -4,6 +4,7 @@ tiny distilled engine from the session fixtures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import sys
 import threading
@@ -193,12 +194,10 @@ def test_queue_bound_holds_under_concurrent_submissions(system: System) -> None:
         service = JobService(system.store, system.bus, system.cancels, [MODEL], max_queue=2)
         barrier = threading.Barrier(8)
 
-        def submit_one() -> None:
+        def submit_one(service: JobService = service, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
-            try:
+            with contextlib.suppress(ServiceUnavailableError):
                 service.submit([request])
-            except ServiceUnavailableError:
-                pass
 
         threads = [threading.Thread(target=submit_one) for _ in range(8)]
         for thread in threads:

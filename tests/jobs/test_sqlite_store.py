@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -15,16 +15,7 @@ from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobResult, JobStatus
 from kleinserve.jobs.store import JobStore, SQLiteJobStore
 from kleinserve.request import GenerationRequest
-
-Q, P, S, F, C = (
-    JobStatus.QUEUED,
-    JobStatus.PROCESSING,
-    JobStatus.SUCCEEDED,
-    JobStatus.FAILED,
-    JobStatus.CANCELLED,
-)
-EXPECTED_ALLOWED = {(Q, P), (Q, C), (Q, F), (P, S), (P, F), (P, C), (P, Q)}
-ALL_PAIRS = list(itertools.product(JobStatus, JobStatus))
+from tests.jobs.test_job import ALL_PAIRS, EXPECTED_ALLOWED, C, F, P, Q, S
 
 
 @pytest.fixture
@@ -46,9 +37,7 @@ def make_job(
     return Job(request=request, owner=owner, status=status, created_at=created_at, **fields)
 
 
-def make_event(
-    job: Job, created_at: float | None = None, type_: EventType = EventType.PROGRESS, **data: Any
-) -> Event:
+def make_event(job: Job, created_at: float | None = None, type_: EventType = EventType.PROGRESS, **data: Any) -> Event:
     event = Event.for_job(type_, job, **data)
     if created_at is not None:
         event = event.model_copy(update={"created_at": created_at})
@@ -73,7 +62,7 @@ def test_add_and_get(store: SQLiteJobStore) -> None:
 def test_add_twice_is_refused(store: SQLiteJobStore) -> None:
     job = make_job(100.0)
     store.add(job)
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError):
         store.add(job)
     assert len(store.list()) == 1
 
@@ -242,7 +231,7 @@ def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
                 barrier.wait()
                 while (job := stores[index].claim_next()) is not None:
                     claimed[index].append(job.id)
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 errors.append(err)
 
         threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(len(stores))]

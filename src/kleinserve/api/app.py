@@ -27,6 +27,7 @@ from kleinserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 class DemoHeaderMiddleware:
     """Marks every response ``X-Kleinserve-Demo: true`` while the server runs on demo weights.
 
@@ -101,7 +102,9 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         runtime.storage.verify(key, expires, sig)
         stored = runtime.storage.open(key)
         assert stored.path is not None
-        return FileResponse(stored.path, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=3600"})
+        return FileResponse(
+            stored.path, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     for dialect in dialects:
         app.include_router(dialect.router())

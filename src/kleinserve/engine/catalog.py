@@ -39,7 +39,7 @@ def demo_models(data_dir: Path) -> list[ServedModel]:
     for kind in ("distilled", "base"):
         directory = data_dir / "demo" / f"tiny-{kind}"
         if not (directory / "model_index.json").is_file():
-            make_tiny(directory, kind)  # type: ignore[arg-type]
+            make_tiny(directory, kind)
         served += [ServedModel(v, directory, demo=True) for v in VARIANTS if v.distilled == (kind == "distilled")]
     return served
 

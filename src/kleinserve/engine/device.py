@@ -28,7 +28,7 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise InvalidParameterError("device", f"{name!r} is not a torch device (try auto, cpu, cuda, mps)")
+        raise InvalidParameterError("device", f"{name!r} is not a torch device (try auto, cpu, cuda, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameterError("device", "CUDA was asked for but torch sees no CUDA device")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -96,11 +96,13 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline.transformer.device
+        device: torch.device = self.pipeline.transformer.device
+        return device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipeline.transformer.dtype
+        dtype: torch.dtype = self.pipeline.transformer.dtype
+        return dtype
 
     # -- stage 1: prompt ------------------------------------------------------------------------
 
@@ -172,7 +174,8 @@ class Engine:
             width, height = image.size
         multiple = self.pipeline.vae_scale_factor * 2
         width, height = (width // multiple) * multiple, (height // multiple) * multiple
-        return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+        tensor: torch.Tensor = processor.preprocess(image, height=height, width=width, resize_mode="crop")
+        return tensor
 
     @torch.inference_mode()
     def encode_references(

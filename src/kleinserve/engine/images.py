@@ -81,8 +81,10 @@ def read_source(source: str, index: int, policy: InputPolicy) -> bytes:
             raise InvalidImageError(index, f"no such file: {text}", field=policy.field)
     data = _decode_base64(text)
     if data is None:
-        what = "a file, an http(s) URL, a data URI or base64" if policy.allow_paths else (
-            "an http(s) URL, a data URI or base64 image data"
+        what = (
+            "a file, an http(s) URL, a data URI or base64"
+            if policy.allow_paths
+            else ("an http(s) URL, a data URI or base64 image data")
         )
         raise InvalidImageError(index, f"is not {what}", field=policy.field)
     _check_byte_size(len(data), index, policy)
@@ -139,24 +141,26 @@ def _decode_data_uri(text: str, index: int, policy: InputPolicy) -> bytes:
 def fetch_url(url: str, index: int, policy: InputPolicy) -> bytes:
     """GET ``url`` with timeouts and a byte cap enforced while streaming."""
     try:
-        with httpx.Client(timeout=policy.timeout, follow_redirects=True, max_redirects=5) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
-                if response.status_code != 200:
-                    raise InvalidImageError(
-                        index, f"fetching {url} gave HTTP {response.status_code}", field=policy.field
-                    )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit():
-                    _check_byte_size(int(declared), index, policy)
-                chunks: list[bytes] = []
-                total = 0
-                for chunk in response.iter_bytes():
-                    total += len(chunk)
-                    _check_byte_size(total, index, policy)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+        with (
+            httpx.Client(timeout=policy.timeout, follow_redirects=True, max_redirects=5) as client,
+            client.stream("GET", url, headers={"Accept": "image/*"}) as response,
+        ):
+            if response.status_code != 200:
+                raise InvalidImageError(index, f"fetching {url} gave HTTP {response.status_code}", field=policy.field)
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit():
+                _check_byte_size(int(declared), index, policy)
+            chunks: list[bytes] = []
+            total = 0
+            for chunk in response.iter_bytes():
+                total += len(chunk)
+                _check_byte_size(total, index, policy)
+                chunks.append(chunk)
+            return b"".join(chunks)
     except httpx.TimeoutException:
-        raise InvalidImageError(index, f"fetching {url} timed out after {policy.timeout:g}s", field=policy.field) from None
+        raise InvalidImageError(
+            index, f"fetching {url} timed out after {policy.timeout:g}s", field=policy.field
+        ) from None
     except httpx.TooManyRedirects:
         raise InvalidImageError(index, f"fetching {url} followed too many redirects", field=policy.field) from None
     except httpx.HTTPError as err:
@@ -170,7 +174,9 @@ def decode_image(data: bytes, index: int, policy: InputPolicy) -> Image.Image:
     except Image.DecompressionBombError:
         raise InvalidImageError(index, "image has too many pixels", field=policy.field) from None
     except (UnidentifiedImageError, OSError, ValueError):
-        raise InvalidImageError(index, "is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=policy.field) from None
+        raise InvalidImageError(
+            index, "is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=policy.field
+        ) from None
     if image.format not in ALLOWED_INPUT_FORMATS:
         raise InvalidImageError(index, f"image format {image.format} is not accepted", field=policy.field)
     width, height = image.size
@@ -184,8 +190,7 @@ def decode_image(data: bytes, index: int, policy: InputPolicy) -> Image.Image:
     try:
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image) or image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InvalidImageError(index, f"image data is corrupt or truncated ({err})", field=policy.field) from None
 
@@ -202,9 +207,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if values.max(initial=0) <= 1.0:
             values = values * 255
         image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

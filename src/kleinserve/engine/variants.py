@@ -121,9 +121,7 @@ VARIANTS: tuple[Variant, ...] = (
 
 DEFAULT_VARIANT_ID = "flux-2-klein-4b"
 
-_BY_NAME: dict[str, Variant] = {
-    name.lower(): variant for variant in VARIANTS for name in variant.all_names()
-}
+_BY_NAME: dict[str, Variant] = {name.lower(): variant for variant in VARIANTS for name in variant.all_names()}
 
 
 def variant_ids() -> list[str]:

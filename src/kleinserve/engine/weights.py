@@ -94,8 +94,7 @@ def _hub_advice(variant: Variant) -> str:
     if variant.gated:
         advice.insert(
             0,
-            f"accept the licence at https://huggingface.co/{variant.repo_id} and set HF_TOKEN "
-            "(or run `hf auth login`)",
+            f"accept the licence at https://huggingface.co/{variant.repo_id} and set HF_TOKEN (or run `hf auth login`)",
         )
     return "; ".join(advice)
 
@@ -106,10 +105,8 @@ def resolve_from_hub(variant: Variant, *, allow_download: bool = True) -> Path:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        return Path(
-            snapshot_download(variant.repo_id, allow_patterns=_ALLOW_PATTERNS, local_files_only=True)
-        )
-    except Exception:  # noqa: BLE001 - not cached (or partly): fall through to the download
+        return Path(snapshot_download(variant.repo_id, allow_patterns=_ALLOW_PATTERNS, local_files_only=True))
+    except Exception:
         pass
     from huggingface_hub import constants
 
@@ -127,7 +124,7 @@ def resolve_from_hub(variant: Variant, *, allow_download: bool = True) -> Path:
         reason = "the repository is gated and this token has no access"
     except RepositoryNotFoundError:
         reason = "the repository was not found (or needs a token)"
-    except Exception as err:  # noqa: BLE001 - network errors come in many classes; all mean the same here
+    except Exception as err:
         reason = f"the download failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     token_note = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
     raise WeightsUnavailableError(
@@ -162,7 +159,7 @@ def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> 
     transformers_logging.disable_progress_bar()
     try:
         pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype})
-    except Exception as err:  # noqa: BLE001 - corrupt or partial directories fail in many ways
+    except Exception as err:
         raise WeightsUnavailableError(f"cannot load the model in {directory}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
     try:

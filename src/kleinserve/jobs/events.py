@@ -8,6 +8,7 @@ Workers publish from their own threads; subscribers are asyncio tasks on the ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,7 +49,7 @@ class Event(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
-    def for_job(cls, type: EventType, job: Job, **data: Any) -> Event:  # noqa: A002 - the field's name
+    def for_job(cls, type: EventType, job: Job, **data: Any) -> Event:
         return cls(type=type, job_id=job.id, owner=job.owner, data=data)
 
 
@@ -83,10 +84,9 @@ class EventBus:
             subscribers = list(self._subscribers)
         for sub in subscribers:
             if sub.all_owners or sub.owner == stored.owner:
-                try:
+                # RuntimeError: the subscriber's loop has closed; it is going away.
+                with contextlib.suppress(RuntimeError):
                     sub.loop.call_soon_threadsafe(sub.queue.put_nowait, stored)
-                except RuntimeError:  # the subscriber's loop has closed; it is going away
-                    pass
 
     @asynccontextmanager
     async def subscribe(

@@ -7,15 +7,16 @@ one set of limits. The service never touches tensors; the workers do.
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from kleinserve.engine.variants import find_variant
 from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
-from kleinserve.engine.variants import find_variant
 from kleinserve.request import GenerationRequest, random_seed
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
@@ -40,7 +41,7 @@ class JobService:
         self.served_models = list(served_models)
         self.max_queue = max_queue
         self.retry_after = retry_after
-        self.workers: list[Worker] = []
+        self.workers: builtins.list[Worker] = []
 
     # -- submission -----------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ class JobService:
         owner: str | None = None,
         dialect: str = "kleinserve",
         extra: dict[str, Any] | None = None,
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         """Queue one job per request (all or none); each gets a fixed seed now if it has none."""
         jobs = []
         for request in requests:
@@ -101,7 +102,7 @@ class JobService:
         statuses: Iterable[JobStatus] | None = None,
         model: str | None = None,
         limit: int = 100,
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         return self.store.list(owner=owner, any_owner=any_owner, statuses=statuses, model=model, limit=limit)
 
     def queue_position(self, job: Job) -> int:

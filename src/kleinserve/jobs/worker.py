@@ -91,7 +91,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 job = self.store.claim_next()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker
+            except Exception:
                 log.exception("%s: cannot claim a job", self.name)
                 job = None
             if job is None:
@@ -113,7 +113,9 @@ class Worker:
         engine = self.engines.get(job.request.model)
         try:
             if engine is None:
-                raise KleinserveError(f"model {job.request.model} is not served by this server", code="model_unavailable")
+                raise KleinserveError(
+                    f"model {job.request.model} is not served by this server", code="model_unavailable"
+                )
             if self._should_stop(job.id):
                 raise GenerationCancelledError()
             references = load_references(job.request.images, self.policy)
@@ -121,12 +123,14 @@ class Worker:
             def on_progress(progress: Progress) -> None:
                 if progress.stage == "denoise":
                     self.store.update(job.id, progress_step=progress.step, progress_total=progress.total)
-                    self.bus.publish(
-                        Event.for_job(EventType.PROGRESS, job, step=progress.step, total=progress.total)
-                    )
+                    self.bus.publish(Event.for_job(EventType.PROGRESS, job, step=progress.step, total=progress.total))
 
             result = run_request(
-                job.request, engine, references, on_progress=on_progress, should_cancel=lambda: self._should_stop(job.id)
+                job.request,
+                engine,
+                references,
+                on_progress=on_progress,
+                should_cancel=lambda: self._should_stop(job.id),
             )
             outputs = []
             for index, encoded in enumerate(result.images):
@@ -142,14 +146,16 @@ class Worker:
                         size_bytes=len(encoded.data),
                     )
                 )
-            job_result = JobResult(outputs=outputs, steps=result.steps, guidance=result.guidance, timings=result.timings)
+            job_result = JobResult(
+                outputs=outputs, steps=result.steps, guidance=result.guidance, timings=result.timings
+            )
         except GenerationCancelledError:
             self._stopped(job)
             return
         except KleinserveError as err:
             self._fail(job, err.code, err.message)
             return
-        except Exception:  # noqa: BLE001 - unknown errors fail the job with a generic reason
+        except Exception:
             log.exception("%s: job %s failed", self.name, job.id)
             self._fail(job, "internal_error", "internal error while generating; see the server log")
             return

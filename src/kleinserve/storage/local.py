@@ -95,9 +95,7 @@ class LocalStorage:
         given = media_type.split(";", 1)[0].strip().lower()
         if expected is None or given != expected:
             # The media type is derived from the extension on open, so refuse what it cannot keep.
-            raise ValueError(
-                f"key {key!r} must end in one of {', '.join(MEDIA_TYPES)} matching {media_type!r}"
-            )
+            raise ValueError(f"key {key!r} must end in one of {', '.join(MEDIA_TYPES)} matching {media_type!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._check_inside(path.parent)  # the directories just made may sit behind a symlink
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)

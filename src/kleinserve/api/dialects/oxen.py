@@ -30,10 +30,9 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     wait_for_jobs,
 )
-from kleinserve.engine.variants import VARIANTS, Variant, find_variant
+from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import (
     InvalidParameterError,
-    InvalidRequestError,
     KleinserveError,
     NotFoundError,
     UnknownModelError,
@@ -133,7 +132,9 @@ def _size(body: OxenImageRequest, has_references: bool) -> tuple[int | None, int
     return (None, None) if has_references else size_for_aspect_ratio(DEFAULT_ASPECT_RATIO)
 
 
-def to_generation_request(body: OxenImageRequest, runtime: Runtime, *, num_images: int = 1, seed_offset: int = 0) -> GenerationRequest:
+def to_generation_request(
+    body: OxenImageRequest, runtime: Runtime, *, num_images: int = 1, seed_offset: int = 0
+) -> GenerationRequest:
     """Translate an Oxen body to the canonical request (field errors keep Oxen's names)."""
     references = body.references()
     width, height = _size(body, bool(references))
@@ -168,7 +169,7 @@ class OxenDialect:
     """The Oxen.ai inference API under /api."""
 
     name = "oxen"
-    prefixes = ("/api/ai", "/api/events")
+    prefixes: tuple[str, ...] = ("/api/ai", "/api/events")
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         error_type, title = _ERROR_TYPES.get(status, ("unknown_error", "An unexpected error occurred."))
@@ -189,7 +190,9 @@ class OxenDialect:
             (job,) = await wait_for_jobs(request, runtime, jobs)
             base = public_base_url(request)
             images = [
-                {"b64_json": result_b64(runtime, o)} if body.response_format == "b64_json" else {"url": result_url(runtime, base, o)}
+                {"b64_json": result_b64(runtime, o)}
+                if body.response_format == "b64_json"
+                else {"url": result_url(runtime, base, o)}
                 for o in outputs_of(job)
             ]
             return {"model": body.model, "created": int(job.created_at), "images": images}
@@ -403,4 +406,3 @@ def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, An
         "request_schema": REQUEST_SCHEMA,
         "json_request_schema": REQUEST_SCHEMA,
     }
-

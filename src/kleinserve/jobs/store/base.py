@@ -8,6 +8,7 @@ can never both win.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,7 +23,7 @@ class JobStore(Protocol):
     def add(self, job: Job) -> None:
         """Store a new job."""
 
-    def enqueue(self, jobs: Sequence[Job], events: Sequence[Event], max_active: int) -> list[Event] | None:
+    def enqueue(self, jobs: Sequence[Job], events: Sequence[Event], max_active: int) -> builtins.list[Event] | None:
         """Store new jobs and their first events in one transaction, unless that would bring the
         queued and processing jobs over ``max_active``; return the numbered events, or ``None``."""
 
@@ -37,7 +38,7 @@ class JobStore(Protocol):
         statuses: Iterable[JobStatus] | None = None,
         model: str | None = None,
         limit: int = 100,
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         """Jobs, newest first, filtered by owner (unless ``any_owner``), status and model."""
 
     def count(self, statuses: Iterable[JobStatus]) -> int:
@@ -58,11 +59,11 @@ class JobStore(Protocol):
     def claim_next(self) -> Job | None:
         """Atomically take the oldest queued job: processing, one more attempt, started now."""
 
-    def recover(self, max_attempts: int) -> tuple[list[Job], list[Job]]:
+    def recover(self, max_attempts: int) -> tuple[builtins.list[Job], builtins.list[Job]]:
         """After a restart: jobs left processing go back to the queue, or fail as interrupted once
         they have had ``max_attempts`` attempts. Returns (requeued, failed)."""
 
-    def remove_finished_before(self, cutoff: float) -> list[Job]:
+    def remove_finished_before(self, cutoff: float) -> builtins.list[Job]:
         """Delete terminal jobs completed before ``cutoff`` (and older events); return them."""
 
     def append_event(self, event: Event) -> Event:
@@ -70,7 +71,7 @@ class JobStore(Protocol):
 
     def events_after(
         self, seq: int, *, owner: str | None = None, any_owner: bool = True, limit: int = 1000
-    ) -> list[Event]:
+    ) -> builtins.list[Event]:
         """Up to ``limit`` stored events numbered above ``seq``, oldest first; only ``owner``'s
         (``None`` meaning jobs without an owner) unless ``any_owner``."""
 

@@ -7,6 +7,8 @@ status checks and changes are atomic. Each thread gets its own connection.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import sqlite3
 import threading
@@ -48,7 +50,7 @@ class SQLiteJobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: builtins.list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._db().executescript(_SCHEMA)  # executescript manages its own transaction
 
@@ -80,10 +82,8 @@ class SQLiteJobStore:
     def close(self) -> None:
         with self._connections_lock:
             for db in self._connections:
-                try:
+                with contextlib.suppress(sqlite3.ProgrammingError):  # closed from another thread already
                     db.close()
-                except sqlite3.ProgrammingError:  # closed from another thread already
-                    pass
             self._connections.clear()
         self._local = threading.local()
 
@@ -108,7 +108,7 @@ class SQLiteJobStore:
                 self._row(job),
             )
 
-    def enqueue(self, jobs: Sequence[Job], events: Sequence[Event], max_active: int) -> list[Event] | None:
+    def enqueue(self, jobs: Sequence[Job], events: Sequence[Event], max_active: int) -> builtins.list[Event] | None:
         active = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
         with self._write() as db:
             (count,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", active).fetchone()
@@ -142,9 +142,9 @@ class SQLiteJobStore:
         statuses: Iterable[JobStatus] | None = None,
         model: str | None = None,
         limit: int = 100,
-    ) -> list[Job]:
-        clauses: list[str] = []
-        params: list[Any] = []
+    ) -> builtins.list[Job]:
+        clauses: builtins.list[str] = []
+        params: builtins.list[Any] = []
         if not any_owner:
             clauses.append("owner IS ?")
             params.append(owner)
@@ -156,16 +156,16 @@ class SQLiteJobStore:
             clauses.append("model = ?")
             params.append(model)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db().execute(
-            f"SELECT body FROM jobs {where} ORDER BY created_at DESC LIMIT ?", (*params, limit)
-        )
+        rows = self._db().execute(f"SELECT body FROM jobs {where} ORDER BY created_at DESC LIMIT ?", (*params, limit))
         return [Job.model_validate_json(row[0]) for row in rows]
 
     def count(self, statuses: Iterable[JobStatus]) -> int:
         wanted = [s.value for s in statuses]
-        row = self._db().execute(
-            f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' * len(wanted))})", wanted
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' * len(wanted))})", wanted)
+            .fetchone()
+        )
         return int(row[0])
 
     def transition(
@@ -215,9 +215,9 @@ class SQLiteJobStore:
             self._save(db, job)
             return job
 
-    def recover(self, max_attempts: int) -> tuple[list[Job], list[Job]]:
-        requeued: list[Job] = []
-        failed: list[Job] = []
+    def recover(self, max_attempts: int) -> tuple[builtins.list[Job], builtins.list[Job]]:
+        requeued: builtins.list[Job] = []
+        failed: builtins.list[Job] = []
         with self._write() as db:
             rows = db.execute("SELECT body FROM jobs WHERE status=?", (JobStatus.PROCESSING.value,)).fetchall()
             for (body,) in rows:
@@ -241,7 +241,7 @@ class SQLiteJobStore:
                 self._save(db, job)
         return requeued, failed
 
-    def remove_finished_before(self, cutoff: float) -> list[Job]:
+    def remove_finished_before(self, cutoff: float) -> builtins.list[Job]:
         terminal = [s.value for s in JobStatus if s.terminal]
         with self._write() as db:
             rows = db.execute(
@@ -270,9 +270,9 @@ class SQLiteJobStore:
 
     def events_after(
         self, seq: int, *, owner: str | None = None, any_owner: bool = True, limit: int = 1000
-    ) -> list[Event]:
+    ) -> builtins.list[Event]:
         query = "SELECT seq, body FROM events WHERE seq > ?"
-        params: list[Any] = [seq]
+        params: builtins.list[Any] = [seq]
         if not any_owner:
             query += " AND owner IS ?"
             params.append(owner)

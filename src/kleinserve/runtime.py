@@ -26,6 +26,8 @@ from kleinserve.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 
+UPLOADS = "uploads"  # storage folder of images clients upload (1min.ai assets, OpenAI edit files)
+
 
 @dataclass
 class ModelInfo:
@@ -99,7 +101,7 @@ class Runtime:
             self.bus,
             self.storage,
             self.engines,
-            InputPolicy.from_settings(self.settings),
+            InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
             self.cancels,
         )
         worker.start()
@@ -117,6 +119,11 @@ class Runtime:
         if requeued or failed:
             log.warning("recovered after a restart: %d job(s) requeued, %d failed", len(requeued), len(failed))
 
+    def read_asset(self, key: str) -> bytes:
+        """The bytes of a stored file (an uploaded reference image, or an earlier result)."""
+        stored = self.storage.open(key)
+        return stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+
     def stop(self) -> None:
         """Stop the workers (the running job is requeued) and close the store."""
         for worker in self.workers:
@@ -126,9 +133,11 @@ class Runtime:
 
     def sweep(self) -> int:
         """Remove finished jobs and their files past the retention time; return how many."""
-        removed = self.store.remove_finished_before(time.time() - self.settings.retention_seconds)
+        cutoff = time.time() - self.settings.retention_seconds
+        removed = self.store.remove_finished_before(cutoff)
         for job in removed:
             self.storage.delete_prefix(f"{job.id}/")
+        self.storage.remove_stale(UPLOADS, cutoff)
         return len(removed)
 
     async def sweep_forever(self) -> None:

@@ -75,10 +75,15 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the session: klein 4B and 9B on the tiny distilled weights, Base 4B on tiny base."""
+    """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base."""
     process = ServerProcess(
         tmp_path_factory.mktemp("server"),
-        [f"flux-2-klein-4b={tiny_distilled}", f"flux-2-klein-9b={tiny_distilled}", f"flux-2-klein-base-4b={tiny_base}"],
+        [
+            f"flux-2-klein-4b={tiny_distilled}",
+            f"flux-2-klein-9b={tiny_distilled}",
+            f"flux-2-klein-base-4b={tiny_base}",
+            f"flux-2-klein-base-9b={tiny_base}",
+        ],
         "--dtype",
         "float32",
         "--device",

@@ -132,6 +132,9 @@ def test_full_queue_is_503_with_retry_after(make_server: Callable[..., ServerPro
     # Sync requests share the same queue and the same bound.
     sync = httpx.post(f"{server.url}/api/ai/images/generate", json=QUICK, timeout=30)
     assert sync.status_code == 503 and "queue is full" in sync.json()["error"]["detail"]
+    # A known variant this server does not serve is an unknown model here, listing what is served.
+    other = httpx.post(f"{server.url}/api/ai/queue", json={**QUICK, "model": "flux2-klein-base-9b"}, timeout=30)
+    assert other.status_code == 404 and "known models: flux-2-klein-4b" in other.json()["error"]["detail"]
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])

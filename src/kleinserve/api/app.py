@@ -18,7 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__
 from kleinserve.api.dialects.base import Dialect
+from kleinserve.api.dialects.onemin import OneMinDialect
+from kleinserve.api.dialects.openai import OpenAIDialect
 from kleinserve.api.dialects.oxen import OxenDialect
+from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
 from kleinserve.engine.catalog import ServedModel
@@ -56,7 +59,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
     settings = settings or Settings()
     runtime = Runtime(settings, served)
-    dialects: list[Dialect] = [OxenDialect()]
+    dialects: list[Dialect] = [OxenDialect(), OpenAIDialect(), OneMinDialect(), VerdaDialect()]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

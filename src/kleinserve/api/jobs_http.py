@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from kleinserve.engine.images import ASSET_PREFIX, InputPolicy, decode_image, encode_image
 from kleinserve.errors import (
     GenerationCancelledError,
     InvalidRequestError,
@@ -16,7 +18,8 @@ from kleinserve.errors import (
     ServiceUnavailableError,
 )
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
-from kleinserve.runtime import Runtime
+from kleinserve.request import OutputFormat
+from kleinserve.runtime import UPLOADS, Runtime
 
 _DISCONNECT_POLL = 0.25
 DEMO_HEADER = "X-Kleinserve-Demo"
@@ -90,6 +93,20 @@ async def wait_for_jobs(request: Request, runtime: Runtime, jobs: list[Job]) -> 
         if job.status is not JobStatus.SUCCEEDED:
             raise job_error(job)
     return finished
+
+
+async def store_upload(runtime: Runtime, data: bytes, index: int, field: str) -> str:
+    """Check an uploaded image and keep it as PNG in storage; return its ``asset:`` reference.
+
+    Decoding first refuses bad uploads at once (naming ``field[index]``) and stores the exact RGB
+    pixels a URL to the same file would give, so every transport yields the same generation.
+    """
+    policy = InputPolicy.from_settings(runtime.settings, field=field)
+    image = await asyncio.to_thread(decode_image, data, index, policy)
+    encoded = await asyncio.to_thread(encode_image, image, OutputFormat.PNG, 100)
+    key = f"{UPLOADS}/{uuid.uuid4()}/image.png"
+    await asyncio.to_thread(runtime.storage.put, key, encoded.data, encoded.media_type)
+    return ASSET_PREFIX + key
 
 
 def outputs_of(job: Job) -> list[JobOutput]:

@@ -12,7 +12,7 @@ import binascii
 import io
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from kleinserve.errors import InvalidImageError
+from kleinserve.errors import InvalidImageError, KleinserveError
 from kleinserve.request import OutputFormat
 from kleinserve.settings import Settings
 
@@ -29,6 +29,7 @@ from kleinserve.settings import Settings
 ALLOWED_INPUT_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
 _WHITESPACE = re.compile(r"\s+")
+ASSET_PREFIX = "asset:"  # an image uploaded to this server, kept in its storage
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
@@ -41,15 +42,25 @@ class InputPolicy:
     timeout: float = 15.0
     allow_paths: bool = False
     field: str = "images"
+    # Reads "asset:<key>" references (files uploaded to the server); None refuses them.
+    read_asset: Callable[[str], bytes] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, allow_paths: bool = False, field: str = "images") -> InputPolicy:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        allow_paths: bool = False,
+        field: str = "images",
+        read_asset: Callable[[str], bytes] | None = None,
+    ) -> InputPolicy:
         return cls(
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             timeout=settings.fetch_timeout,
             allow_paths=allow_paths,
             field=field,
+            read_asset=read_asset,
         )
 
 
@@ -70,6 +81,8 @@ def read_source(source: str, index: int, policy: InputPolicy) -> bytes:
         return fetch_url(text, index, policy)
     if text.startswith("data:"):
         return _decode_data_uri(text, index, policy)
+    if text.startswith(ASSET_PREFIX):
+        return _read_asset(text.removeprefix(ASSET_PREFIX), index, policy)
     if "://" in text[:16]:
         scheme = text.split("://", 1)[0]
         raise InvalidImageError(index, f"unsupported URL scheme {scheme!r}; use http or https", field=policy.field)
@@ -89,6 +102,15 @@ def read_source(source: str, index: int, policy: InputPolicy) -> bytes:
         raise InvalidImageError(index, f"is not {what}", field=policy.field)
     _check_byte_size(len(data), index, policy)
     return data
+
+
+def _read_asset(key: str, index: int, policy: InputPolicy) -> bytes:
+    if policy.read_asset is None:
+        raise InvalidImageError(index, "asset references are not accepted here", field=policy.field)
+    try:
+        return policy.read_asset(key)
+    except KleinserveError:
+        raise InvalidImageError(index, f"no such uploaded asset: {key}", field=policy.field) from None
 
 
 def _looks_like_path(text: str) -> bool:

@@ -82,6 +82,10 @@ class Storage(Protocol):
         """Delete every file under the directory-like ``prefix`` (``"<job-id>/"``); return how many."""
         ...
 
+    def remove_stale(self, parent: str, cutoff: float) -> int:
+        """Delete the directories directly under ``parent`` not modified since ``cutoff``; return
+        how many files went (used for uploads, which belong to no job)."""
+
     def signed_path(self, key: str, expires_in: float | None = None) -> str:
         """Return a URL path with query, ``/files/<key>?expires=<unix>&sig=<hex>``, valid for
         ``expires_in`` seconds (the backend's default when ``None``)."""

@@ -147,6 +147,17 @@ class LocalStorage:
         os.rmdir(directory)
         return count
 
+    def remove_stale(self, parent: str, cutoff: float) -> int:
+        """Delete each directory directly under ``parent`` last modified before ``cutoff``."""
+        directory = self._path(parent.removesuffix("/"))
+        if directory == self.root or not directory.is_dir():
+            return 0
+        removed = 0
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink() and child.stat().st_mtime < cutoff:
+                removed += self.delete_prefix(f"{parent.removesuffix('/')}/{child.name}")
+        return removed
+
     # -- signed URLs ---------------------------------------------------------------------------
 
     def signed_path(self, key: str, expires_in: float | None = None) -> str:

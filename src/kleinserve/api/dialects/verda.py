@@ -1,0 +1,22 @@
+"""The verda dialect (being written in this change; see ../shared/api/)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from kleinserve.errors import KleinserveError
+
+
+class VerdaDialect:
+    """Placeholder registration; the routes land with the dialect."""
+
+    name = "verda"
+    prefixes: tuple[str, ...] = ()
+
+    def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
+        return {"error": {"message": error.message}}
+
+    def router(self) -> APIRouter:
+        return APIRouter()

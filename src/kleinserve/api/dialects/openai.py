@@ -1,22 +1,338 @@
-"""The openai dialect (being written in this change; see ../shared/api/)."""
+"""The OpenAI-compatible images dialect (as AIgateway serves it): generations, edits and models.
+
+Contract: ../shared/api/openai-images.md. Choices where OpenAI's API has no klein meaning
+(published in the README):
+- ``size`` takes ``auto`` (1024x1024 for text-to-image, the first image's size for edits) or any
+  ``WxH`` in multiples of 16; ``aspect_ratio`` (+ ``megapixels``) is our extension, as are ``seed``,
+  ``num_inference_steps`` and ``guidance_scale``; left out, steps and guidance are the variant's;
+- ``response_format`` defaults to ``url`` (AIgateway), ``output_compression`` is the JPEG/WebP
+  quality (0 means 1), ``quality``, ``style``, ``moderation``, ``input_fidelity`` and ``user`` are
+  accepted and have no effect; ``background: transparent``, ``mask`` and ``stream: true`` are
+  refused with a 400 naming the parameter (klein has no alpha output, no inpainting, no partial
+  images here: AIgateway also says klein does not stream);
+- image *i* of ``n`` uses ``seed + i``; the seed of image 0 is returned as ``seed``.
+- errors: ``{"error": {"message", "type", "param", "code"}}``; ``type`` is AIgateway's identifier
+  for the status (``invalid_request_error`` for 400), ``code`` is kleinserve's stable error code.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
-from kleinserve.errors import KleinserveError
+from kleinserve.api.jobs_http import (
+    ReadyRuntime,
+    outputs_of,
+    public_base_url,
+    result_b64,
+    result_url,
+    runtime_of,
+    store_upload,
+    wait_for_jobs,
+)
+from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    KleinserveError,
+    NotFoundError,
+    UnknownModelError,
+)
+from kleinserve.jobs.job import Job
+from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
+from kleinserve.runtime import Runtime
+
+PREFIX = "/v1"
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_credits",
+    403: "permission_error",
+    404: "not_found",
+    409: "conflict",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+_FIELD_NAMES = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "images": "image",
+    "num_images": "n",
+    "quality": "output_compression",
+    "width": "size",
+    "height": "size",
+}
+
+
+def openai_id(variant: Variant) -> str:
+    """AIgateway's id, e.g. ``black-forest-labs/flux-2-klein-9b``."""
+    return f"black-forest-labs/{variant.id}"
+
+
+class ImageParams(BaseModel):
+    """Fields shared by /images/generations and /images/edits (OpenAI's, then kleinserve's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Default: the first model this server serves.")
+    prompt: str = Field(..., description="What to draw, or how to edit the images.")
+    n: int = Field(1, ge=1, le=10, description="Images to generate; image i uses seed + i.")
+    size: str = Field("auto", description="'auto' or 'WxH' in multiples of 16.")
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "jpg", "webp"] = "png"
+    output_compression: int = Field(100, ge=0, le=100, description="JPEG/WebP quality.")
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] = Field(
+        "auto", description="Accepted; klein has one quality level."
+    )
+    background: Literal["auto", "opaque", "transparent"] = "auto"
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; no classifier runs.")
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted; no effect on klein.")
+    stream: bool = Field(False, description="Refused when true: klein does not stream here.")
+    partial_images: int | None = Field(None, ge=0, le=3)
+    user: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="kleinserve extension.")
+    num_inference_steps: int | None = Field(None, ge=1, description="kleinserve extension.")
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="kleinserve extension.")
+    aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
+        None, description="kleinserve extension, instead of size."
+    )
+    megapixels: float | None = Field(None, description=f"With aspect_ratio: one of {list(MEGAPIXELS)}.")
+
+
+class EditParams(ImageParams):
+    """Edits: the images arrive as files (multipart) or as URLs (JSON)."""
+
+    image_url: str | list[str] | None = Field(None, description="AIgateway JSON form: URL(s) or data URI(s).")
+    images: list[dict[str, str]] | None = Field(None, description="OpenAI JSON form: [{'image_url': ...}].")
+    mask: str | None = Field(None, description="Refused: klein has no inpainting.")
+    mask_url: str | None = Field(None, description="Refused: klein has no inpainting.")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted; no effect.")
+
+    def references(self) -> list[str]:
+        found: list[str] = []
+        if isinstance(self.image_url, str):
+            found.append(self.image_url)
+        elif self.image_url:
+            found.extend(self.image_url)
+        for item in self.images or []:
+            if "image_url" not in item:
+                raise InvalidParameterError("images", "each item needs an image_url (file_id is not supported)")
+            found.append(item["image_url"])
+        return found
+
+
+def _size(params: ImageParams) -> tuple[int | None, int | None]:
+    if params.aspect_ratio is not None:
+        return size_for_aspect_ratio(params.aspect_ratio, params.megapixels or 1.0)
+    if params.megapixels is not None:
+        raise InvalidParameterError("megapixels", "needs aspect_ratio")
+    if params.size == "auto":
+        return None, None
+    width, sep, height = params.size.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise InvalidParameterError("size", f"must be 'auto' or 'WIDTHxHEIGHT', e.g. 1024x1024; got {params.size!r}")
+    return int(width), int(height)
+
+
+def _refuse_unsupported(params: ImageParams) -> None:
+    if params.stream:
+        raise InvalidParameterError("stream", "streaming is not supported for FLUX.2 [klein]; omit stream")
+    if params.background == "transparent":
+        raise InvalidParameterError("background", "FLUX.2 [klein] cannot make transparent images; use opaque or auto")
+    if isinstance(params, EditParams) and (params.mask or params.mask_url):
+        raise InvalidParameterError("mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing")
+
+
+def to_generation_request(
+    params: ImageParams, runtime: Runtime, references: list[str], default_square: bool
+) -> GenerationRequest:
+    """The canonical request; field errors keep OpenAI's parameter names."""
+    _refuse_unsupported(params)
+    width, height = _size(params)
+    if width is None and default_square:
+        width = height = 1024
+    model = params.model or runtime.served_ids()[0]
+    try:
+        return GenerationRequest.parse(
+            {
+                "model": runtime.service.check_model(model),
+                "prompt": params.prompt,
+                "images": references,
+                "width": width,
+                "height": height,
+                "steps": params.num_inference_steps,
+                "guidance": params.guidance_scale,
+                "seed": params.seed,
+                "num_images": params.n,
+                "output_format": params.output_format,
+                "quality": max(1, params.output_compression),
+            },
+            runtime.settings,
+        )
+    except InvalidParameterError as err:
+        field = _FIELD_NAMES.get(err.field, err.field)
+        raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
+
+
+def images_response(runtime: Runtime, job: Job, params: ImageParams, base_url: str) -> dict[str, Any]:
+    """OpenAI's ImagesResponse, plus the seed of image 0."""
+    outputs = outputs_of(job)
+    data = [
+        {"b64_json": result_b64(runtime, o)}
+        if params.response_format == "b64_json"
+        else {"url": result_url(runtime, base_url, o)}
+        for o in outputs
+    ]
+    return {
+        "created": int(job.created_at),
+        "data": data,
+        "background": "opaque",
+        "output_format": "jpeg" if params.output_format == "jpg" else params.output_format,
+        "size": f"{outputs[0].width}x{outputs[0].height}",
+        "seed": job.request.seed,
+    }
+
+
+async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, list[str]]:
+    """Edit parameters and reference sources from a multipart form or a JSON body."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=runtime.settings.max_references + 2)
+        fields: dict[str, Any] = {}
+        uploads: list[UploadFile] = []
+        for key, value in form.multi_items():
+            if key in ("image", "image[]"):
+                if not isinstance(value, UploadFile):
+                    raise InvalidParameterError("image", "must be a file upload")
+                uploads.append(value)
+            elif isinstance(value, UploadFile):
+                if key == "mask":
+                    raise InvalidParameterError(
+                        "mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing"
+                    )
+                raise InvalidParameterError(key, "is not a known file parameter")
+            else:
+                fields[key] = value
+        params = _validate(EditParams, fields)
+        if len(uploads) > runtime.settings.max_references:
+            raise InvalidParameterError("image", f"at most {runtime.settings.max_references} images are allowed")
+        references = [
+            await store_upload(runtime, await upload.read(), index, "image") for index, upload in enumerate(uploads)
+        ]
+        return params, references + params.references()
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise InvalidParameterError("body", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidParameterError("body", "must be a JSON object")
+    params = _validate(EditParams, body)
+    return params, params.references()
+
+
+def _validate(model: type[EditParams], data: dict[str, Any]) -> EditParams:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        message = "is not a known parameter" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidParameterError(field, "is required" if first["type"] == "missing" else message) from None
 
 
 class OpenAIDialect:
-    """Placeholder registration; the routes land with the dialect."""
+    """The OpenAI images API under /v1."""
 
     name = "openai"
-    prefixes: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = (PREFIX,)
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
-        return {"error": {"message": error.message}}
+        param = getattr(error, "field", None)
+        if isinstance(error, InvalidImageError):
+            param = "image"
+        return {
+            "error": {
+                "message": error.message,
+                "type": _ERROR_TYPES.get(status, "server_error"),
+                "param": param or None,
+                "code": error.code,
+            }
+        }
 
     def router(self) -> APIRouter:
-        return APIRouter()
+        router = APIRouter(prefix=PREFIX, tags=["openai"])
+
+        async def run(
+            request: Request, runtime: Runtime, gen: GenerationRequest, params: ImageParams
+        ) -> dict[str, Any]:
+            extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
+            jobs = await asyncio.to_thread(runtime.service.submit, [gen], dialect=self.name, extra=extra)
+            (job,) = await wait_for_jobs(request, runtime, jobs)
+            return images_response(runtime, job, params, public_base_url(request))
+
+        @router.post("/images/generations", summary="Create images from a prompt.")
+        async def generations(request: Request, params: ImageParams, runtime: ReadyRuntime) -> dict[str, Any]:
+            gen = to_generation_request(params, runtime, [], default_square=True)
+            return await run(request, runtime, gen, params)
+
+        @router.post(
+            "/images/edits",
+            summary="Edit or combine 1-4 images (multipart files, or JSON image URLs).",
+            openapi_extra={
+                "requestBody": {
+                    "content": {
+                        "application/json": {"schema": EditParams.model_json_schema()},
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"image": {"type": "string", "format": "binary"}},
+                            }
+                        },
+                    }
+                }
+            },
+        )
+        async def edits(request: Request, runtime: ReadyRuntime) -> dict[str, Any]:
+            params, references = await _edit_params(request, runtime)
+            if not references:
+                raise InvalidParameterError("image", "at least one image is required")
+            gen = to_generation_request(params, runtime, references, default_square=False)
+            return await run(request, runtime, gen, params)
+
+        @router.get("/models", summary="Served models.")
+        async def models(request: Request) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in runtime.models()]}
+
+        @router.get("/models/{model_id:path}", summary="One served model.")
+        async def model(request: Request, model_id: str) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            try:
+                variant = find_variant(model_id)
+            except UnknownModelError:
+                raise NotFoundError(f"The model '{model_id}' does not exist") from None
+            for served in runtime.models():
+                if served.variant.id == variant.id:
+                    return model_object(runtime, variant, served.demo)
+            raise NotFoundError(f"The model '{model_id}' does not exist")
+
+        return router
+
+
+def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, Any]:
+    """OpenAI's Model object, with kleinserve's defaults and demo flag beside it."""
+    return {
+        "id": openai_id(variant),
+        "object": "model",
+        "created": int(runtime.started_at),
+        "owned_by": "black-forest-labs",
+        "modality": "image",
+        "defaults": {"num_inference_steps": variant.default_steps, "guidance_scale": variant.default_guidance},
+        "demo": demo,
+    }

@@ -95,10 +95,11 @@ async def wait_for_jobs(request: Request, runtime: Runtime, jobs: list[Job]) -> 
     return finished
 
 
-async def store_upload(runtime: Runtime, data: bytes, index: int, field: str) -> str:
+async def store_upload(runtime: Runtime, data: bytes, index: int | None, field: str) -> str:
     """Check an uploaded image and keep it as PNG in storage; return its ``asset:`` reference.
 
-    Decoding first refuses bad uploads at once (naming ``field[index]``) and stores the exact RGB
+    Decoding first refuses bad uploads at once (naming ``field[index]``, or ``field`` for a
+    single upload with ``index`` None) and stores the exact RGB
     pixels a URL to the same file would give, so every transport yields the same generation.
     """
     policy = InputPolicy.from_settings(runtime.settings, field=field)

@@ -189,7 +189,7 @@ def fetch_url(url: str, index: int, policy: InputPolicy) -> bytes:
         raise InvalidImageError(index, f"fetching {url} failed: {type(err).__name__}", field=policy.field) from None
 
 
-def decode_image(data: bytes, index: int, policy: InputPolicy) -> Image.Image:
+def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.Image:
     """Decode image bytes to RGB, refusing unknown formats, bombs and truncated files."""
     try:
         image = Image.open(io.BytesIO(data))

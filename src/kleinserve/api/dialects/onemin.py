@@ -1,22 +1,279 @@
-"""The onemin dialect (being written in this change; see ../shared/api/)."""
+"""The 1min.ai dialect: ``POST /api/features`` (IMAGE_GENERATOR, IMAGE_EDITOR) and ``POST /api/assets``.
+
+Contract: ../shared/api/onemin.md. Both feature types are sync: the call returns when the image is
+done, as an ``aiRecord`` whose ``resultObject`` lists storage keys (``<job-id>/0.webp``) and whose
+``temporaryUrl`` is a signed, expiring URL of the first result. Choices where 1min is silent
+(published in the README):
+
+- parameters left out take the *variant's* defaults: klein 4B/9B run 4 steps on both types (not the
+  editor's advertised 28); the echoed ``promptObject`` has every default filled in;
+- ``num_inference_steps``: 1-4 on the generator for klein 4B/9B (1min's range; 5 is a 400), 1-50 on
+  the editor; the Base variants (our ids ``black-forest-labs/flux-2-klein-base-4b|9b``) take 1-50;
+- ``aspect_ratio`` x ``megapixels`` map through kleinserve's published size table;
+  ``match_input_image`` keeps the input's size (like every reference: scaled to at most 1 MP and
+  cropped to multiples of 16) and ``megapixels`` then has no effect;
+- ``output_quality`` is the JPEG/WebP encoder quality; 0 is sent as 1, the encoder's lowest;
+  ``jpeg`` is accepted next to ``jpg``; ``megapixels`` may also be sent as a number;
+- ``go_fast`` is accepted and echoed but changes nothing: kleinserve has one code path;
+- ``disable_safety_checker`` is accepted and echoed; kleinserve ships no NSFW classifier, so
+  nothing is ever filtered, whatever its value;
+- ``imageUrl`` is a key from ``/api/assets``, a ``resultObject`` path, an http(s) URL or a data URI;
+- the random seed of a request without one is reported in ``aiRecord.kleinserve`` (with the size);
+- errors are ``{"message", "code", "statusCode"}`` with the statuses of ``api/errors.py``;
+- the ``API-KEY`` header is accepted and not yet checked.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, File, Header, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from kleinserve.errors import KleinserveError
+from kleinserve.api.jobs_http import (
+    ReadyRuntime,
+    outputs_of,
+    public_base_url,
+    result_url,
+    runtime_of,
+    store_upload,
+    wait_for_jobs,
+)
+from kleinserve.engine.images import ASSET_PREFIX
+from kleinserve.engine.variants import find_variant
+from kleinserve.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    InvalidRequestError,
+    KleinserveError,
+    NotFoundError,
+)
+from kleinserve.jobs.job import Job
+from kleinserve.request import MAX_SEED, GenerationRequest, size_for_aspect_ratio
+from kleinserve.runtime import Runtime
+
+PREFIX = "/api"
+GENERATOR = "IMAGE_GENERATOR"
+EDITOR = "IMAGE_EDITOR"
+MATCH_INPUT: Final = "match_input_image"
+BUCKET = "kleinserve"
+AspectRatio = Literal["1:1", "16:9", "9:16", "3:2", "2:3", "4:5", "5:4"]
+DISTILLED_GENERATOR_MAX_STEPS = 4  # 1min's generator range for the 4-step distilled models
+# Canonical field -> the promptObject name a client sent, for error messages.
+_FIELD_NAMES = {
+    "steps": "num_inference_steps",
+    "quality": "output_quality",
+    "images": "imageUrl",
+    "width": "aspect_ratio",
+    "height": "aspect_ratio",
+    "size": "aspect_ratio",
+}
+ApiKey = Annotated[str | None, Header(alias="API-KEY", description="1min API key (accepted, not yet checked).")]
+
+
+class _Prompt(BaseModel):
+    """The promptObject fields both feature types share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., description="What to draw, or how to change the input image.")
+    output_format: Literal["webp", "jpg", "jpeg", "png"] = Field("webp", description="Image format.")
+    output_quality: int = Field(80, ge=0, le=100, description="JPEG/WebP quality 0-100 (0 is sent as 1).")
+    megapixels: Literal["0.25", "1"] = Field("1", description="Output size with an explicit aspect_ratio.")
+    disable_safety_checker: bool = Field(False, description="Echoed only: kleinserve has no safety checker.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible results; default random.")
+
+    @field_validator("megapixels", mode="before")
+    @classmethod
+    def _number_to_text(cls, value: Any) -> Any:
+        # 1min documents a string; JavaScript clients easily send the number, which means the same.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value:g}"
+        return value
+
+
+class GeneratorPrompt(_Prompt):
+    """promptObject of ``IMAGE_GENERATOR`` (text-to-image)."""
+
+    aspect_ratio: AspectRatio = Field("1:1", description="Output aspect ratio.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=50, description="1-4 on klein 4B/9B, 1-50 on Base; default: the model's own."
+    )
+    go_fast: bool = Field(True, description="Echoed only: kleinserve has one code path.")
+
+
+class EditorPrompt(_Prompt):
+    """promptObject of ``IMAGE_EDITOR`` (one input image)."""
+
+    imageUrl: str = Field(..., min_length=1, description="Asset key, resultObject path, http(s) URL or data URI.")
+    aspect_ratio: AspectRatio | Literal["match_input_image"] = Field(
+        MATCH_INPUT, description="Output aspect ratio, or the input image's size."
+    )
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="1-50; default: the model's own.")
+    go_fast: bool = Field(False, description="Echoed only: kleinserve has one code path.")
+
+
+_PROMPTS: dict[str, type[_Prompt]] = {GENERATOR: GeneratorPrompt, EDITOR: EditorPrompt}
+
+
+class FeatureRequest(BaseModel):
+    """Body of ``POST /api/features`` for the klein models."""
+
+    model_config = ConfigDict(extra="forbid", title="1min.ai feature request")
+
+    type: Literal["IMAGE_GENERATOR", "IMAGE_EDITOR"] = Field(..., description="The feature to run.")
+    model: str = Field(..., description="Model id, e.g. black-forest-labs/flux-2-klein-4b.")
+    promptObject: GeneratorPrompt | EditorPrompt = Field(..., description="Parameters of the feature type.")
+
+    @field_validator("promptObject", mode="wrap")
+    @classmethod
+    def _prompt_of_type(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        # Validate against the kind `type` names, so errors read "promptObject.<field>" (a plain
+        # union would put the member's name in the path). Without a valid type, that error stands.
+        kind = _PROMPTS.get(info.data.get("type", ""))
+        return value if kind is None else kind.model_validate(value)
+
+
+def _iso(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``, as 1min's ``createdAt``."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _param(field: str, message: str) -> InvalidParameterError:
+    return InvalidParameterError(f"promptObject.{field}", message)
+
+
+def image_reference(runtime: Runtime, image_url: str) -> str:
+    """The canonical reference for ``imageUrl``: URLs and data URIs as they are, keys as ``asset:``."""
+    text = image_url.strip()
+    if text.startswith(("http://", "https://", "data:")):
+        return text
+    key = text.removeprefix(ASSET_PREFIX)
+    try:
+        runtime.storage.open(key)
+    except NotFoundError:
+        raise _param(
+            "imageUrl", f"no such asset {text!r}; use a key from /api/assets, a resultObject path or an http(s) URL"
+        ) from None
+    return ASSET_PREFIX + key
+
+
+def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[GenerationRequest, dict[str, Any]]:
+    """The canonical request and the promptObject to echo, with the defaults filled in."""
+    variant = find_variant(runtime.service.check_model(body.model))
+    prompt = body.promptObject
+    steps = variant.default_steps if prompt.num_inference_steps is None else prompt.num_inference_steps
+    if body.type == GENERATOR and variant.distilled and steps > DISTILLED_GENERATOR_MAX_STEPS:
+        limit = DISTILLED_GENERATOR_MAX_STEPS
+        raise _param("num_inference_steps", f"must be 1-{limit} for {body.model} (a {limit}-step model); got {steps}")
+    ratio: str = prompt.aspect_ratio
+    width, height = (None, None) if ratio == MATCH_INPUT else size_for_aspect_ratio(ratio, float(prompt.megapixels))
+    images = [image_reference(runtime, prompt.imageUrl)] if isinstance(prompt, EditorPrompt) else []
+    try:
+        request = GenerationRequest.parse(
+            {
+                "model": variant.id,
+                "prompt": prompt.prompt,
+                "images": images,
+                "width": width,
+                "height": height,
+                "steps": steps,
+                "seed": prompt.seed,
+                "output_format": prompt.output_format,
+                "quality": max(1, prompt.output_quality),  # the encoders' scale starts at 1
+            },
+            runtime.settings,
+        )
+    except InvalidParameterError as err:
+        field = _FIELD_NAMES.get(err.field, err.field)
+        raise _param(field, err.message.split(": ", 1)[-1]) from None
+    echo = prompt.model_dump(exclude_none=True)
+    echo["num_inference_steps"] = steps
+    return request, echo
+
+
+def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """A finished job as 1min's ``aiRecord``, plus kleinserve's seed and size."""
+    outputs = outputs_of(job)
+    first = outputs[0]
+    return {
+        "aiRecord": {
+            "uuid": job.id,
+            "model": body.model,
+            "type": body.type,
+            "status": "SUCCESS",
+            "createdAt": _iso(job.created_at),
+            "aiRecordDetail": {"promptObject": echo, "resultObject": [o.key for o in outputs]},
+            "temporaryUrl": result_url(runtime, base_url, first),
+            "kleinserve": {"seed": first.seed, "width": first.width, "height": first.height},
+        }
+    }
+
+
+def _with_client_names(error: InvalidRequestError) -> InvalidRequestError:
+    # The worker names the input "images[0]"; a 1min client sent it as promptObject.imageUrl.
+    message = error.message
+    if message.startswith("images[0]"):
+        message = "promptObject.imageUrl" + message.removeprefix("images[0]")
+    return InvalidRequestError(message, code=error.code)
 
 
 class OneMinDialect:
-    """Placeholder registration; the routes land with the dialect."""
+    """The 1min.ai AI Feature API (klein image features) and Asset API under /api."""
 
     name = "onemin"
-    prefixes: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ("/api/features", "/api/assets")
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
-        return {"error": {"message": error.message}}
+        # 1min documents no error body; this one carries a readable and a stable machine field.
+        return {"message": error.message, "code": error.code, "statusCode": status}
 
     def router(self) -> APIRouter:
-        return APIRouter()
+        router = APIRouter(prefix=PREFIX, tags=["1min.ai"])
+
+        @router.post("/features", summary="Run IMAGE_GENERATOR or IMAGE_EDITOR (sync).")
+        async def features(
+            request: Request, body: FeatureRequest, runtime: ReadyRuntime, api_key: ApiKey = None
+        ) -> dict[str, Any]:
+            gen, echo = to_generation_request(body, runtime)
+            extra = {"model": body.model, "type": body.type, "promptObject": echo}
+            jobs = await asyncio.to_thread(runtime.service.submit, [gen], dialect=self.name, extra=extra)
+            try:
+                (job,) = await wait_for_jobs(request, runtime, jobs)
+            except InvalidRequestError as err:
+                raise _with_client_names(err) from None
+            return ai_record(runtime, job, body, echo, public_base_url(request))
+
+        @router.post("/assets", summary="Upload an image for promptObject.imageUrl.")
+        async def assets(
+            request: Request,
+            asset: Annotated[UploadFile, File(description="The image file.")],
+            api_key: ApiKey = None,
+        ) -> dict[str, Any]:
+            runtime = runtime_of(request)
+            limit = runtime.settings.max_image_bytes
+            if asset.size is not None and asset.size > limit:
+                raise InvalidImageError(None, f"is {asset.size} bytes, over the limit of {limit} bytes", field="asset")
+            data = await asset.read()
+            key = (await store_upload(runtime, data, None, "asset")).removeprefix(ASSET_PREFIX)
+            name = key.rsplit("/", 1)[-1]
+            stored = await asyncio.to_thread(runtime.storage.open, key)
+            location = public_base_url(request) + runtime.storage.signed_path(key)
+            return {
+                "asset": {
+                    "fieldname": "asset",
+                    "originalname": asset.filename or name,
+                    "mimetype": asset.content_type or "application/octet-stream",
+                    "size": len(data),
+                    "bucket": BUCKET,
+                    "key": key,
+                    "location": location,
+                    "contentType": stored.media_type,  # what is kept: the decoded pixels as PNG
+                },
+                # The upload's folder in storage is a fresh UUID: it serves as the asset's id.
+                "fileContent": {"uuid": key.split("/")[-2], "path": key, "type": name.rsplit(".", 1)[-1], "name": name},
+            }
+
+        return router

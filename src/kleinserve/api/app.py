@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
     settings = settings or Settings()
     runtime = Runtime(settings, served)
+    # Verda last: its catch-all POST /{slug}/generate must not shadow routes registered after it.
     dialects: list[Dialect] = [OxenDialect(), OpenAIDialect(), OneMinDialect(), VerdaDialect()]
 
     @contextlib.asynccontextmanager

@@ -108,7 +108,7 @@ def install_error_handlers(app: FastAPI, dialects: Sequence[Dialect]) -> None:
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
         message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
-            message = "request body is not valid JSON"
+            loc, message = ["body"], "request body is not valid JSON"  # its loc is a character offset
         elif first.get("type") == "missing":
             message = "is required"
         elif first.get("type") == "extra_forbidden":

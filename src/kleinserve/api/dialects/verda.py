@@ -1,22 +1,236 @@
-"""The verda dialect (being written in this change; see ../shared/api/)."""
+"""The Verda (formerly DataCrunch) dialect: ``POST /<slug>/generate``, one path per klein variant.
+
+Contract: ../shared/api/verda.md. The model is the path slug; the request is JSON; the answer is
+synchronous: the raw image with ``X-Seed`` and ``X-Has-Nsfw-Content`` headers, or JSON with
+``enable_base64_output``. Choices where Verda is silent (published in the README):
+
+- klein 4B / 9B are step- and guidance-distilled: ``num_steps`` 4 and ``guidance`` 1.0 are fixed.
+  Sending exactly those values is accepted, any other value is a 400. Base 4B / 9B default to
+  50 / 4.0 and take any value within the server's bounds (``KLEINSERVE_MAX_STEPS``,
+  ``KLEINSERVE_MAX_GUIDANCE``).
+- ``width`` x ``height`` default to 1024 x 768, as Verda documents, *also* with ``input_images``
+  (Verda states no "match the input" rule); a client that wants the input's size sends it.
+- ``input_images``: at most 4, each an http(s) URL, bare base64 or a ``data:image/...;base64,`` URI.
+- ``output_format`` also takes ``jpg`` (reported as ``jpeg``); ``output_quality`` is ignored for png.
+- Safety: kleinserve ships no NSFW classifier (none can be loaded offline), so nothing is checked
+  and nothing is filtered. ``enable_safety_checker`` is accepted; every response carries
+  ``X-Has-Nsfw-Content: false`` only together with ``X-Kleinserve-Safety-Checker: unavailable``,
+  so a client can tell "not checked" from "checked and clean".
+- Provisional, because Verda's examples were lost from our copy of its page (and no other public
+  copy was found): the base64 JSON is ``{"image", "seed", "has_nsfw_content", "output_format",
+  "width", "height"}``, and errors are FastAPI-style ``{"detail": "<message>", "code": "<code>"}``.
+- ``Authorization: Bearer <key>`` is accepted and not checked yet; unknown body fields are a 400
+  naming the field; a klein slug this server does not serve, or any other ``POST /<slug>/generate``,
+  is a 404 in the same shape.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
-from kleinserve.errors import KleinserveError
+from kleinserve.api.errors import status_for
+from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of, wait_for_jobs
+from kleinserve.engine.images import ASSET_PREFIX
+from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, UnknownModelError
+from kleinserve.jobs.job import JobOutput
+from kleinserve.request import MAX_SEED, GenerationRequest
+from kleinserve.runtime import Runtime
+from kleinserve.settings import Settings
+
+SLUGS: tuple[str, ...] = ("flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b", "flux2-klein-base-9b")
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
+MAX_INPUT_IMAGES = 4  # Verda's documented limit; KLEINSERVE_MAX_REFERENCES may only lower it.
+SAFETY_HEADER = "X-Kleinserve-Safety-Checker"
+# Canonical field -> the Verda name a client sent, for error messages.
+_FIELD_NAMES = {"steps": "num_steps", "images": "input_images", "quality": "output_quality", "size": "width/height"}
+# Declared so the OpenAPI page shows Verda's bearer auth; auto_error=False: nothing is refused yet.
+_bearer = HTTPBearer(
+    scheme_name="VerdaBearer", auto_error=False, description="Verda API key; accepted, not checked yet."
+)
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The image bytes (X-Seed, X-Has-Nsfw-Content), or JSON with enable_base64_output.",
+        "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "application/json": {}},
+    }
+}
+
+
+def verda_slug(variant_id: str) -> str:
+    """Verda's path slug of a canonical variant id (``flux-2-klein-4b`` -> ``flux2-klein-4b``)."""
+    return variant_id.replace("flux-2-", "flux2-", 1)
+
+
+def served_slugs(runtime: Runtime) -> list[str]:
+    """The slugs this server answers on, for "unknown model" messages."""
+    return [verda_slug(model_id) for model_id in runtime.served_ids()]
+
+
+class VerdaGenerateRequest(BaseModel):
+    """Body of ``POST /<slug>/generate`` (text-to-image and image-to-image alike)."""
+
+    model_config = ConfigDict(extra="forbid", title="FLUX.2 [klein] generate request")
+
+    prompt: str = Field(..., description="What to draw, or how to change the input images.")
+    width: int = Field(DEFAULT_WIDTH, description="Output width, a multiple of 16.")
+    height: int = Field(DEFAULT_HEIGHT, description="Output height, a multiple of 16.")
+    num_steps: int | None = Field(None, description="Distilled models: fixed 4. Base models: default 50.")
+    guidance: float | None = Field(
+        None, allow_inf_nan=False, description="Distilled models: fixed 1.0. Base models: default 4.0."
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Omit for a random seed (sent back in X-Seed).")
+    input_images: list[str] | None = Field(
+        None, description="Up to 4 images: http(s) URLs, base64 strings or data URIs."
+    )
+    enable_safety_checker: bool = Field(True, description="Accepted; kleinserve has no NSFW classifier.")
+    output_format: Literal["jpeg", "jpg", "png", "webp"] = Field("jpeg", description="Image format.")
+    output_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality; ignored for png.")
+    enable_base64_output: bool = Field(False, description="true: JSON with base64; false: raw image bytes.")
+
+
+def _check_fixed(body: VerdaGenerateRequest, variant: Variant) -> None:
+    """Verda refuses a different num_steps/guidance on the distilled models; the fixed value itself is fine."""
+    if not variant.distilled:
+        return
+    for name, sent, fixed in (
+        ("num_steps", body.num_steps, variant.default_steps),
+        ("guidance", body.guidance, variant.default_guidance),
+    ):
+        if sent is not None and sent != fixed:
+            raise InvalidParameterError(
+                name, f"is fixed at {fixed} for {variant.display_name}; leave it out or send {fixed}"
+            )
+
+
+def _check_inputs(images: list[str]) -> None:
+    if len(images) > MAX_INPUT_IMAGES:
+        raise InvalidParameterError("input_images", f"at most {MAX_INPUT_IMAGES} images are allowed; got {len(images)}")
+    for index, image in enumerate(images):
+        # The engine also reads "asset:" keys (other dialects' uploads); Verda has no uploads.
+        if image.strip().startswith(ASSET_PREFIX):
+            raise InvalidParameterError(f"input_images[{index}]", "must be an http(s) URL or base64 image data")
+
+
+def to_generation_request(body: VerdaGenerateRequest, variant: Variant, settings: Settings) -> GenerationRequest:
+    """Translate a Verda body to the canonical request (field errors keep Verda's names)."""
+    _check_fixed(body, variant)
+    images = body.input_images or []
+    _check_inputs(images)
+    try:
+        return GenerationRequest.parse(
+            {
+                "model": variant.id,
+                "prompt": body.prompt,
+                "images": images,
+                "width": body.width,
+                "height": body.height,
+                "steps": body.num_steps,
+                "guidance": body.guidance,
+                "seed": body.seed,
+                "output_format": body.output_format,
+                "quality": body.output_quality,
+            },
+            settings,
+        )
+    except InvalidParameterError as err:
+        field = _FIELD_NAMES.get(err.field, err.field)
+        raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
+
+
+class ServedVariant:
+    """Dependency: the variant behind one slug, or 404 when this server does not serve it.
+
+    A dependency rather than a check in the endpoint, so that it runs before body validation:
+    asking for a model that is not here is a 404 whatever the body says.
+    """
+
+    def __init__(self, slug: str) -> None:
+        self.slug = slug
+
+    def __call__(self, runtime: ReadyRuntime) -> Variant:
+        try:
+            return find_variant(runtime.service.check_model(self.slug))
+        except UnknownModelError:
+            raise UnknownModelError(self.slug, served_slugs(runtime)) from None
+
+
+def _headers(output: JobOutput) -> dict[str, str]:
+    # "false" is only ever sent beside SAFETY_HEADER: nothing was checked (see the module docstring).
+    return {"X-Seed": str(output.seed), "X-Has-Nsfw-Content": "false", SAFETY_HEADER: "unavailable"}
 
 
 class VerdaDialect:
-    """Placeholder registration; the routes land with the dialect."""
+    """The Verda inference API for the four FLUX.2 [klein] variants."""
 
     name = "verda"
-    prefixes: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = tuple(f"/{slug}" for slug in SLUGS)
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
-        return {"error": {"message": error.message}}
+        """Provisional: Verda's error example was lost; FastAPI's ``detail`` plus our stable code."""
+        return {"detail": error.message, "code": error.code}
 
     def router(self) -> APIRouter:
-        return APIRouter()
+        router = APIRouter(tags=["verda"], dependencies=[Security(_bearer)])
+        for slug in SLUGS:
+            router.add_api_route(
+                f"/{slug}/generate",
+                self._generate_endpoint(slug),
+                methods=["POST"],
+                summary=f"Generate with {find_variant(slug).display_name} (sync).",
+                response_class=Response,
+                responses=_IMAGE_RESPONSES,
+            )
+
+        # Registered after the four: any other "/<slug>/generate" is a Verda client asking for a
+        # model kleinserve does not have. Its path is outside `prefixes`, so the body is rendered
+        # here, in Verda's shape, rather than by the app's error handler.
+        @router.post("/{slug}/generate", include_in_schema=False)
+        async def unknown_slug(request: Request, slug: str) -> JSONResponse:
+            error = UnknownModelError(slug, served_slugs(runtime_of(request)))
+            status = status_for(error)
+            return JSONResponse(self.error_body(error, status), status_code=status)
+
+        return router
+
+    def _generate_endpoint(self, slug: str) -> Callable[..., Awaitable[Response]]:
+        served = Depends(ServedVariant(slug))  # a closure's own dependency: one per slug
+
+        async def generate(
+            request: Request,
+            body: VerdaGenerateRequest,
+            runtime: ReadyRuntime,
+            variant: Variant = served,
+        ) -> Response:
+            gen = to_generation_request(body, variant, runtime.settings)
+            extra = {"model": slug, "enable_safety_checker": body.enable_safety_checker}
+            jobs = await asyncio.to_thread(runtime.service.submit, [gen], dialect=self.name, extra=extra)
+            try:
+                (job,) = await wait_for_jobs(request, runtime, jobs)
+            except InvalidRequestError as err:
+                # The worker names references by the canonical field; this client sent input_images.
+                if err.message.startswith("images["):
+                    raise InvalidRequestError("input_" + err.message, code=err.code) from None
+                raise
+            (output,) = outputs_of(job)
+            data = await asyncio.to_thread(runtime.read_asset, output.key)
+            if not body.enable_base64_output:
+                return Response(data, media_type=output.media_type, headers=_headers(output))
+            content = {
+                "image": base64.b64encode(data).decode(),
+                "seed": output.seed,
+                "has_nsfw_content": False,
+                "output_format": job.request.output_format.value,
+                "width": output.width,
+                "height": output.height,
+            }
+            return JSONResponse(content, headers=_headers(output))
+
+        return generate

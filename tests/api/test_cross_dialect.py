@@ -1,0 +1,81 @@
+"""One request through every dialect, same seed: the same pixels, whichever API a client speaks."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.api.conftest import ServerProcess
+
+PROMPT = "the same lighthouse in every dialect"
+SEED = 123
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_every_dialect_gives_the_same_pixels(server: ServerProcess) -> None:
+    url = server.url
+    got: dict[str, bytes] = {}
+
+    oxen = httpx.post(
+        f"{url}/api/ai/images/generate",
+        json={
+            "model": "black-forest-labs-flux-2-klein-4b",
+            "prompt": PROMPT,
+            "seed": SEED,
+            "image_size": {"width": 512, "height": 512},
+            "response_format": "b64_json",
+        },
+        timeout=120,
+    )
+    got["oxen"] = base64.b64decode(oxen.json()["images"][0]["b64_json"])
+
+    openai = httpx.post(
+        f"{url}/v1/images/generations",
+        json={
+            "model": "black-forest-labs/flux-2-klein-4b",
+            "prompt": PROMPT,
+            "seed": SEED,
+            "size": "512x512",
+            "response_format": "b64_json",
+        },
+        timeout=120,
+    )
+    got["openai"] = base64.b64decode(openai.json()["data"][0]["b64_json"])
+
+    onemin = httpx.post(
+        f"{url}/api/features",
+        headers={"API-KEY": "k"},
+        json={
+            "type": "IMAGE_GENERATOR",
+            "model": "black-forest-labs/flux-2-klein-4b",
+            "promptObject": {
+                "prompt": PROMPT,
+                "seed": SEED,
+                "aspect_ratio": "1:1",
+                "megapixels": "0.25",
+                "output_format": "png",
+            },
+        },
+        timeout=120,
+    )
+    got["onemin"] = httpx.get(onemin.json()["aiRecord"]["temporaryUrl"]).content
+
+    verda = httpx.post(
+        f"{url}/flux2-klein-4b/generate",
+        json={"prompt": PROMPT, "seed": SEED, "width": 512, "height": 512, "output_format": "png"},
+        timeout=120,
+    )
+    assert verda.headers["X-Seed"] == str(SEED)
+    got["verda"] = verda.content
+
+    reference = pixels(got["oxen"])
+    assert reference.shape == (512, 512, 3)
+    for dialect, data in got.items():
+        assert np.array_equal(pixels(data), reference), dialect

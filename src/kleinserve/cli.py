@@ -143,7 +143,8 @@ def generate(
             },
             settings,
         )
-        references = load_references(request.images, InputPolicy.from_settings(settings, allow_paths=True))
+        policy = InputPolicy.from_settings(settings, allow_paths=True, check_hosts=False)  # a local user
+        references = load_references(request.images, policy)
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         with Progress(
@@ -191,6 +192,9 @@ def serve(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
@@ -199,14 +203,29 @@ def serve(
     import uvicorn
 
     from kleinserve.api.app import create_app
+    from kleinserve.api.auth import is_loopback
     from kleinserve.engine.catalog import plan_models
 
     settings = _settings(
-        models=model, host=host, port=port, data_dir=data_dir, device=device, dtype=dtype, public_url=public_url
+        models=model,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        device=device,
+        dtype=dtype,
+        public_url=public_url,
+        insecure_no_auth=insecure_no_auth or None,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        keys_exist = _key_store(settings).any_active()
+        if not keys_exist and not is_loopback(settings.host) and not settings.insecure_no_auth:
+            _fail(
+                f"refusing to serve {settings.host} without API keys: anyone who can reach it could use it. "
+                "Create a key first (kleinserve keys create --name NAME), bind to 127.0.0.1, or pass "
+                "--insecure-no-auth if something in front of kleinserve checks access."
+            )
         served = plan_models(settings.models, settings.data_dir)
     except KleinserveError as err:
         _fail(err.message)
@@ -222,6 +241,8 @@ def serve(
     for m in served:
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
     err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
+    access = "API keys required" if keys_exist else "open (no API keys configured)"
+    err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
     uvicorn.run(
         create_app(settings, served),
@@ -230,6 +251,90 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; read their usage.")
+app.add_typer(keys_app, name="keys")
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server's data directory.")]
+
+
+def _key_store(settings: Settings) -> Any:
+    from kleinserve.keys import KeyStore
+
+    return KeyStore(settings.data_dir / "jobs.sqlite3")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="A name for the key holder.")],
+    rate: Annotated[Optional[str], typer.Option(help="Requests per minute, e.g. 60/min or 2/s.")] = None,
+    image_rate: Annotated[Optional[str], typer.Option("--image-rate", help="Images per minute.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Jobs queued or running at once.")] = None,
+    credits: Annotated[
+        Optional[float], typer.Option(help="Credits to spend (prices: KLEINSERVE_PRICE_PER_IMAGE).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a key. Its secret is printed once, on stdout, and stored only as a hash."""
+    from kleinserve.keys import parse_rate
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        key, secret = _key_store(settings).create(
+            name,
+            requests_per_minute=parse_rate(rate, "rate") if rate else None,
+            images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
+            concurrency=concurrency,
+            credits=credits,
+        )
+    except KleinserveError as err:
+        _fail(err.message)
+    err_console.print(f"created key {key.name!r}; keep the secret now, it is not shown again:", highlight=False)
+    out_console.print(secret, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List keys (names, prefixes, limits; never secrets)."""
+    store = _key_store(_settings(data_dir=data_dir))
+    for key in store.list():
+        state = "revoked" if not key.active else "active"
+        limits = ", ".join(
+            f"{label} {value:g}"
+            for label, value in (
+                ("requests/min", key.requests_per_minute),
+                ("images/min", key.images_per_minute),
+                ("concurrency", key.concurrency),
+                ("credits", key.credits),
+            )
+            if value is not None
+        )
+        out_console.print(f"{key.name}  {key.shown_prefix}...  {state}  {limits or 'no limits'}", highlight=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
+    """Revoke a key: it stops working at once."""
+    try:
+        _key_store(_settings(data_dir=data_dir)).revoke(name)
+    except KleinserveError as err:
+        _fail(err.message)
+    out_console.print(f"revoked {name}", highlight=False)
+
+
+@keys_app.command("usage")
+def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
+    """What a key has generated and spent."""
+    store = _key_store(_settings(data_dir=data_dir))
+    try:
+        key = store.get(name)
+    except KleinserveError as err:
+        _fail(err.message)
+    usage = store.usage(key.id)
+    left = "unlimited" if key.credits is None else f"{key.credits - usage.spent:g} of {key.credits:g}"
+    out_console.print(f"{name}: {usage.images} images in {usage.jobs} jobs, spent {usage.spent:g}; credits {left}")
+    for model, row in sorted(usage.by_model.items()):
+        out_console.print(f"  {model}: {row['images']:g} images, spent {row['spent']:g}", highlight=False)
 
 
 @app.command("make-tiny")

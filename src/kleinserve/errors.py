@@ -11,7 +11,11 @@ and to each dialect's error body in one table, and the CLI prints ``message`` an
     │   ├── InvalidParameterError           a field is missing, of the wrong type or out of range
     │   ├── InvalidImageError               a reference image cannot be fetched, decoded or accepted
     │   ├── UnknownModelError               the model id names no known or served variant
-    │   └── NotFoundError                   a job, file or other resource does not exist
+    │   ├── NotFoundError                   a job, file or other resource does not exist
+    │   └── PayloadTooLargeError            the request body is over the configured cap
+    ├── AuthenticationError                 no API key, or one that is unknown or revoked
+    ├── InsufficientCreditsError            the key's credits do not cover the request
+    ├── RateLimitedError                    over the key's rate or concurrency limit (retry later)
     ├── WeightsUnavailableError             weights cannot be found, downloaded or loaded
     ├── GenerationCancelledError            the job was cancelled between two steps
     ├── ResourceExhaustedError              the device ran out of memory
@@ -79,6 +83,34 @@ class NotFoundError(InvalidRequestError):
     """A job, file or other named resource does not exist (or is not the caller's)."""
 
     code = "not_found"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts."""
+
+    code = "payload_too_large"
+
+
+class AuthenticationError(KleinserveError):
+    """The request carries no valid API key."""
+
+    code = "unauthenticated"
+
+
+class InsufficientCreditsError(KleinserveError):
+    """The API key has too few credits left for this request."""
+
+    code = "insufficient_credits"
+
+
+class RateLimitedError(KleinserveError):
+    """The API key is over one of its limits; ``retry_after`` seconds from now it will not be."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class WeightsUnavailableError(KleinserveError):

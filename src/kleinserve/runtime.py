@@ -18,9 +18,12 @@ from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
 from kleinserve.errors import KleinserveError
 from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import JobService
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
+from kleinserve.keys import KeyStore
+from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
 from kleinserve.storage.local import LocalStorage
 
@@ -48,6 +51,8 @@ class Runtime:
     settings: Settings
     served: list[ServedModel] | None = None
     store: SQLiteJobStore = field(init=False)
+    keys: KeyStore = field(init=False)
+    quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: LocalStorage = field(init=False)
     cancels: CancelRequests = field(init=False)
@@ -70,6 +75,9 @@ class Runtime:
         self.service = JobService(
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
+        self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
+        self.service.quotas = self.quotas
 
     def served_ids(self) -> list[str]:
         return [m.variant.id for m in self.served or []]
@@ -103,6 +111,7 @@ class Runtime:
             self.engines,
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
             self.cancels,
+            on_succeeded=self.charge,
         )
         worker.start()
         self.workers.append(worker)
@@ -118,6 +127,11 @@ class Runtime:
         # Queued jobs for a model this start does not serve fail in the worker, with that reason.
         if requeued or failed:
             log.warning("recovered after a restart: %d job(s) requeued, %d failed", len(requeued), len(failed))
+
+    def charge(self, job: Job) -> None:
+        """Record a succeeded job's usage (and cost) against the API key that submitted it."""
+        if job.owner is not None:
+            self.keys.record_usage(job.owner, job.id, job.request.model, job.request.num_images, job.cost)
 
     def read_asset(self, key: str) -> bytes:
         """The bytes of a stored file (an uploaded reference image, or an earlier result)."""

@@ -9,10 +9,10 @@ setting here, so an operator can widen or narrow it without touching code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
@@ -60,6 +60,45 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="Largest input image file.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest input image, in pixels.")
     fetch_timeout: float = Field(15.0, gt=0, description="Seconds to connect to / read from image URLs.")
+    fetch_max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed when fetching an image.")
+    fetch_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Host names or CIDR networks image URLs may point to although they are private or local "
+            "(comma-separated in the environment); everything non-public is refused otherwise."
+        ),
+    )
+
+    # Access (api/auth.py enforces them).
+    insecure_no_auth: bool = Field(
+        False, description="Serve without API keys on a non-loopback address (refused otherwise)."
+    )
+    max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    price_per_image: dict[str, float] = Field(
+        default_factory=lambda: {
+            "flux-2-klein-4b": 0.04,
+            "flux-2-klein-9b": 0.04,
+            "flux-2-klein-base-4b": 0.04,
+            "flux-2-klein-base-9b": 0.04,
+        },
+        description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
+    )
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _check_allow(cls, value: list[str]) -> list[str]:
+        # Checked here so a bad entry is a clear settings error at start, not a crash later.
+        from kleinserve.engine.images import parse_fetch_allow  # late: images imports settings
+
+        parse_fetch_allow(value)
+        return value
 
     def size_bounds_text(self) -> str:
         """The size rule in words, for error messages and help."""

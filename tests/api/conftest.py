@@ -88,7 +88,8 @@ def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempP
         "float32",
         "--device",
         "cpu",
-        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1"},
+        # The tests' reference images come from the loopback image server, refused unless allowed.
+        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1", "KLEINSERVE_FETCH_ALLOW": "127.0.0.1"},
     ).start()
     yield process
     process.stop()

@@ -11,12 +11,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__
+from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.onemin import OneMinDialect
 from kleinserve.api.dialects.openai import OpenAIDialect
@@ -24,6 +26,7 @@ from kleinserve.api.dialects.oxen import OxenDialect
 from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.api.workbench import workbench_router
 from kleinserve.engine.catalog import ServedModel
 from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
@@ -55,6 +58,39 @@ class DemoHeaderMiddleware:
         await self.app(scope, receive, send_marked)
 
 
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``limit`` bytes with 413, counting as they stream in.
+
+    The refusal is raised from ``receive`` as an HTTPException, so it surfaces where the endpoint
+    reads its body and is rendered by the error handlers in the shape of the caller's dialect.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        too_big = f"request body is over the limit of {self.limit} bytes"
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.limit:
+                raise StarletteHTTPException(413, too_big)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise StarletteHTTPException(413, too_big)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(settings: Settings | None = None, served: list[ServedModel] | None = None) -> FastAPI:
     """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
     settings = settings or Settings()
@@ -83,6 +119,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     install_error_handlers(app, dialects)
 
     app.add_middleware(DemoHeaderMiddleware, runtime=runtime)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
@@ -111,5 +148,9 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         )
 
     for dialect in dialects:
-        app.include_router(dialect.router())
+        # Every provider route needs an API key once keys exist (see api/auth.py).
+        app.include_router(dialect.router(), dependencies=[Depends(authenticate)])
+    # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
+    # authenticated Oxen routes like any client.
+    app.include_router(workbench_router())
     return app

@@ -19,12 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.errors import (
+    AuthenticationError,
     GenerationCancelledError,
+    InsufficientCreditsError,
     InvalidImageError,
     InvalidParameterError,
     InvalidRequestError,
     KleinserveError,
     NotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
     ResourceExhaustedError,
     ServiceUnavailableError,
     UnknownModelError,
@@ -39,7 +43,11 @@ STATUS_BY_ERROR: dict[type[KleinserveError], int] = {
     InvalidImageError: 400,
     UnknownModelError: 404,
     NotFoundError: 404,
+    PayloadTooLargeError: 413,
     InvalidRequestError: 400,
+    AuthenticationError: 401,
+    InsufficientCreditsError: 402,
+    RateLimitedError: 429,
     SignatureError: 403,
     GenerationCancelledError: 409,
     ServiceUnavailableError: 503,
@@ -93,8 +101,12 @@ def install_error_handlers(app: FastAPI, dialects: Sequence[Dialect]) -> None:
 
     def respond(request: Request, error: KleinserveError, status: int) -> JSONResponse:
         headers = {}
-        if isinstance(error, ServiceUnavailableError) and error.retry_after:
-            headers["Retry-After"] = str(error.retry_after)
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(error, ServiceUnavailableError | RateLimitedError) and retry_after:
+            headers["Retry-After"] = str(retry_after)
+        if isinstance(error, AuthenticationError):
+            headers["WWW-Authenticate"] = 'Bearer realm="kleinserve"'
+
         body = dialect_for(request).error_body(error, status)
         return JSONResponse(body, status_code=status, headers=headers)
 

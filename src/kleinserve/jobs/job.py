@@ -98,6 +98,7 @@ class Job(BaseModel):
     started_at: float | None = None
     completed_at: float | None = None
     attempts: int = 0
+    cost: float = Field(0.0, description="Credits the job costs its key if it succeeds.")
     progress_step: int = 0
     progress_total: int = 0
     error_code: str | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
+from kleinserve.keys import ApiKey
+from kleinserve.quotas import Quotas
 from kleinserve.request import GenerationRequest, random_seed
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
@@ -42,6 +45,10 @@ class JobService:
         self.max_queue = max_queue
         self.retry_after = retry_after
         self.workers: builtins.list[Worker] = []
+        self.quotas: Quotas | None = None
+        # Admission (quota checks) and enqueueing happen together, so one key's concurrent
+        # requests cannot all pass a check that only one of them should.
+        self._admission = threading.Lock()
 
     # -- submission -----------------------------------------------------------------------------
 
@@ -59,17 +66,33 @@ class JobService:
         self,
         requests: Sequence[GenerationRequest],
         *,
+        key: ApiKey | None = None,
         owner: str | None = None,
         dialect: str = "kleinserve",
         extra: dict[str, Any] | None = None,
     ) -> builtins.list[Job]:
-        """Queue one job per request (all or none); each gets a fixed seed now if it has none."""
+        """Queue one job per request (all or none); each gets a fixed seed now if it has none.
+
+        With an API ``key`` the jobs are that key's (``owner`` is its id), priced, and admitted by
+        its quotas; without one, ``owner`` (if any) is recorded as given.
+        """
         jobs = []
         for request in requests:
             model = self.check_model(request.model)
             seed = request.seed if request.seed is not None else random_seed()
             request = request.model_copy(update={"model": model, "seed": seed})
-            jobs.append(Job(request=request, owner=owner, dialect=dialect, extra=dict(extra or {})))
+            cost = self.quotas.price(model, request.num_images) if self.quotas and key else 0.0
+            jobs.append(
+                Job(
+                    request=request, owner=key.id if key else owner, dialect=dialect, extra=dict(extra or {}), cost=cost
+                )
+            )
+        with self._admission:
+            if key is not None and self.quotas is not None:
+                self.quotas.admit(key, jobs)
+            return self._enqueue(jobs)
+
+    def _enqueue(self, jobs: builtins.list[Job]) -> builtins.list[Job]:
         # Jobs and their queued events are stored together, under the bound, in one transaction:
         # concurrent submissions cannot overshoot it, and job.queued always precedes job.started.
         queued = [Event.for_job(EventType.QUEUED, job, model=job.request.model) for job in jobs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from kleinserve.engine.engine import Engine, Progress
 from kleinserve.engine.images import InputPolicy, load_references
@@ -58,6 +58,7 @@ class Worker:
         cancels: CancelRequests,
         name: str = "worker-0",
         idle_poll: float = 1.0,
+        on_succeeded: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -67,6 +68,7 @@ class Worker:
         self.cancels = cancels
         self.name = name
         self.idle_poll = idle_poll
+        self.on_succeeded = on_succeeded  # e.g. charging the job to its API key
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,6 +165,11 @@ class Worker:
         if done is None:  # cancelled meanwhile: the result files are not wanted
             self.storage.delete_prefix(f"{job.id}/")
             return
+        if self.on_succeeded is not None:
+            try:
+                self.on_succeeded(done)
+            except Exception:
+                log.exception("%s: could not record usage of job %s", self.name, job.id)
         self.bus.publish(Event.for_job(EventType.SUCCEEDED, done, outputs=[o.key for o in outputs]))
 
     def _stopped(self, job: Job) -> None:

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Final, Literal
 from fastapi import APIRouter, File, Header, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from kleinserve.api.auth import CallerDep
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -235,11 +236,13 @@ class OneMinDialect:
 
         @router.post("/features", summary="Run IMAGE_GENERATOR or IMAGE_EDITOR (sync).")
         async def features(
-            request: Request, body: FeatureRequest, runtime: ReadyRuntime, api_key: ApiKey = None
+            request: Request, body: FeatureRequest, runtime: ReadyRuntime, caller: CallerDep, api_key: ApiKey = None
         ) -> dict[str, Any]:
             gen, echo = to_generation_request(body, runtime)
             extra = {"model": body.model, "type": body.type, "promptObject": echo}
-            jobs = await asyncio.to_thread(runtime.service.submit, [gen], dialect=self.name, extra=extra)
+            jobs = await asyncio.to_thread(
+                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
+            )
             try:
                 (job,) = await wait_for_jobs(request, runtime, jobs)
             except InvalidRequestError as err:

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -44,6 +45,7 @@ from kleinserve.errors import (
     UnknownModelError,
 )
 from kleinserve.jobs.job import Job
+from kleinserve.jobs.service import ACTIVE
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
 
@@ -269,17 +271,21 @@ class OpenAIDialect:
         router = APIRouter(prefix=PREFIX, tags=["openai"])
 
         async def run(
-            request: Request, runtime: Runtime, gen: GenerationRequest, params: ImageParams
+            request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
         ) -> dict[str, Any]:
             extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
-            jobs = await asyncio.to_thread(runtime.service.submit, [gen], dialect=self.name, extra=extra)
+            jobs = await asyncio.to_thread(
+                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
+            )
             (job,) = await wait_for_jobs(request, runtime, jobs)
             return images_response(runtime, job, params, public_base_url(request))
 
         @router.post("/images/generations", summary="Create images from a prompt.")
-        async def generations(request: Request, params: ImageParams, runtime: ReadyRuntime) -> dict[str, Any]:
+        async def generations(
+            request: Request, params: ImageParams, runtime: ReadyRuntime, caller: CallerDep
+        ) -> dict[str, Any]:
             gen = to_generation_request(params, runtime, [], default_square=True)
-            return await run(request, runtime, gen, params)
+            return await run(request, runtime, caller, gen, params)
 
         @router.post(
             "/images/edits",
@@ -298,12 +304,16 @@ class OpenAIDialect:
                 }
             },
         )
-        async def edits(request: Request, runtime: ReadyRuntime) -> dict[str, Any]:
+        async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
             params, references = await _edit_params(request, runtime)
             if not references:
                 raise InvalidParameterError("image", "at least one image is required")
             gen = to_generation_request(params, runtime, references, default_square=False)
-            return await run(request, runtime, gen, params)
+            return await run(request, runtime, caller, gen, params)
+
+        @router.get("/usage", summary="The calling API key's usage, credits and limits.")
+        async def usage(request: Request, caller: CallerDep) -> dict[str, Any]:
+            return await asyncio.to_thread(usage_report, runtime_of(request), caller)
 
         @router.get("/models", summary="Served models.")
         async def models(request: Request) -> dict[str, Any]:
@@ -323,6 +333,33 @@ class OpenAIDialect:
             raise NotFoundError(f"The model '{model_id}' does not exist")
 
         return router
+
+
+def usage_report(runtime: Runtime, caller: Caller) -> dict[str, Any]:
+    """What the calling key has generated and spent, and what it may still do."""
+    key = caller.key
+    if key is None:
+        return {"object": "usage", "key": None, "auth": "open", "note": "this server runs without API keys"}
+    usage = runtime.keys.usage(key.id)
+    reserved = sum(job.cost for job in runtime.service.list(owner=key.id, any_owner=False, statuses=ACTIVE))
+    remaining = None if key.credits is None else max(0.0, key.credits - usage.spent - reserved)
+    return {
+        "object": "usage",
+        "key": key.name,
+        "images": usage.images,
+        "jobs": usage.jobs,
+        "spent": usage.spent,
+        "credits": key.credits,
+        "reserved": reserved,
+        "remaining": remaining,
+        "by_model": usage.by_model,
+        "limits": {
+            "requests_per_minute": key.requests_per_minute,
+            "images_per_minute": key.images_per_minute,
+            "concurrency": key.concurrency,
+        },
+        "prices": runtime.settings.price_per_image,
+    }
 
 
 def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -69,9 +70,12 @@ _FIELD_NAMES = {
 _ERROR_TYPES = {
     400: ("invalid_params", "Invalid parameters supplied, please check your request and try again."),
     401: ("unauthenticated", "Authentication is required."),
+    402: ("insufficient_credits", "Insufficient credits for this request."),
     403: ("forbidden", "Access to this resource is forbidden."),
     404: ("resource_not_found", "The requested resource could not be found"),
     409: ("conflict", "The request conflicts with the state of the resource."),
+    413: ("payload_too_large", "The request body is too large."),
+    429: ("rate_limited", "Too many requests, please retry later."),
     503: ("service_unavailable", "The service is temporarily unavailable, please retry later."),
 }
 
@@ -182,10 +186,16 @@ class OxenDialect:
     def router(self) -> APIRouter:
         router = APIRouter(prefix=PREFIX, tags=["oxen"])
 
-        async def run_sync(request: Request, body: OxenImageRequest, runtime: Runtime) -> dict[str, Any]:
+        async def run_sync(
+            request: Request, body: OxenImageRequest, runtime: Runtime, caller: Caller
+        ) -> dict[str, Any]:
             gen = to_generation_request(body, runtime, num_images=body.num_generations)
             jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], dialect=self.name, extra={"model": body.model, **_echo(body)}
+                runtime.service.submit,
+                [gen],
+                key=caller.key,
+                dialect=self.name,
+                extra={"model": body.model, **_echo(body)},
             )
             (job,) = await wait_for_jobs(request, runtime, jobs)
             base = public_base_url(request)
@@ -198,24 +208,33 @@ class OxenDialect:
             return {"model": body.model, "created": int(job.created_at), "images": images}
 
         @router.post("/ai/images/generate", summary="Generate images (sync).")
-        async def generate(request: Request, body: OxenImageRequest, runtime: ReadyRuntime) -> dict[str, Any]:
-            return await run_sync(request, body, runtime)
+        async def generate(
+            request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep
+        ) -> dict[str, Any]:
+            return await run_sync(request, body, runtime, caller)
 
         @router.post("/ai/images/edit", summary="Edit or generate images from references (sync).")
-        async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime) -> dict[str, Any]:
-            return await run_sync(request, body, runtime)
+        async def edit(
+            request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep
+        ) -> dict[str, Any]:
+            return await run_sync(request, body, runtime, caller)
 
         @router.post("/ai/queue", summary="Queue 1-4 generations.")
-        async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime) -> dict[str, Any]:
+        async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
             requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
             jobs = await asyncio.to_thread(
-                runtime.service.submit, requests, dialect=self.name, extra={"model": body.model, **_echo(body)}
+                runtime.service.submit,
+                requests,
+                key=caller.key,
+                dialect=self.name,
+                extra={"model": body.model, **_echo(body)},
             )
             return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
 
         @router.get("/ai/queue", summary="List generations (default: queued and processing).")
         async def list_queue(
             request: Request,
+            caller: CallerDep,
             model: str | None = None,
             status: Literal["queued", "processing", "succeeded", "failed", "cancelled"] | None = None,
             media_type: Literal["image", "video"] | None = None,
@@ -228,25 +247,26 @@ class OxenDialect:
                 return {"count": 0, "generations": []}
             statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
             model_id = find_variant(model).id if model else None
-            jobs = await asyncio.to_thread(runtime.service.list, statuses=statuses, model=model_id)
+            jobs = await asyncio.to_thread(runtime.service.list, statuses=statuses, model=model_id, **caller.scope)
             base = public_base_url(request)
             items = [generation_object(runtime, job, base) for job in jobs]
             return {"count": len(items), "generations": items}
 
         @router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
-        async def get_generation(request: Request, generation_id: str) -> dict[str, Any]:
+        async def get_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
             runtime = runtime_of(request)
-            job = await asyncio.to_thread(runtime.service.get, generation_id)
+            job = await asyncio.to_thread(runtime.service.get, generation_id, **caller.scope)
             return generation_object(runtime, job, public_base_url(request))
 
         @router.delete("/ai/queue/{generation_id}", summary="Cancel a queued or processing generation.")
-        async def cancel_generation(request: Request, generation_id: str) -> dict[str, Any]:
-            job = await asyncio.to_thread(runtime_of(request).service.cancel, generation_id)
+        async def cancel_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
+            job = await asyncio.to_thread(runtime_of(request).service.cancel, generation_id, **caller.scope)
             return {"status": "success", "generation_id": generation_id, "generation_status": job.status.value}
 
         @router.get("/events", summary="Server-Sent Events: media_generation_completed and progress.")
         async def events(
             request: Request,
+            caller: CallerDep,
             last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
         ) -> EventSourceResponse:
             runtime = runtime_of(request)
@@ -260,7 +280,9 @@ class OxenDialect:
             base = public_base_url(request)
 
             async def stream() -> AsyncIterator[ServerSentEvent]:
-                async with runtime.bus.subscribe(after=after) as subscription:
+                async with runtime.bus.subscribe(
+                    after=after, owner=caller.owner, all_owners=caller.key is None
+                ) as subscription:
                     async for event in subscription:
                         for sse in to_sse(runtime, event, base):
                             yield sse

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from kleinserve.api.auth import CallerDep
 from kleinserve.api.errors import status_for
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of, wait_for_jobs
 from kleinserve.engine.images import ASSET_PREFIX
@@ -207,11 +208,14 @@ class VerdaDialect:
             request: Request,
             body: VerdaGenerateRequest,
             runtime: ReadyRuntime,
+            caller: CallerDep,
             variant: Variant = served,
         ) -> Response:
             gen = to_generation_request(body, variant, runtime.settings)
             extra = {"model": slug, "enable_safety_checker": body.enable_safety_checker}
-            jobs = await asyncio.to_thread(runtime.service.submit, [gen], dialect=self.name, extra=extra)
+            jobs = await asyncio.to_thread(
+                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
+            )
             try:
                 (job,) = await wait_for_jobs(request, runtime, jobs)
             except InvalidRequestError as err:

@@ -1,0 +1,102 @@
+"""The Workbench: a web page at ``/`` to try the models, compare results and copy exact API calls.
+
+Static HTML, CSS and JavaScript shipped as package data (no Node build, no CDN), plus one JSON
+endpoint, ``GET /workbench/config``, that tells the page what the Oxen API cannot: each model's id in
+every dialect, whether its steps and guidance are fixed, the server's request limits and the
+aspect-ratio size table computed by :func:`~kleinserve.request.size_for_aspect_ratio` (so the page
+never re-implements the rounding). The page itself calls the public Oxen queue and SSE stream, the
+same endpoints any client uses; it has no private back door. The page, its files and the config are
+served without an API key: the page must load to ask for one, and nothing here is secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse
+
+from kleinserve.api.dialects.openai import openai_id
+from kleinserve.api.dialects.oxen import oxen_id
+from kleinserve.api.dialects.verda import verda_slug
+from kleinserve.api.jobs_http import runtime_of
+from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
+
+PREFIX = "/workbench"
+# The only files served, by name: a fixed table leaves no path to traverse.
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# Oxen's queue schema bounds; the server's own settings may be tighter.
+OXEN_MAX_STEPS, OXEN_MAX_GUIDANCE, OXEN_MAX_GENERATIONS = 50, 10.0, 4
+# "no-cache" revalidates every load, so an upgraded server never runs an old script.
+_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+def _read(name: str) -> bytes:
+    return resources.files(__package__).joinpath(name).read_bytes()
+
+
+def workbench_config(request: Request) -> dict[str, Any]:
+    """What the page needs to build requests in every dialect for this server."""
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    models = [
+        {
+            "id": m.variant.id,
+            "name": m.variant.display_name,
+            "distilled": m.variant.distilled,
+            "steps": m.variant.default_steps,
+            "guidance": m.variant.default_guidance,
+            "demo": m.demo,
+            "oxen": oxen_id(m.variant),
+            "openai": openai_id(m.variant),
+            "onemin": openai_id(m.variant),  # 1min.ai spells ids as AIgateway does
+            "verda": verda_slug(m.variant.id),
+        }
+        for m in runtime.models()
+    ]
+    sizes = {ratio: {f"{mp:g}": list(size_for_aspect_ratio(ratio, mp)) for mp in MEGAPIXELS} for ratio in ASPECT_RATIOS}
+    return {
+        "public_url": settings.public_url,
+        "demo": runtime.demo,
+        "ready": runtime.ready,
+        "models": models,
+        "sizes": sizes,
+        "limits": {
+            "max_references": settings.max_references,
+            "max_generations": min(OXEN_MAX_GENERATIONS, settings.max_images),
+            "min_side": settings.min_side,
+            "max_side": settings.max_side,
+            "max_pixels": settings.max_pixels,
+            "max_steps": min(OXEN_MAX_STEPS, settings.max_steps),
+            "max_guidance": min(OXEN_MAX_GUIDANCE, settings.max_guidance),
+            "max_prompt_chars": settings.max_prompt_chars,
+        },
+    }
+
+
+def workbench_router() -> APIRouter:
+    """Routes of the Workbench: the page at ``/``, its two assets, and its config."""
+    router = APIRouter(include_in_schema=False)
+    page = _read("index.html")
+    assets = {name: _read(name) for name in ASSETS}
+
+    @router.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=_HEADERS)
+
+    @router.get(PREFIX + "/config")
+    async def config(request: Request) -> dict[str, Any]:
+        body = workbench_config(request)
+        body["auth_required"] = await asyncio.to_thread(runtime_of(request).keys.any_active)
+        return body
+
+    # After /config, which this pattern would otherwise match.
+    @router.get(PREFIX + "/{name}")
+    async def asset(name: str) -> Response:
+        if name not in ASSETS:
+            return Response(status_code=404)
+        return Response(assets[name], media_type=ASSETS[name], headers=_HEADERS)
+
+    return router

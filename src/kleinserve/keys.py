@@ -1,0 +1,232 @@
+"""API keys: creation, storage as hashes, limits, credits and usage (SQLite, beside the jobs).
+
+A key is shown once, at creation; only its SHA-256 is stored (keys are 256 random bits, so a fast
+hash loses nothing against guessing). Lookups go by hash and the final comparison is constant-time.
+Usage rows are written when a job succeeds; failed and cancelled jobs are never charged.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kleinserve.errors import InvalidParameterError, NotFoundError
+
+KEY_PREFIX = "ks-"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    hash TEXT NOT NULL UNIQUE,
+    shown_prefix TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    requests_per_minute REAL,
+    images_per_minute REAL,
+    concurrency INTEGER,
+    credits REAL
+);
+CREATE TABLE IF NOT EXISTS api_usage (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL,
+    job_id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_usage_key ON api_usage (key_id);
+"""
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|second|m|min|minute|h|hour))?\s*$", re.I)
+_PER_MINUTE = {"s": 60.0, "sec": 60.0, "second": 60.0, "m": 1.0, "min": 1.0, "minute": 1.0}
+
+
+def parse_rate(text: str, field: str = "rate") -> float:
+    """Requests (or images) per minute from ``60/min``, ``2/s``, ``1000/hour`` or ``60``."""
+    match = _RATE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise InvalidParameterError(field, f"must look like 60/min, 2/s or 1000/hour; got {text!r}")
+    unit = (match.group(2) or "min").lower()
+    return float(match.group(1)) * _PER_MINUTE.get(unit, 1 / 60)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored key (never the key itself): who it is and what it may do."""
+
+    id: str
+    name: str
+    shown_prefix: str
+    created_at: float
+    revoked_at: float | None
+    requests_per_minute: float | None
+    images_per_minute: float | None
+    concurrency: int | None
+    credits: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a key has generated and spent."""
+
+    images: int
+    jobs: int
+    spent: float
+    by_model: dict[str, dict[str, float]]
+
+
+class KeyStore:
+    """API keys and their usage in a SQLite file (the job store's, by default)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        requests_per_minute: float | None = None,
+        images_per_minute: float | None = None,
+        concurrency: int | None = None,
+        credits: float | None = None,
+    ) -> tuple[ApiKey, str]:
+        """Create a key; returns it and the secret, which is never shown again."""
+        if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):
+            raise InvalidParameterError("name", "1-64 letters, digits and . _ @ - only")
+        if concurrency is not None and concurrency < 1:
+            raise InvalidParameterError("concurrency", "must be at least 1")
+        if credits is not None and credits < 0:
+            raise InvalidParameterError("credits", "must not be negative")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            id=secrets.token_hex(8),
+            name=name,
+            shown_prefix=secret[:10],
+            created_at=time.time(),
+            revoked_at=None,
+            requests_per_minute=requests_per_minute,
+            images_per_minute=images_per_minute,
+            concurrency=concurrency,
+            credits=credits,
+        )
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (key.id, key.name, hash_key(secret), key.shown_prefix, key.created_at, None,
+                     requests_per_minute, images_per_minute, concurrency, credits),
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise InvalidParameterError("name", f"a key named {name!r} exists already") from None
+        return key, secret
+
+    @staticmethod
+    def _key(row: tuple[object, ...]) -> ApiKey:
+        return ApiKey(*row)  # type: ignore[arg-type]
+
+    _COLUMNS = (
+        "id, name, shown_prefix, created_at, revoked_at, requests_per_minute, images_per_minute, concurrency, credits"
+    )
+
+    def list(self) -> builtins.list[ApiKey]:
+        rows = self._db().execute(f"SELECT {self._COLUMNS} FROM api_keys ORDER BY created_at")
+        return [self._key(row) for row in rows]
+
+    def get(self, name: str) -> ApiKey:
+        row = self._db().execute(f"SELECT {self._COLUMNS} FROM api_keys WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no API key named {name!r}")
+        return self._key(row)
+
+    def revoke(self, name: str) -> ApiKey:
+        key = self.get(name)
+        if key.active:
+            with self._write() as db:
+                db.execute("UPDATE api_keys SET revoked_at=? WHERE id=?", (time.time(), key.id))
+        return self.get(name)
+
+    def any_active(self) -> bool:
+        return self._db().execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The active key whose secret this is, or ``None``."""
+        wanted = hash_key(secret)
+        row = self._db().execute(f"SELECT {self._COLUMNS}, hash FROM api_keys WHERE hash=?", (wanted,)).fetchone()
+        if row is None or not hmac.compare_digest(str(row[-1]), wanted):
+            return None
+        key = self._key(row[:-1])
+        return key if key.active else None
+
+    # -- usage ----------------------------------------------------------------------------------
+
+    def record_usage(self, key_id: str, job_id: str, model: str, images: int, cost: float) -> None:
+        """Charge a succeeded job to its key (once: a job id is charged at most once)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO api_usage (key_id, job_id, model, images, cost, created_at) "
+                "VALUES (?,?,?,?,?,?)",
+                (key_id, job_id, model, images, cost, time.time()),
+            )
+
+    def spent(self, key_id: str) -> float:
+        row = self._db().execute("SELECT COALESCE(SUM(cost), 0) FROM api_usage WHERE key_id=?", (key_id,)).fetchone()
+        return float(row[0])
+
+    def usage(self, key_id: str) -> Usage:
+        rows = (
+            self._db()
+            .execute(
+                "SELECT model, COUNT(*), SUM(images), SUM(cost) FROM api_usage WHERE key_id=? GROUP BY model", (key_id,)
+            )
+            .fetchall()
+        )
+        by_model = {str(m): {"jobs": int(j), "images": int(i), "spent": float(c)} for m, j, i, c in rows}
+        return Usage(
+            images=sum(int(v["images"]) for v in by_model.values()),
+            jobs=sum(int(v["jobs"]) for v in by_model.values()),
+            spent=sum(v["spent"] for v in by_model.values()),
+            by_model=by_model,
+        )

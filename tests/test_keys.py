@@ -1,0 +1,83 @@
+"""API keys: the key store, rate parsing, token buckets, and the `kleinserve keys` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kleinserve.cli import app
+from kleinserve.errors import InvalidParameterError, NotFoundError
+from kleinserve.keys import KeyStore, hash_key, parse_rate
+from kleinserve.quotas import TokenBucket
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("text", "per_minute"), [("60/min", 60), ("60", 60), ("2/s", 120), ("1000/hour", 1000 / 60), ("0.5/m", 0.5)]
+)
+def test_parse_rate(text: str, per_minute: float) -> None:
+    assert parse_rate(text) == pytest.approx(per_minute)
+
+
+@pytest.mark.parametrize("text", ["", "0/min", "-1/min", "ten/min", "5/week"])
+def test_parse_rate_refuses(text: str) -> None:
+    with pytest.raises(InvalidParameterError):
+        parse_rate(text)
+
+
+def test_keys_are_stored_only_as_hashes(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.sqlite3")
+    key, secret = store.create("alice", credits=5)
+    assert secret.startswith("ks-") and len(secret) > 40
+    raw = b"".join(path.read_bytes() for path in tmp_path.glob("keys.sqlite3*"))  # the file and its WAL
+    assert secret.encode() not in raw and hash_key(secret).encode() in raw
+    assert store.authenticate(secret) == key
+    assert store.authenticate(secret + "x") is None and store.authenticate("") is None
+    with pytest.raises(InvalidParameterError, match="exists already"):
+        store.create("alice")
+    store.revoke("alice")
+    assert store.authenticate(secret) is None and not store.any_active()
+    with pytest.raises(NotFoundError):
+        store.revoke("nobody")
+
+
+def test_usage_is_recorded_once_per_job(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.sqlite3")
+    key, _ = store.create("bob")
+    store.record_usage(key.id, "job-1", "flux-2-klein-4b", 2, 0.08)
+    store.record_usage(key.id, "job-1", "flux-2-klein-4b", 2, 0.08)  # a retried charge counts once
+    store.record_usage(key.id, "job-2", "flux-2-klein-base-4b", 1, 0.04)
+    usage = store.usage(key.id)
+    assert (usage.images, usage.jobs) == (3, 2) and usage.spent == pytest.approx(0.12)
+    assert usage.by_model["flux-2-klein-4b"] == {"jobs": 1, "images": 2, "spent": pytest.approx(0.08)}
+
+
+def test_token_bucket_bursts_then_refills() -> None:
+    bucket = TokenBucket(per_minute=6)
+    assert [bucket.take(1, now=0.0) for _ in range(6)] == [0.0] * 6
+    assert bucket.take(1, now=0.0) == pytest.approx(10.0)  # one token every 10 s
+    assert bucket.take(1, now=10.0) == 0.0
+    assert bucket.take(7, now=10.0) == 60.0  # more than a minute's allowance never fits
+
+
+def test_keys_commands(tmp_path: Path) -> None:
+    created = runner.invoke(app, ["keys", "create", "--name", "carol", "--rate", "10/min", "--credits", "3",
+                                  "--concurrency", "2", "--data-dir", str(tmp_path)])  # fmt: skip
+    assert created.exit_code == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("ks-") and "not shown again" in created.stderr
+    listed = runner.invoke(app, ["keys", "list", "--data-dir", str(tmp_path)])
+    assert "carol" in listed.stdout and secret not in listed.stdout and "requests/min 10" in listed.stdout
+    usage = runner.invoke(app, ["keys", "usage", "carol", "--data-dir", str(tmp_path)])
+    assert "0 images" in usage.stdout and "credits 3 of 3" in usage.stdout
+    assert runner.invoke(app, ["keys", "revoke", "carol", "--data-dir", str(tmp_path)]).exit_code == 0
+    assert "revoked" in runner.invoke(app, ["keys", "list", "--data-dir", str(tmp_path)]).stdout
+    bad = runner.invoke(app, ["keys", "create", "--name", "x y", "--data-dir", str(tmp_path)])
+    assert bad.exit_code == 1 and "name:" in bad.stderr
+    bad_rate = runner.invoke(app, ["keys", "create", "--name", "d", "--rate", "fast", "--data-dir", str(tmp_path)])
+    assert bad_rate.exit_code == 1 and "rate:" in bad_rate.stderr
+    missing = runner.invoke(app, ["keys", "usage", "nobody", "--data-dir", str(tmp_path)])
+    assert missing.exit_code == 1 and "no API key named 'nobody'" in missing.stderr

@@ -1,0 +1,331 @@
+"""The Workbench page, used as a person would: generate, edit, compare, copy and run the API calls.
+
+One browser page serves the whole module (a session in the Workbench is one page's life); each test
+starts from the settings it needs. Screenshots go to test-artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+from playwright.sync_api import expect
+
+from kleinserve.keys import KeyStore
+from tests.api.conftest import ServerProcess
+from tests.conftest import ImageServer, png_bytes
+from tests.workbench.conftest import PHONE
+
+# Every status text a result card shows, in order, whatever the timing: progress can be quick.
+RECORD_STATUSES = """
+window.statusLog = [];
+new MutationObserver(() => {
+  for (const node of document.querySelectorAll('#gallery .status')) {
+    const text = node.textContent;
+    if (text && window.statusLog[window.statusLog.length - 1] !== text) window.statusLog.push(text);
+  }
+}).observe(document, { subtree: true, childList: true, characterData: true });
+"""
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, workbench_server: ServerProcess) -> Iterator[Any]:
+    page = browser.new_page()
+    page.add_init_script(RECORD_STATUSES)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url))
+    page.goto(workbench_server.url + "/")
+    expect(page.locator("#model option")).to_have_count(4)
+    yield page
+    assert not errors, errors  # no uncaught script error in the whole session
+    # Works offline: everything the page loaded came from this machine (no CDN, no fonts).
+    assert {urlsplit(url).hostname for url in fetched if not url.startswith(("data:", "blob:"))} == {"127.0.0.1"}
+    page.close()
+
+
+def settings(
+    page: Any,
+    *,
+    model: str = "flux-2-klein-4b",
+    size: tuple[int, int] = (64, 64),
+    seed: int | None = None,
+    count: int = 1,
+    prompt: str = "a red fox in snow",
+) -> None:
+    """Set the controls from scratch, as a keyboard user would."""
+    page.get_by_label("Model").select_option(model)
+    page.get_by_role("textbox", name="Prompt").fill(prompt)
+    page.get_by_label("By width × height").check()
+    page.get_by_label("Width", exact=True).fill(str(size[0]))
+    page.get_by_label("Height", exact=True).fill(str(size[1]))
+    page.get_by_label("Lock seed").set_checked(seed is not None)
+    if seed is not None:
+        page.get_by_label("Seed", exact=True).fill(str(seed))
+    page.get_by_label("Images").fill(str(count))
+    while page.get_by_role("button", name=re.compile("^Remove reference")).count():
+        page.get_by_role("button", name=re.compile("^Remove reference")).first.click()
+
+
+def generate(page: Any, count: int = 1) -> list[Any]:
+    """Press Enter in the prompt; wait for ``count`` new results; return their cards, oldest first."""
+    cards = page.locator("#gallery > li")
+    before = cards.count()
+    page.get_by_role("textbox", name="Prompt").press("Enter")
+    expect(cards).to_have_count(before + count, timeout=30_000)
+    new = [cards.nth(i) for i in reversed(range(count))]
+    for card in new:
+        expect(card.locator("img")).to_be_visible(timeout=60_000)
+    return new
+
+
+def pixels_of(data: bytes) -> bytes:
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def card_image(card: Any) -> bytes:
+    return httpx.get(card.locator("img").get_attribute("src"), timeout=30).content
+
+
+def test_page_is_served_with_its_config_and_demo_banner(page: Any, workbench_server: ServerProcess) -> None:
+    assert httpx.get(workbench_server.url + "/workbench/nothing-here.js").status_code == 404
+    config = httpx.get(workbench_server.url + "/workbench/config").json()
+    assert config["demo"] is True and config["limits"]["max_references"] == 4
+    assert config["sizes"]["16:9"]["1"] == [1360, 768]
+    expect(page.get_by_text("Demo mode:")).to_be_visible()
+    # Distilled variants show their fixed steps and guidance; Base variants let them be set.
+    expect(page.get_by_label("Steps")).to_be_disabled()
+    page.get_by_label("Model").select_option("flux-2-klein-base-4b")
+    expect(page.get_by_label("Steps")).to_be_enabled()
+    expect(page.get_by_label("Steps")).to_have_value("50")
+    # Aspect ratio and megapixels: Oxen's own aspect_ratio at 1 MP, the size the table gives otherwise.
+    page.get_by_role("tab", name="API").click()
+    page.get_by_label("By aspect ratio").check()
+    page.get_by_label("Aspect ratio", exact=True).select_option("16:9")
+    expect(page.locator("#snippet")).to_contain_text('"aspect_ratio": "16:9"')
+    page.get_by_label("Megapixels").select_option("0.25")
+    expect(page.locator("#size-note")).to_have_text("688 × 384 pixels")
+    expect(page.locator("#snippet")).to_contain_text('"width": 688')
+    page.get_by_role("tab", name="Results").click()
+    # Every control has a name a screen reader can say.
+    unnamed = page.evaluate(
+        """[...document.querySelectorAll('input, select, textarea, button')].filter((e) =>
+             !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()
+           ).map((e) => e.outerHTML)"""
+    )
+    assert unnamed == []
+
+
+def test_generate_shows_progress_then_the_image(page: Any) -> None:
+    settings(page)
+    (card,) = generate(page)
+    log = page.evaluate("window.statusLog")
+    assert any(re.fullmatch(r"Step [1-4] of 4", status) for status in log), log
+    assert re.fullmatch(r"waited \d+\.\d s, ran \d+\.\d s", log[-1]), log
+    expect(card.locator(".params")).to_contain_text("64×64")
+    assert Image.open(io.BytesIO(card_image(card))).size == (64, 64)
+
+
+def test_queue_position_and_cancel(page: Any, workbench_server: ServerProcess) -> None:
+    # Another client's long job holds the worker, so the Workbench's job waits in line.
+    slow = {"model": "flux-2-klein-base-4b", "prompt": "slow", "image_size": {"width": 256, "height": 256}}
+    queued = httpx.post(workbench_server.url + "/api/ai/queue", json={**slow, "num_inference_steps": 50}).json()
+    blocker = queued["generations"][0]["generation_id"]
+    try:
+        settings(page)
+        cards = page.locator("#gallery > li")
+        before = cards.count()
+        page.get_by_role("button", name="Generate").click()
+        expect(cards).to_have_count(before + 1)
+        card = cards.first
+        expect(card.locator(".status")).to_have_text(re.compile(r"Queued, (next in line|1 ahead)"))
+        card.get_by_role("button", name="Cancel").click()
+        expect(card.locator(".status")).to_have_text("Cancelled")
+        card.get_by_role("button", name="Dismiss").click()
+        expect(cards).to_have_count(before)
+    finally:
+        httpx.delete(f"{workbench_server.url}/api/ai/queue/{blocker}")
+
+
+def add_reference_file(
+    page: Any, tmp_path: Path, name: str, size: tuple[int, int], color: tuple[int, int, int]
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(png_bytes(*size, color))
+    page.locator("#ref-file").set_input_files(str(path))
+
+
+DROP_FILE = """([name, b64]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, { type: 'image/png' }));
+  document.getElementById('drop').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true }));
+}"""
+
+
+def test_references_by_file_drop_and_url_reorder_remove_and_edit(
+    page: Any, tmp_path: Path, image_server: ImageServer
+) -> None:
+    settings(page, seed=11)
+    add_reference_file(page, tmp_path, "red.png", (96, 64), (200, 30, 30))
+    page.evaluate(DROP_FILE, ["blue.png", base64.b64encode(png_bytes(64, 96, (30, 30, 200))).decode()])
+    thumbs = page.locator("#ref-list img")
+    expect(thumbs).to_have_count(2)
+    expect(page.locator("#ref-count")).to_have_text("(2 of 4)")
+    page.get_by_role("button", name="Move reference 2 earlier").click()
+    expect(thumbs.first).to_have_attribute("alt", "Reference 1: blue.png")
+    expect(page.get_by_role("button", name="Move reference 1 later")).to_be_focused()  # focus follows
+    page.get_by_role("button", name="Remove reference 1").click()
+    expect(thumbs).to_have_count(1)
+    expect(thumbs.first).to_have_attribute("alt", "Reference 1: red.png")
+    expect(page.locator("#ref-list")).to_contain_text("@Image1 96×64")
+    # A URL is sent as it is, for the server to fetch; this one is on a loopback address, which the
+    # server refuses to fetch from, and the page says so in words.
+    page.get_by_label("Image URL").fill(image_server.add("green.png", png_bytes(80, 48, (30, 200, 30))))
+    page.get_by_label("Image URL").press("Enter")
+    expect(page.locator("#ref-list")).to_contain_text("@Image2 80×48")
+    cards = page.locator("#gallery > li")
+    before = cards.count()
+    page.get_by_role("button", name="Generate").click()
+    expect(cards.first.locator(".status")).to_have_text(re.compile(r"^Failed: Reference 2: .*127\.0\.0\.1"))
+    cards.first.get_by_role("button", name="Dismiss").click()
+    expect(cards).to_have_count(before)
+    page.get_by_role("button", name="Remove reference 2").click()
+    (card,) = generate(page)
+    expect(card.locator(".params")).to_contain_text(re.compile(r"References\s*1"))
+    # "Edit this image" makes the result the next reference.
+    card.get_by_role("button", name="Edit this image").click()
+    expect(thumbs).to_have_count(2)
+    expect(page.locator("#ref-list")).to_contain_text("@Image2 64×64")
+
+
+def test_compare_two_results_highlights_what_differs(page: Any) -> None:
+    settings(page, seed=100, count=2)
+    first, second = generate(page, count=2)
+    first.get_by_label("Compare").check()
+    second.get_by_label("Compare").check()
+    with page.expect_download() as download:
+        first.get_by_role("link", name="Download").click()
+    assert download.value.suggested_filename == "kleinserve-100.png"
+    page.get_by_role("button", name="Compare selected").click()
+    table = page.get_by_role("region", name="Comparison")
+    expect(table.locator("thead img")).to_have_count(2)
+    expect(table.locator("tr.differs")).to_have_count(1)
+    expect(table.locator("tr.differs th")).to_have_text("≠ Seed")
+    expect(table.locator("tr.differs td")).to_have_text(["100", "101"])
+    # "Reuse this seed" locks the seed control to a result's seed.
+    second.get_by_role("button", name="Reuse seed").click()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("101")
+    page.get_by_role("button", name="Close comparison").click()
+
+
+def copy_snippet(page: Any, dialect: str) -> str:
+    page.get_by_label("Request as").select_option(label=dialect)
+    page.get_by_role("button", name="Copy").click()
+    expect(page.locator("#copy-status")).to_have_text("Copied.")
+    code: str = page.evaluate("navigator.clipboard.readText()")
+    return code
+
+
+def run_curl(code: str, cwd: Path, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "KLEINSERVE_API_KEY"}
+    if key is not None:
+        env["KLEINSERVE_API_KEY"] = key
+    done = subprocess.run(["bash", "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def run_python(code: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("KLEINSERVE_API_KEY", raising=False)
+    exec(compile(code, "<snippet>", "exec"), {"__name__": "__main__"})
+
+
+@pytest.mark.parametrize("editing", [False, True], ids=["text-to-image", "edit"])
+def test_every_api_snippet_runs_and_gives_the_same_image(
+    page: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, editing: bool
+) -> None:
+    settings(page, seed=7, prompt="a lighthouse at dusk, 'quoted' and \"double\"")
+    if editing:
+        add_reference_file(page, tmp_path, "ref.png", (96, 64), (20, 160, 60))
+    (card,) = generate(page)
+    expected = pixels_of(card_image(card))
+    page.get_by_role("tab", name="API").click()
+
+    done = run_curl(copy_snippet(page, "Oxen cURL"), tmp_path)
+    assert pixels_of(httpx.get(json.loads(done.stdout)["images"][0]["url"]).content) == expected
+
+    run_python(copy_snippet(page, "Oxen Python (queue)"), tmp_path, monkeypatch)
+    assert pixels_of((tmp_path / "oxen-0.png").read_bytes()) == expected
+
+    run_python(copy_snippet(page, "OpenAI Python SDK"), tmp_path, monkeypatch)
+    assert pixels_of((tmp_path / "openai-0.png").read_bytes()) == expected
+
+    run_curl(copy_snippet(page, "Verda cURL"), tmp_path)
+    assert pixels_of((tmp_path / "verda.png").read_bytes()) == expected
+
+    # 1min.ai has no 64x64: the snippet says so and asks for the nearest size it has.
+    code = copy_snippet(page, "1min.ai cURL")
+    expect(page.locator("#snippet-note")).to_contain_text("nearest is 1:1 at 0.25 MP (512×512)")
+    record = json.loads(run_curl(code, tmp_path).stdout)["aiRecord"]
+    assert record["type"] == ("IMAGE_EDITOR" if editing else "IMAGE_GENERATOR")
+    assert Image.open(io.BytesIO(httpx.get(record["temporaryUrl"]).content)).size == (512, 512)
+    page.get_by_role("tab", name="Results").click()
+
+
+def test_phone_and_desktop_screenshots(page: Any, artifacts: Path) -> None:
+    page.screenshot(path=artifacts / "workbench-desktop.png", full_page=True)
+    page.get_by_role("tab", name="API").click()
+    page.screenshot(path=artifacts / "workbench-desktop-api.png")
+    page.get_by_role("tab", name="Results").click()
+    page.set_viewport_size(PHONE)
+    try:
+        # Nothing wider than the phone: no sideways scrolling of the page itself.
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        expect(page.get_by_role("button", name="Generate")).to_be_visible()
+        page.screenshot(path=artifacts / "workbench-phone.png", full_page=True)
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_api_key_asked_for_kept_in_the_browser_and_hidden_in_snippets(
+    page: Any, workbench_server: ServerProcess, tmp_path: Path
+) -> None:
+    keys = KeyStore(workbench_server.data_dir / "jobs.sqlite3")
+    _, secret = keys.create("workbench-test")
+    try:
+        page.reload()
+        expect(page.locator("#key-status")).to_have_text("This server needs an API key.")
+        expect(page.get_by_label("API key")).to_be_focused()
+        settings(page)
+        page.get_by_role("button", name="Generate").click()
+        error = page.get_by_role("alert")
+        expect(error).to_contain_text("This server needs an API key")
+        assert "{" not in error.inner_text()  # a sentence, not the JSON error body
+        page.get_by_label("API key").fill(secret)
+        page.get_by_role("button", name="Save key").click()
+        assert page.evaluate("localStorage.getItem('kleinserve.apiKey')") == secret
+        expect(error).to_be_hidden()
+        generate(page)
+        page.get_by_role("tab", name="API").click()
+        code = copy_snippet(page, "Verda cURL")
+        assert '"Authorization: Bearer $KLEINSERVE_API_KEY"' in code and secret not in code
+        run_curl(code, tmp_path, key=secret)  # the placeholder works once the variable is set
+        assert Image.open(io.BytesIO((tmp_path / "verda.png").read_bytes())).size == (64, 64)
+        page.get_by_label("Show my key in the code").check()
+        expect(page.locator("#snippet")).to_contain_text(f"'Authorization: Bearer {secret}'")
+    finally:
+        keys.revoke("workbench-test")
+        page.evaluate("localStorage.clear()")

@@ -142,13 +142,20 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str, info: ValidationInfo) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
+        _check_unicode(value)
+        if not any(ch.isprintable() and not ch.isspace() for ch in value):
+            raise ValueError("must not be empty (it has no visible character)")
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
         settings = _settings_from(info)
         if len(value) > settings.max_prompt_chars:
             raise ValueError(f"is {len(value)} characters, over the limit of {settings.max_prompt_chars}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_text(cls, value: str) -> str:
+        _check_unicode(value)
         return value
 
     @field_validator("output_format", mode="before")
@@ -164,6 +171,8 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"at most {limit} reference images are allowed; got {len(value)}")
         if any(not item.strip() for item in value):
             raise ValueError("reference images must not be empty strings")
+        for item in value:
+            _check_unicode(item)
         return value
 
     @field_validator("num_images")
@@ -222,6 +231,14 @@ class GenerationRequest(BaseModel):
             raise _to_parameter_error(err) from None
 
 
+def _check_unicode(text: str) -> None:
+    # JSON may carry lone surrogates ("\ud800"); they are not text and cannot be stored or encoded.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+
+
 def _settings_from(info: ValidationInfo) -> Settings:
     context = info.context or {}
     settings = context.get("settings")
@@ -230,7 +247,11 @@ def _settings_from(info: ValidationInfo) -> Settings:
 
 def _to_parameter_error(err: ValidationError) -> InvalidParameterError:
     first = err.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in first["loc"]) or "size"
+    field = ".".join(str(part) for part in first["loc"])
+    if not field:
+        # Only the size rule is checked on the whole model; any other error without a field is the body's.
+        field = "size" if first["type"] == "value_error" else "body"
+    field = field.encode("utf-8", "replace").decode()
     message = first["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -91,6 +93,41 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
+_ERROR_RESPONSES = {
+    "400": "Invalid parameters, in the error shape of the route's provider API.",
+    "401": "No valid API key (when the server has keys).",
+    "402": "The key's credits do not cover the request.",
+    "404": "Unknown model, generation or resource.",
+    "413": "Request body over the configured cap.",
+    "429": "Over the key's rate or concurrency limit; see Retry-After.",
+    "503": "Not ready yet, or the queue is full; see Retry-After.",
+}
+
+
+def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document with the statuses kleinserve really sends.
+
+    FastAPI documents a 422 on every route with parameters; kleinserve answers invalid input with
+    400 (as every provider does) and has a fixed set of refusals, documented here instead.
+    """
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                had_params = responses.pop("422", None) is not None
+                if had_params or not path.startswith(("/healthz", "/readyz", "/files", "/openapi")):
+                    for status, text in _ERROR_RESPONSES.items():
+                        responses.setdefault(status, {"description": text})
+        schema["paths"].get("/readyz", {}).get("get", {}).get("responses", {}).setdefault(
+            "503", {"description": "Models are still loading, or failed to load."}
+        )
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None, served: list[ServedModel] | None = None) -> FastAPI:
     """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
     settings = settings or Settings()
@@ -138,7 +175,17 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
             body["error"] = runtime.load_error
         return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
-    @app.get("/files/{key:path}", tags=["files"], summary="A result file, through a signed, expiring URL.")
+    @app.get(
+        "/files/{key:path}",
+        tags=["files"],
+        summary="A result file, through a signed, expiring URL.",
+        response_class=FileResponse,
+        responses={
+            200: {"description": "The image.", "content": {t: {} for t in ("image/png", "image/jpeg", "image/webp")}},
+            403: {"description": "Missing, tampered or expired signature."},
+            404: {"description": "No such file."},
+        },
+    )
     async def files(key: str, expires: str | None = None, sig: str | None = None) -> FileResponse:
         runtime.storage.verify(key, expires, sig)
         stored = runtime.storage.open(key)
@@ -146,6 +193,8 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         return FileResponse(
             stored.path, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=3600"}
         )
+
+    app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
 
     for dialect in dialects:
         # Every provider route needs an API key once keys exist (see api/auth.py).

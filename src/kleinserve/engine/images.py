@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 import httpx
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin
 
 from kleinserve.errors import InvalidImageError, KleinserveError
 from kleinserve.request import OutputFormat
@@ -437,7 +437,7 @@ def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.I
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise InvalidImageError(index, "image has too many pixels", field=policy.field) from None
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Exception:
         raise InvalidImageError(
             index, "is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=policy.field
         ) from None
@@ -454,9 +454,17 @@ def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.I
     try:
         image.seek(0)
         image.load()
-        return to_rgb(ImageOps.exif_transpose(image) or image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Exception as err:
         raise InvalidImageError(index, f"image data is corrupt or truncated ({err})", field=policy.field) from None
+    try:
+        # A damaged EXIF block must not cost the picture: it is then used as stored, unrotated.
+        oriented = ImageOps.exif_transpose(image) or image
+    except Exception:
+        oriented = image
+    try:
+        return to_rgb(oriented)
+    except Exception as err:
+        raise InvalidImageError(index, f"image data cannot be converted ({err})", field=policy.field) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

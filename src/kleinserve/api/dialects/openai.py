@@ -230,7 +230,7 @@ async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, 
         return params, references + params.references()
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         raise InvalidParameterError("body", "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidParameterError("body", "must be a JSON object")

@@ -263,15 +263,21 @@ class OxenDialect:
             job = await asyncio.to_thread(runtime_of(request).service.cancel, generation_id, **caller.scope)
             return {"status": "success", "generation_id": generation_id, "generation_status": job.status.value}
 
-        @router.get("/events", summary="Server-Sent Events: media_generation_completed and progress.")
+        @router.get(
+            "/events",
+            summary="Server-Sent Events: media_generation_completed and progress.",
+            response_class=EventSourceResponse,
+            responses={200: {"description": "An endless event stream.", "content": {"text/event-stream": {}}}},
+        )
         async def events(
             request: Request,
             caller: CallerDep,
             last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
         ) -> EventSourceResponse:
             runtime = runtime_of(request)
-            if last_event_id and last_event_id.isdigit():
-                after = int(last_event_id)
+            if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
+                # Beyond SQLite's integers nothing can follow: resume after everything stored.
+                after = min(int(last_event_id), 2**63 - 1)
             else:
                 # Oxen's own examples enqueue first and connect after, so a fast job could finish
                 # in between; a short replay window closes that race (clients filter by id).

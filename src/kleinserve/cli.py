@@ -195,6 +195,10 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
     ] = False,
+    fetch_allow: Annotated[
+        Optional[str],
+        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
@@ -215,6 +219,7 @@ def serve(
         dtype=dtype,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
+        fetch_allow=fetch_allow,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

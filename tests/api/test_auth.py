@@ -14,6 +14,7 @@ import pytest
 
 from kleinserve.keys import KeyStore
 from tests.api.conftest import ServerProcess
+from tests.conftest import ImageServer, png_bytes
 
 MODEL = "black-forest-labs-flux-2-klein-4b"
 SMALL = {"model": MODEL, "prompt": "keyed", "image_size": {"width": 64, "height": 64}}
@@ -49,7 +50,9 @@ def keyed(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         [f"flux-2-klein-4b={tiny_distilled}"],
         "--dtype",
         "float32",
-        env={"KLEINSERVE_MAX_BODY_BYTES": "65536", "KLEINSERVE_FETCH_ALLOW": "127.0.0.1"},
+        "--fetch-allow",  # the flag form of KLEINSERVE_FETCH_ALLOW
+        "127.0.0.1",
+        env={"KLEINSERVE_MAX_BODY_BYTES": "65536"},
     ).start()
     yield server, keys
     server.stop()
@@ -200,6 +203,15 @@ def test_body_size_cap_is_413(keyed: tuple[ServerProcess, Keys]) -> None:
     assert response.status_code == 413 and response.json()["status_message"] == "payload_too_large"
     openai = httpx.post(f"{server.url}/v1/images/generations", json=big, headers=auth(keys, "alice"))
     assert openai.status_code == 413 and openai.json()["error"]["type"] == "request_too_large"
+
+
+def test_fetch_allow_flag_admits_loopback_images(keyed: tuple[ServerProcess, Keys], image_server: ImageServer) -> None:
+    server, keys = keyed
+    url = image_server.add("allowed.png", png_bytes(64, 64))
+    response = httpx.post(
+        f"{server.url}/api/ai/images/edit", json={**SMALL, "input_image": url}, headers=auth(keys, "alice"), timeout=60
+    )
+    assert response.status_code == 200, response.text
 
 
 def test_refuses_a_public_address_without_keys(tmp_path: Path) -> None:

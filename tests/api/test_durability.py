@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ServerProcess
+from tests.conftest import ImageServer, png_bytes
 
 MODEL = "black-forest-labs-flux-2-klein-4b"
 # Slow enough on a tiny model (a few seconds) to be caught mid-run.
@@ -141,3 +142,14 @@ def test_full_queue_is_503_with_retry_after(make_server: Callable[..., ServerPro
 def test_stops_cleanly(make_server: Callable[..., ServerProcess], signal_number: int) -> None:
     server = make_server().start()
     assert_graceful(server, server.stop(signal_number))
+
+
+def test_without_an_allow_list_loopback_images_are_refused(
+    make_server: Callable[..., ServerProcess], image_server: ImageServer
+) -> None:
+    server = make_server().start()
+    url = image_server.add("private.png", png_bytes(64, 64))
+    generation_id = enqueue(server, {**QUICK, "input_image": url})
+    failed = wait_terminal(server, generation_id)
+    assert failed["status"] == "failed" and "loopback address" in failed["error_message"]
+    assert "KLEINSERVE_FETCH_ALLOW" in failed["error_message"]

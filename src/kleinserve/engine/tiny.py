@@ -138,8 +138,8 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> P
     transformer = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels, patchified 2 x 2
-        num_layers=2,
-        num_single_layers=2,
+        num_layers=1,  # one double-stream and one single-stream block: both kinds run
+        num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=3 * TEXT_HIDDEN,  # three stacked text-encoder layers

@@ -894,6 +894,8 @@ function renderSnippet() {
 
 async function copySnippet() {
   const { code } = currentSnippet();
+  // Cleared first, so "Copied." always means this copy has landed, never an earlier one.
+  $('copy-status').textContent = '';
   try {
     await navigator.clipboard.writeText(code);
   } catch {
@@ -905,7 +907,9 @@ async function copySnippet() {
     area.remove();
   }
   $('copy-status').textContent = 'Copied.';
-  setTimeout(() => ($('copy-status').textContent = ''), 2000);
+  // One timer at a time: an earlier copy's timer must not blank this copy's message.
+  clearTimeout(copySnippet.timer);
+  copySnippet.timer = setTimeout(() => ($('copy-status').textContent = ''), 2000);
 }
 
 document.addEventListener('DOMContentLoaded', start);

@@ -16,7 +16,8 @@ from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
-from kleinserve.errors import KleinserveError
+from kleinserve.engine.variants import find_variant
+from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import JobService
@@ -88,6 +89,14 @@ class Runtime:
 
     def models(self) -> list[ServedModel]:
         return list(self.served or [])
+
+    def served_model(self, name: str) -> ServedModel | None:
+        """The served model called ``name`` in any provider's spelling, or ``None``."""
+        try:
+            variant_id = find_variant(name).id
+        except UnknownModelError:
+            return None
+        return next((m for m in self.models() if m.variant.id == variant_id), None)
 
     async def start(self) -> None:
         """Plan and load the models, recover interrupted jobs, start the workers."""

@@ -36,13 +36,12 @@ from kleinserve.api.jobs_http import (
     store_upload,
     wait_for_jobs,
 )
-from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.engine.variants import Variant
 from kleinserve.errors import (
     InvalidImageError,
     InvalidParameterError,
     KleinserveError,
     NotFoundError,
-    UnknownModelError,
 )
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE
@@ -323,14 +322,10 @@ class OpenAIDialect:
         @router.get("/models/{model_id:path}", summary="One served model.")
         async def model(request: Request, model_id: str) -> dict[str, Any]:
             runtime = runtime_of(request)
-            try:
-                variant = find_variant(model_id)
-            except UnknownModelError:
-                raise NotFoundError(f"The model '{model_id}' does not exist") from None
-            for served in runtime.models():
-                if served.variant.id == variant.id:
-                    return model_object(runtime, variant, served.demo)
-            raise NotFoundError(f"The model '{model_id}' does not exist")
+            served = runtime.served_model(model_id)
+            if served is None:
+                raise NotFoundError(f"The model '{model_id}' does not exist")
+            return model_object(runtime, served.variant, served.demo)
 
         return router
 

@@ -36,7 +36,6 @@ from kleinserve.errors import (
     InvalidParameterError,
     KleinserveError,
     NotFoundError,
-    UnknownModelError,
 )
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobStatus
@@ -320,14 +319,10 @@ class OxenDialect:
         @router.get("/ai/models/{model_id:path}", summary="One served model, with its request schema.")
         async def get_model(request: Request, model_id: str) -> dict[str, Any]:
             runtime = runtime_of(request)
-            try:
-                variant = find_variant(model_id)
-            except UnknownModelError:
-                raise NotFoundError(f"Model not found: {model_id}") from None
-            for served in runtime.models():
-                if served.variant.id == variant.id:
-                    return model_object(runtime, variant, served.demo)
-            raise NotFoundError(f"Model not found: {model_id}")
+            served = runtime.served_model(model_id)
+            if served is None:
+                raise NotFoundError(f"Model not found: {model_id}")
+            return model_object(runtime, served.variant, served.demo)
 
         return router
 

@@ -8,15 +8,13 @@ status checks and changes are atomic. Each thread gets its own connection.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kleinserve.database import Database
 from kleinserve.jobs.events import Event
 from kleinserve.jobs.job import ALLOWED_TRANSITIONS, Job, JobStatus, now
 
@@ -48,44 +46,12 @@ class SQLiteJobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connections: builtins.list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._db().executescript(_SCHEMA)  # executescript manages its own transaction
-
-    # -- connections ----------------------------------------------------------------------------
-
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(db)
-        return db
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        self._database = Database(self.path, _SCHEMA)
+        self._db = self._database.connection
+        self._write = self._database.write
 
     def close(self) -> None:
-        with self._connections_lock:
-            for db in self._connections:
-                with contextlib.suppress(sqlite3.ProgrammingError):  # closed from another thread already
-                    db.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._database.close()
 
     # -- jobs -----------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import threading
@@ -90,6 +91,27 @@ class ImageServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def loopback_server(handler: type[http.server.BaseHTTPRequestHandler], release: threading.Event) -> Iterator[int]:
+    """Serve ``handler`` on 127.0.0.1 with proxies unset (so httpx connects directly); yield the port.
+
+    ``release`` is set before shutdown, so handlers blocked on it (slow responses) let go.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            mp.delenv(name, raising=False)
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            yield int(httpd.server_address[1])
+        finally:
+            release.set()
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
 
 
 @pytest.fixture(scope="session")

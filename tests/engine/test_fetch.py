@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -36,6 +36,7 @@ from kleinserve.engine.images import (
 )
 from kleinserve.errors import InvalidImageError
 from kleinserve.settings import Settings
+from tests.conftest import loopback_server
 
 SLOW_DELAY = 5.0  # far longer than the short fetch timeouts; released at teardown
 BIG = b"\x00" * 5000
@@ -177,19 +178,8 @@ def server() -> Iterator[Server]:
     release = threading.Event()
     seen: list[tuple[str, str]] = []
     handler = type("Handler", (_Handler,), {"release": release, "seen": seen})
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            mp.delenv(name, raising=False)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            yield Server(httpd.server_address[1], seen)
-        finally:
-            release.set()
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
+    with loopback_server(handler, release) as port:
+        yield Server(port, seen)
 
 
 def allowing(*entries: str, **changes: Any) -> InputPolicy:

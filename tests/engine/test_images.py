@@ -14,7 +14,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from kleinserve.engine.images import (
 )
 from kleinserve.errors import InvalidImageError
 from kleinserve.request import OutputFormat
+from tests.conftest import loopback_server
 
 # The test server is on loopback, which the server-side host check refuses unless allowed.
 LOCAL = InputPolicy(allow_networks=(ipaddress.ip_network("127.0.0.1/32"),))
@@ -135,19 +136,8 @@ def server() -> Iterator[str]:
     """Base URL of a real HTTP server on 127.0.0.1 (proxies disabled so httpx connects directly)."""
     release = threading.Event()
     handler = type("Handler", (_Handler,), {"png": png_bytes(), "release": release})
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            mp.delenv(name, raising=False)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}"
-        finally:
-            release.set()
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
+    with loopback_server(handler, release) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 # --------------------------------------------------------------------------------------------------

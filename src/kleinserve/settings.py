@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_allow(cls, value: list[str]) -> list[str]:
         # Checked here so a bad entry is a clear settings error at start, not a crash later.
-        from kleinserve.engine.images import parse_fetch_allow  # late: images imports settings
+        from kleinserve.engine.fetch import parse_fetch_allow  # late: the engine imports settings
 
         parse_fetch_allow(value)
         return value

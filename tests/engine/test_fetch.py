@@ -1,4 +1,4 @@
-"""Tests for fetching reference image URLs safely (kleinserve.engine.images.fetch_url).
+"""Tests for fetching reference image URLs safely (kleinserve.engine.fetch.fetch_url).
 
 Real sockets only ever go to 127.0.0.1: a guard fails any connection elsewhere (it is raised
 before a socket is opened), and names under ``.test`` resolve through a fake resolver. Refusals
@@ -25,15 +25,9 @@ import pydantic
 import pytest
 from PIL import Image
 
-from kleinserve.engine import images
-from kleinserve.engine.images import (
-    InputPolicy,
-    embedded_ipv4,
-    fetch_url,
-    load_reference,
-    non_public_kind,
-    parse_fetch_allow,
-)
+from kleinserve.engine import fetch
+from kleinserve.engine.fetch import embedded_ipv4, fetch_url, non_public_kind, parse_fetch_allow
+from kleinserve.engine.images import InputPolicy, load_reference
 from kleinserve.errors import InvalidImageError
 from kleinserve.settings import Settings
 from tests.conftest import loopback_server
@@ -463,7 +457,7 @@ def test_every_checked_address_is_tried_in_order(server: Server, network: Networ
 def test_https_target_keeps_the_name_for_sni_and_host(network: Network) -> None:
     network.names["secure.test"] = ["8.8.4.4"]
     url = httpx.URL("https://secure.test:8443/a/b.png?x=1")
-    [(target, headers, extensions)] = images._targets(url, str(url), 0, InputPolicy())
+    [(target, headers, extensions)] = fetch._targets(url, str(url), 0, InputPolicy())
     assert str(target) == "https://8.8.4.4:8443/a/b.png?x=1"
     assert headers["Host"] == "secure.test:8443"
     assert extensions == {"sni_hostname": "secure.test"}

@@ -210,8 +210,8 @@ def serve(
 
     import uvicorn
 
+    from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
-    from kleinserve.api.auth import is_loopback
     from kleinserve.engine.catalog import plan_models
     from kleinserve.runtime import memory_plan_for
 
@@ -230,7 +230,8 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        keys_exist = _key_store(settings).any_active()
+        key_store = _key_store(settings)
+        keys_exist = key_store.any_active()
         if not keys_exist and not is_loopback(settings.host) and not settings.insecure_no_auth:
             _fail(
                 f"refusing to serve {settings.host} without API keys: anyone who can reach it could use it. "
@@ -257,7 +258,8 @@ def serve(
     if memory.fits is False:
         _fail(f"refusing to start: {memory.refusal()}")
     err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
-    access = "API keys required" if keys_exist else "open (no API keys configured)"
+    required = Access.at_start(key_store, settings.host, settings.insecure_no_auth).keys_required()
+    access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
     uvicorn.run(

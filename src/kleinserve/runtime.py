@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
@@ -21,7 +22,7 @@ from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job
-from kleinserve.jobs.service import JobService
+from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
@@ -60,6 +61,7 @@ class Runtime:
     served: list[ServedModel] | None = None
     store: SQLiteJobStore = field(init=False)
     keys: KeyStore = field(init=False)
+    access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: LocalStorage = field(init=False)
@@ -85,6 +87,8 @@ class Runtime:
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
         self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
+        self._revocations_seen = 0.0
         self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
@@ -172,6 +176,37 @@ class Runtime:
             self.storage.delete_prefix(f"{job.id}/")
         self.storage.remove_stale(UPLOADS, cutoff)
         return len(removed)
+
+    def enforce_revocations(self) -> int:
+        """Cancel the queued and running jobs of keys revoked since the last check; return how many.
+
+        Also tightens :attr:`access` when a key was created, and records the revoked ids, so the
+        revoked keys' event streams end (``api.auth.while_allowed``). The first check covers every
+        key revoked before this start; later ones look a minute back, so clock skew between the
+        process that revoked and this one loses nothing (cancelling twice is harmless).
+        """
+        self.access.keys_required()
+        revoked = self.keys.revoked_since(self._revocations_seen)
+        if not revoked:
+            return 0
+        self.access.note_revoked(frozenset(key_id for key_id, _ in revoked))
+        self._revocations_seen = max(at for _, at in revoked) - 60
+        cancelled = 0
+        for key_id, _ in revoked:
+            for job in self.store.list(owner=key_id, any_owner=False, statuses=ACTIVE, limit=100_000):
+                self.service.cancel(job.id)  # queued: cancelled now; running: stops at its next step
+                cancelled += 1
+        if cancelled:
+            log.info("revoked keys: cancelled %d job(s)", cancelled)
+        return cancelled
+
+    async def enforce_revocations_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.enforce_revocations)
+            except Exception:
+                log.exception("revocation check failed")
+            await asyncio.sleep(self.settings.revocation_interval)
 
     async def sweep_forever(self) -> None:
         while True:

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     insecure_no_auth: bool = Field(
         False, description="Serve without API keys on a non-loopback address (refused otherwise)."
     )
+    revocation_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between checks for revoked keys: their jobs are cancelled, their event streams end.",
+    )
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     price_per_image: dict[str, float] = Field(
         default_factory=lambda: {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_parse_rate_refuses(text: str) -> None:
 
 def test_keys_are_stored_only_as_hashes(key_store: ApiKeyStore, tmp_path: Path) -> None:
     store = key_store
+    assert not store.any_key() and not store.any_active()
     key, secret = store.create("alice", credits=5, concurrency=2, requests_per_minute=6.5)
     assert secret.startswith("ks-") and len(secret) > 40
     raw = stored_text(store, tmp_path)
@@ -68,6 +70,8 @@ def test_keys_are_stored_only_as_hashes(key_store: ApiKeyStore, tmp_path: Path) 
     with pytest.raises(NotFoundError):
         store.revoke("nobody")
     assert store.get("alice").revoked_at == store.revoke("alice").revoked_at  # revoking twice keeps the first time
+    assert store.any_key() and store.revoked_since(0) == [(key.id, store.get("alice").revoked_at)]
+    assert store.revoked_since(time.time() + 1) == []
     assert [k.name for k in store.list()] == ["alice"] and store.list()[0].concurrency == 2
 
 

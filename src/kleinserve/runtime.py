@@ -17,6 +17,7 @@ from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
+from kleinserve.engine.memory import MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
@@ -46,6 +47,12 @@ class ModelInfo:
         return self.served.variant.id
 
 
+def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
+    """The memory plan of ``served`` on the settings' device, dtype and memory limit."""
+    device = pick_device(settings.device)
+    return plan_served(served, device, pick_dtype(device, settings.dtype), device_memory_gb=settings.device_memory)
+
+
 @dataclass
 class Runtime:
     """Everything a running server holds, built from :class:`Settings`."""
@@ -66,6 +73,7 @@ class Runtime:
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
+    memory: MemoryPlan | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +119,8 @@ class Runtime:
             device = pick_device(self.settings.device)
             dtype = pick_dtype(device, self.settings.dtype)
             self.device, self.dtype = str(device), dtype_name(dtype)
+            self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
+            self.memory.check()
             self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
         except KleinserveError as err:
             self.load_error = err.message

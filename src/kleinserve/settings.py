@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    device_memory: float | None = Field(
+        None,
+        gt=0,
+        description="GB the device may use for the models (default: what it has free at start); the memory "
+        "plan refuses to start when the models need more.",
+    )
 
     # Server.
     host: str = Field("127.0.0.1", description="Address the server binds to.")

@@ -75,7 +75,7 @@ def test_keys_are_stored_only_as_hashes(key_store: ApiKeyStore, tmp_path: Path) 
 def test_revocations_are_listed_and_revoked_keys_still_count(key_store: ApiKeyStore) -> None:
     store = key_store
     assert not store.any_key() and store.revoked_since(0) == []
-    kept, _ = store.create("kept")
+    store.create("kept")
     gone, _ = store.create("gone")
     before = time.time() - 1
     store.revoke("gone")

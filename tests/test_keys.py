@@ -75,6 +75,19 @@ def test_keys_are_stored_only_as_hashes(key_store: ApiKeyStore, tmp_path: Path) 
     assert [k.name for k in store.list()] == ["alice"] and store.list()[0].concurrency == 2
 
 
+def test_revocations_are_listed_and_revoked_keys_still_count(key_store: ApiKeyStore) -> None:
+    store = key_store
+    assert not store.any_key() and store.revoked_since(0) == []
+    store.create("kept")
+    gone, _ = store.create("gone")
+    before = time.time() - 1
+    store.revoke("gone")
+    assert store.revoked_since(before) == [(gone.id, store.get("gone").revoked_at)]
+    assert store.revoked_since(time.time() + 60) == []
+    store.revoke("kept")
+    assert store.any_key() and not store.any_active()  # a table of revoked keys keeps a server closed
+
+
 def test_usage_is_recorded_once_per_job(key_store: ApiKeyStore) -> None:
     store = key_store
     key, _ = store.create("bob")

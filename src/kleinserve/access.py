@@ -22,13 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from typing import Protocol
 
-
-class _ActiveKeys(Protocol):
-    def any_active(self) -> bool: ...
-
-    def any_key(self) -> bool: ...
+from kleinserve.keys import ApiKeyStore
 
 
 def is_loopback(host: str) -> bool:
@@ -44,14 +39,14 @@ def is_loopback(host: str) -> bool:
 class Access:
     """The server's access rule: open, or keys required (sticky), plus the revoked key ids."""
 
-    def __init__(self, keys: _ActiveKeys, *, keys_required: bool) -> None:
+    def __init__(self, keys: ApiKeyStore, *, keys_required: bool) -> None:
         self._keys = keys
         self._required = keys_required
         self._revoked: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
     @classmethod
-    def at_start(cls, keys: _ActiveKeys, host: str, insecure_no_auth: bool = False) -> Access:
+    def at_start(cls, keys: ApiKeyStore, host: str, insecure_no_auth: bool = False) -> Access:
         """The start-up decision for a server binding ``host`` (see the module docstring)."""
         public = not is_loopback(host) and not insecure_no_auth
         return cls(keys, keys_required=public or keys.any_key())

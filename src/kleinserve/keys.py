@@ -122,7 +122,13 @@ class ApiKeyStore(Protocol):
         """Revoke the key called ``name`` (once; revoking again changes nothing)."""
 
     def any_active(self) -> bool:
-        """Whether any key is active (then the server requires keys)."""
+        """Whether any key is active (a running open server then starts requiring keys)."""
+
+    def any_key(self) -> bool:
+        """Whether any key was ever created, revoked ones included (see kleinserve.access)."""
+
+    def revoked_since(self, since: float) -> builtins.list[tuple[str, float]]:
+        """``(id, revoked_at)`` of the keys revoked at or after ``since``, oldest first."""
 
     def any_key(self) -> bool:
         """Whether any key was ever created here (revoked ones count: see kleinserve.access)."""

@@ -24,8 +24,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEINSERVE_", env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Where jobs, events, keys and limits live: postgresql://user:password@host:5432/db, shared by "
+            "several api and worker processes; default (unset): SQLite in the data dir (sqlite:///PATH names "
+            "another file)."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    device_memory: float | None = Field(
+        None,
+        gt=0,
+        description="GB the device may use for the models (default: what it has free at start); the memory "
+        "plan refuses to start when the models need more.",
+    )
 
     # Server.
     host: str = Field("127.0.0.1", description="Address the server binds to.")
@@ -73,6 +87,11 @@ class Settings(BaseSettings):
     insecure_no_auth: bool = Field(
         False, description="Serve without API keys on a non-loopback address (refused otherwise)."
     )
+    revocation_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between checks for revoked keys: their jobs are cancelled, their event streams end.",
+    )
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     price_per_image: dict[str, float] = Field(
         default_factory=lambda: {
@@ -83,6 +102,13 @@ class Settings(BaseSettings):
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
+        return value or None
 
     @field_validator("fetch_allow", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kleinserve.errors import InvalidParameterError, KleinserveError
+from kleinserve.logs import configure_logging
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
 from kleinserve.settings import Settings
 
@@ -199,7 +200,13 @@ def serve(
         Optional[str],
         typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        Optional[str], typer.Option("--log-format", help="text (default) or json: one JSON object per line.")
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -220,8 +227,11 @@ def serve(
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+        log_prompts=log_prompts or None,
     )
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         keys_exist = _key_store(settings).any_active()
@@ -236,24 +246,38 @@ def serve(
         _fail(err.message)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{shown_host}:{settings.port}"
-    if any(m.demo for m in served):
-        err_console.print(
-            "[bold yellow]DEMO MODE:[/] no real weights could be found or downloaded; every model runs on tiny "
-            "random weights and makes noise, not pictures. Pass --model ID or --model ID=PATH for real weights.",
-            highlight=False,
+    if settings.log_format == "json":  # log collectors get JSON lines only, so the banner is one of them
+        logging.getLogger("kleinserve").info(
+            "serving %s",
+            url,
+            extra={
+                "models": {m.variant.id: str(m.directory) for m in served},
+                "demo": any(m.demo for m in served),
+                "data_dir": str(settings.data_dir.resolve()),
+                "keys_required": keys_exist,
+            },
         )
-    err_console.print(f"kleinserve {url}", highlight=False)
-    for m in served:
-        err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
-    err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
-    access = "API keys required" if keys_exist else "open (no API keys configured)"
-    err_console.print(f"  access: {access}", highlight=False)
-    err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
+    else:
+        if any(m.demo for m in served):
+            err_console.print(
+                "[bold yellow]DEMO MODE:[/] no real weights could be found or downloaded; every model runs on tiny "
+                "random weights and makes noise, not pictures. Pass --model ID or --model ID=PATH for real weights.",
+                highlight=False,
+            )
+        err_console.print(f"kleinserve {url}", highlight=False)
+        for m in served:
+            err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+        err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
+        access = "API keys required" if keys_exist else "open (no API keys configured)"
+        err_console.print(f"  access: {access}", highlight=False)
+        err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
     uvicorn.run(
         create_app(settings, served),
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
+        access_log=False,  # api/access.py writes the access lines (with request ids and durations)
         timeout_graceful_shutdown=30,
     )
 

@@ -8,7 +8,7 @@ human-readable text format or one JSON object per line::
      "job_id": "...", "method": "POST", "route": "/v1/images/generations", "status": 200, ...}
 
 Where the ids come from: a :class:`LogContext` is held in a context variable. The HTTP layer opens
-one per request (``api/access.py``); code further in *fills* it (the auth dependency sets the key
+one per request (``api/access_log.py``); code further in *fills* it (the auth dependency sets the key
 id, the job service the job id), and the worker opens one per job it runs. The context holds a
 mutable object rather than plain values on purpose: FastAPI runs sync code in worker threads with a
 *copy* of the context, and a copied reference to the same object still reaches the access log line

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__
-from kleinserve.api.access import AccessMiddleware
+from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.onemin import OneMinDialect
@@ -138,7 +138,11 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(runtime.start()), asyncio.create_task(runtime.sweep_forever())]
+        tasks = [
+            asyncio.create_task(runtime.start()),
+            asyncio.create_task(runtime.sweep_forever()),
+            asyncio.create_task(runtime.enforce_revocations_forever()),
+        ]
         try:
             yield
         finally:

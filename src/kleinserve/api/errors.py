@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kleinserve.api.access import REQUEST_ID_HEADER, SCOPE_KEY
+from kleinserve.api.access_log import REQUEST_ID_HEADER, SCOPE_KEY
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.errors import (
     AuthenticationError,

@@ -298,9 +298,16 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server'
 
 
 def _key_store(settings: Settings) -> Any:
-    from kleinserve.keys import KeyStore
+    from kleinserve.backends import key_store
 
-    return KeyStore(settings.data_dir / "jobs.sqlite3")
+    return key_store(settings)  # KLEINSERVE_DATABASE_URL: SQLite in the data dir, or PostgreSQL
+
+
+def _keys(data_dir: Path | None) -> Any:
+    """The key store of the settings, as a context that closes it (a PostgreSQL pool ends cleanly)."""
+    from kleinserve.backends import opened_key_store
+
+    return opened_key_store(_settings(data_dir=data_dir))
 
 
 @keys_app.command("create")
@@ -317,15 +324,15 @@ def keys_create(
     """Create a key. Its secret is printed once, on stdout, and stored only as a hash."""
     from kleinserve.keys import parse_rate
 
-    settings = _settings(data_dir=data_dir)
     try:
-        key, secret = _key_store(settings).create(
-            name,
-            requests_per_minute=parse_rate(rate, "rate") if rate else None,
-            images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
-            concurrency=concurrency,
-            credits=credits,
-        )
+        with _keys(data_dir) as store:
+            key, secret = store.create(
+                name,
+                requests_per_minute=parse_rate(rate, "rate") if rate else None,
+                images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
+                concurrency=concurrency,
+                credits=credits,
+            )
     except KleinserveError as err:
         _fail(err.message)
     err_console.print(f"created key {key.name!r}; keep the secret now, it is not shown again:", highlight=False)
@@ -335,8 +342,9 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None) -> None:
     """List keys (names, prefixes, limits; never secrets)."""
-    store = _key_store(_settings(data_dir=data_dir))
-    for key in store.list():
+    with _keys(data_dir) as store:
+        keys = store.list()
+    for key in keys:
         state = "revoked" if not key.active else "active"
         limits = ", ".join(
             f"{label} {value:g}"
@@ -355,7 +363,8 @@ def keys_list(data_dir: DataDir = None) -> None:
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """Revoke a key: it stops working at once."""
     try:
-        _key_store(_settings(data_dir=data_dir)).revoke(name)
+        with _keys(data_dir) as store:
+            store.revoke(name)
     except KleinserveError as err:
         _fail(err.message)
     out_console.print(f"revoked {name}", highlight=False)
@@ -364,12 +373,12 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], da
 @keys_app.command("usage")
 def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """What a key has generated and spent."""
-    store = _key_store(_settings(data_dir=data_dir))
     try:
-        key = store.get(name)
+        with _keys(data_dir) as store:
+            key = store.get(name)
+            usage = store.usage(key.id)
     except KleinserveError as err:
         _fail(err.message)
-    usage = store.usage(key.id)
     left = "unlimited" if key.credits is None else f"{key.credits - usage.spent:g} of {key.credits:g}"
     out_console.print(f"{name}: {usage.images} images in {usage.jobs} jobs, spent {usage.spent:g}; credits {left}")
     for model, row in sorted(usage.by_model.items()):

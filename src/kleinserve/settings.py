@@ -24,6 +24,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEINSERVE_", env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Where jobs, events, keys and limits live: postgresql://user:password@host:5432/db, shared by "
+            "several api and worker processes; default (unset): SQLite in the data dir (sqlite:///PATH names "
+            "another file)."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
     device_memory: float | None = Field(
@@ -104,6 +112,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
+        return value or None
 
     @field_validator("fetch_allow", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kleinserve.errors import InvalidParameterError, KleinserveError
+from kleinserve.logs import configure_logging
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
 from kleinserve.settings import Settings
 
@@ -34,6 +35,7 @@ _STAGE_LABELS = {
 
 
 def _fail(message: str) -> NoReturn:
+    err_console.quiet = False  # muted only for the banner when logs are JSON
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -203,7 +205,13 @@ def serve(
         Optional[str],
         typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        Optional[str], typer.Option("--log-format", help="text (default) or json: one JSON object per line.")
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -226,8 +234,14 @@ def serve(
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+        log_prompts=log_prompts or None,
     )
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
+    # print) and one "serving" log line says the same.
+    err_console.quiet = settings.log_format == "json"
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_store = _key_store(settings)
@@ -262,11 +276,18 @@ def serve(
     access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
+    logging.getLogger("kleinserve").info(
+        "serving %s",
+        url,
+        extra={"models": {m.variant.id: str(m.directory) for m in served}, "demo": any(m.demo for m in served)},
+    )
     uvicorn.run(
         create_app(settings, served),
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
+        access_log=False,  # api/access_log.py writes the access lines (with request ids and durations)
         timeout_graceful_shutdown=30,
     )
 

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     )
     keepalive_interval: float = Field(15, gt=0, description="Seconds between SSE keep-alive comments.")
 
+    # Logs (logs.py formats them).
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_prompts: bool = Field(False, description="Include prompts in job log lines (never, unless set).")
+
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
     max_references: int = Field(4, ge=0, le=16, description="Most reference images per request.")
@@ -102,6 +107,11 @@ class Settings(BaseSettings):
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

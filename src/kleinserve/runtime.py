@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from kleinserve.access import Access
+from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
@@ -68,6 +69,7 @@ class Runtime:
     cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
+    prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
@@ -83,6 +85,7 @@ class Runtime:
         self.bus = EventBus(self.store)
         self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
         self.cancels = CancelRequests()
+        self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
         self.service = JobService(
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
@@ -122,6 +125,8 @@ class Runtime:
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
             self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+            for engine in self.engines.values():
+                engine.prompt_cache = self.prompt_cache
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)

@@ -195,6 +195,22 @@ def serve(
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
     ] = None,
+    offload: Annotated[
+        Optional[str], typer.Option(help="CPU offloading on a GPU: none, model, sequential or group.")
+    ] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = None,
+    quantize_text_encoder: Annotated[
+        Optional[str], typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = None,
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="Run the text encoder elsewhere, e.g. cpu.")
+    ] = None,
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the transformer blocks (warmed up before ready).")
+    ] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -223,6 +239,12 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        offload=offload,
+        quantize=quantize,
+        quantize_text_encoder=quantize_text_encoder,
+        text_encoder_device=text_encoder_device,
+        compile=compile_blocks or None,
+        attention_backend=attention_backend,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,

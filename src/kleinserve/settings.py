@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+OffloadName = Literal["none", "model", "sequential", "group"]
+QuantizationName = Literal["none", "int8", "fp8", "int4"]
 
 
 class Settings(BaseSettings):
@@ -31,6 +33,19 @@ class Settings(BaseSettings):
         gt=0,
         description="GB the device may use for the models (default: what it has free at start); the memory "
         "plan refuses to start when the models need more.",
+    )
+    # How the models are loaded (engine/loading.py; README "Memory modes").
+    offload: OffloadName = Field("none", description="CPU offloading: none, model, sequential or group.")
+    quantize: QuantizationName = Field("none", description="Transformer weights: none, int8, fp8 or int4 (torchao).")
+    quantize_text_encoder: QuantizationName = Field(
+        "none", description="Text encoder weights: none, int8, fp8 or int4 (torchao)."
+    )
+    text_encoder_device: str | None = Field(
+        None, description="Device of the text encoder when not the main one (e.g. cpu); left out of offloading."
+    )
+    compile: bool = Field(False, description="Compile the transformer blocks (warmed up before /readyz is 200).")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (native, flash, sage, ...); default: native SDPA."
     )
 
     # Server.

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kleinserve.errors import InvalidParameterError, KleinserveError
+from kleinserve.logs import configure_logging
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
 from kleinserve.settings import Settings
 
@@ -34,6 +35,7 @@ _STAGE_LABELS = {
 
 
 def _fail(message: str) -> NoReturn:
+    err_console.quiet = False  # muted only for the banner when logs are JSON
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -219,7 +221,13 @@ def serve(
         Optional[str],
         typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        Optional[str], typer.Option("--log-format", help="text (default) or json: one JSON object per line.")
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -248,8 +256,14 @@ def serve(
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+        log_prompts=log_prompts or None,
     )
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
+    # print) and one "serving" log line says the same.
+    err_console.quiet = settings.log_format == "json"
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_store = _key_store(settings)
@@ -284,11 +298,18 @@ def serve(
     access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
+    logging.getLogger("kleinserve").info(
+        "serving %s",
+        url,
+        extra={"models": {m.variant.id: str(m.directory) for m in served}, "demo": any(m.demo for m in served)},
+    )
     uvicorn.run(
         create_app(settings, served),
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
+        access_log=False,  # api/access_log.py writes the access lines (with request ids and durations)
         timeout_graceful_shutdown=30,
     )
 
@@ -299,9 +320,16 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server'
 
 
 def _key_store(settings: Settings) -> Any:
-    from kleinserve.keys import KeyStore
+    from kleinserve.backends import key_store
 
-    return KeyStore(settings.data_dir / "jobs.sqlite3")
+    return key_store(settings)  # KLEINSERVE_DATABASE_URL: SQLite in the data dir, or PostgreSQL
+
+
+def _keys(data_dir: Path | None) -> Any:
+    """The key store of the settings, as a context that closes it (a PostgreSQL pool ends cleanly)."""
+    from kleinserve.backends import opened_key_store
+
+    return opened_key_store(_settings(data_dir=data_dir))
 
 
 @keys_app.command("create")
@@ -318,15 +346,15 @@ def keys_create(
     """Create a key. Its secret is printed once, on stdout, and stored only as a hash."""
     from kleinserve.keys import parse_rate
 
-    settings = _settings(data_dir=data_dir)
     try:
-        key, secret = _key_store(settings).create(
-            name,
-            requests_per_minute=parse_rate(rate, "rate") if rate else None,
-            images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
-            concurrency=concurrency,
-            credits=credits,
-        )
+        with _keys(data_dir) as store:
+            key, secret = store.create(
+                name,
+                requests_per_minute=parse_rate(rate, "rate") if rate else None,
+                images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
+                concurrency=concurrency,
+                credits=credits,
+            )
     except KleinserveError as err:
         _fail(err.message)
     err_console.print(f"created key {key.name!r}; keep the secret now, it is not shown again:", highlight=False)
@@ -336,8 +364,9 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None) -> None:
     """List keys (names, prefixes, limits; never secrets)."""
-    store = _key_store(_settings(data_dir=data_dir))
-    for key in store.list():
+    with _keys(data_dir) as store:
+        keys = store.list()
+    for key in keys:
         state = "revoked" if not key.active else "active"
         limits = ", ".join(
             f"{label} {value:g}"
@@ -356,7 +385,8 @@ def keys_list(data_dir: DataDir = None) -> None:
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """Revoke a key: it stops working at once."""
     try:
-        _key_store(_settings(data_dir=data_dir)).revoke(name)
+        with _keys(data_dir) as store:
+            store.revoke(name)
     except KleinserveError as err:
         _fail(err.message)
     out_console.print(f"revoked {name}", highlight=False)
@@ -365,12 +395,12 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], da
 @keys_app.command("usage")
 def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """What a key has generated and spent."""
-    store = _key_store(_settings(data_dir=data_dir))
     try:
-        key = store.get(name)
+        with _keys(data_dir) as store:
+            key = store.get(name)
+            usage = store.usage(key.id)
     except KleinserveError as err:
         _fail(err.message)
-    usage = store.usage(key.id)
     left = "unlimited" if key.credits is None else f"{key.credits - usage.spent:g} of {key.credits:g}"
     out_console.print(f"{name}: {usage.images} images in {usage.jobs} jobs, spent {usage.spent:g}; credits {left}")
     for model, row in sorted(usage.by_model.items()):

@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEINSERVE_", env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Where jobs, events, keys and limits live: postgresql://user:password@host:5432/db, shared by "
+            "several api and worker processes; default (unset): SQLite in the data dir (sqlite:///PATH names "
+            "another file)."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
     device_memory: float | None = Field(
@@ -66,6 +74,11 @@ class Settings(BaseSettings):
         60, ge=0, description="A new SSE connection first gets the events of this many past seconds."
     )
     keepalive_interval: float = Field(15, gt=0, description="Seconds between SSE keep-alive comments.")
+
+    # Logs (logs.py formats them).
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_prompts: bool = Field(False, description="Include prompts in job log lines (never, unless set).")
 
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
@@ -109,6 +122,18 @@ class Settings(BaseSettings):
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
+        return value or None
 
     @field_validator("fetch_allow", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__
+from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.onemin import OneMinDialect
@@ -161,6 +162,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     app.add_middleware(DemoHeaderMiddleware, runtime=runtime)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(AccessMiddleware)  # outermost of ours: request id and access log around everything
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:

@@ -212,6 +212,12 @@ def serve(
     log_prompts: Annotated[
         bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
     ] = False,
+    metrics: Annotated[
+        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
+    ] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
+    ] = None,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -237,6 +243,8 @@ def serve(
         log_level=log_level,
         log_format=log_format,
         log_prompts=log_prompts or None,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
@@ -281,6 +289,10 @@ def serve(
         url,
         extra={"models": {m.variant.id: str(m.directory) for m in served}, "demo": any(m.demo for m in served)},
     )
+    if settings.metrics_port is not None:
+        from kleinserve.metrics import serve_port
+
+        serve_port(settings.metrics_port, settings.metrics_host)
     uvicorn.run(
         create_app(settings, served),
         host=settings.host,

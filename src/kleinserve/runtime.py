@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kleinserve import metrics
 from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
@@ -162,6 +163,7 @@ class Runtime:
         """Jobs a crash left running go back to the queue, or fail once out of attempts."""
         requeued, failed = self.store.recover(self.settings.max_attempts)
         for job in failed:
+            metrics.job_finished(job)
             self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
         # Queued jobs for a model this start does not serve fail in the worker, with that reason.
         if requeued or failed:

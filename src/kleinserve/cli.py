@@ -197,6 +197,22 @@ def serve(
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
     ] = None,
+    offload: Annotated[
+        Optional[str], typer.Option(help="CPU offloading on a GPU: none, model, sequential or group.")
+    ] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = None,
+    quantize_text_encoder: Annotated[
+        Optional[str], typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = None,
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="Run the text encoder elsewhere, e.g. cpu.")
+    ] = None,
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the transformer blocks (warmed up before ready).")
+    ] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -212,6 +228,12 @@ def serve(
     log_prompts: Annotated[
         bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
     ] = False,
+    metrics: Annotated[
+        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
+    ] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
+    ] = None,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -231,12 +253,20 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        offload=offload,
+        quantize=quantize,
+        quantize_text_encoder=quantize_text_encoder,
+        text_encoder_device=text_encoder_device,
+        compile=compile_blocks or None,
+        attention_backend=attention_backend,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
         log_level=log_level,
         log_format=log_format,
         log_prompts=log_prompts or None,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
@@ -281,6 +311,10 @@ def serve(
         url,
         extra={"models": {m.variant.id: str(m.directory) for m in served}, "demo": any(m.demo for m in served)},
     )
+    if settings.metrics_port is not None:
+        from kleinserve.metrics import serve_port
+
+        serve_port(settings.metrics_port, settings.metrics_host)
     uvicorn.run(
         create_app(settings, served),
         host=settings.host,

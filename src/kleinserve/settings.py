@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+OffloadName = Literal["none", "model", "sequential", "group"]
+QuantizationName = Literal["none", "int8", "fp8", "int4"]
 
 
 class Settings(BaseSettings):
@@ -45,6 +47,19 @@ class Settings(BaseSettings):
         description="GB the device may use for the models (default: what it has free at start); the memory "
         "plan refuses to start when the models need more.",
     )
+    # How the models are loaded (engine/loading.py; README "Memory modes").
+    offload: OffloadName = Field("none", description="CPU offloading: none, model, sequential or group.")
+    quantize: QuantizationName = Field("none", description="Transformer weights: none, int8, fp8 or int4 (torchao).")
+    quantize_text_encoder: QuantizationName = Field(
+        "none", description="Text encoder weights: none, int8, fp8 or int4 (torchao)."
+    )
+    text_encoder_device: str | None = Field(
+        None, description="Device of the text encoder when not the main one (e.g. cpu); left out of offloading."
+    )
+    compile: bool = Field(False, description="Compile the transformer blocks (warmed up before /readyz is 200).")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (native, flash, sage, ...); default: native SDPA."
+    )
 
     # Server.
     host: str = Field("127.0.0.1", description="Address the server binds to.")
@@ -69,6 +84,16 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
     log_prompts: bool = Field(False, description="Include prompts in job log lines (never, unless set).")
+
+    # Metrics (metrics.py counts, api/metrics_http.py serves them).
+    metrics: Literal["off", "open", "admin"] = Field(
+        "off", description="GET /metrics: off (404), open to anyone, or admin (Bearer KLEINSERVE_ADMIN_TOKEN)."
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints such as /metrics.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Also expose metrics on this port (no auth; for worker processes)."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the --metrics-port listener binds to.")
 
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
@@ -113,7 +138,7 @@ class Settings(BaseSettings):
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "metrics", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -140,6 +165,12 @@ class Settings(BaseSettings):
 
         parse_fetch_allow(value)
         return value
+
+    @model_validator(mode="after")
+    def _admin_needs_token(self) -> Settings:
+        if self.metrics == "admin" and not (self.admin_token and self.admin_token.get_secret_value()):
+            raise ValueError("KLEINSERVE_METRICS=admin needs KLEINSERVE_ADMIN_TOKEN")
+        return self
 
     def size_bounds_text(self) -> str:
         """The size rule in words, for error messages and help."""

@@ -6,8 +6,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,31 +14,13 @@ import pytest
 
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.keys import KeyStore
-from tests.api.conftest import ServerProcess
+from tests.api.conftest import OpsServer, ServerProcess
 
 MODEL = "black-forest-labs-flux-2-klein-4b"
 
 
 def small(prompt: str) -> dict[str, Any]:
     return {"model": MODEL, "prompt": prompt, "image_size": {"width": 64, "height": 64}}
-
-
-@pytest.fixture(scope="module")
-def json_server(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
-    """A server logging JSON lines, prompts included, with one API key (returned beside it)."""
-    data_dir = tmp_path_factory.mktemp("json-logs")
-    _, secret = KeyStore(data_dir / "jobs.sqlite3").create("logger")
-    server = ServerProcess(
-        data_dir,
-        [f"flux-2-klein-4b={tiny_distilled}"],
-        "--dtype",
-        "float32",
-        "--log-format",
-        "json",
-        "--log-prompts",
-    ).start()
-    yield server, secret
-    server.stop()
 
 
 def json_lines(server: ServerProcess) -> list[dict[str, Any]]:
@@ -58,8 +39,8 @@ def wait_for(read: Callable[[], list[Any]], found: Callable[[Any], bool], timeou
     raise AssertionError("log line never appeared")
 
 
-def test_json_lines_carry_request_job_and_key_ids(json_server: tuple[ServerProcess, str]) -> None:
-    server, secret = json_server
+def test_json_lines_carry_request_job_and_key_ids(ops_server: OpsServer) -> None:
+    server, secret = ops_server.server, ops_server.secret
     request_id = f"client-{uuid.uuid4().hex[:8]}"
     prompt = f"a lighthouse {uuid.uuid4().hex}"
     response = httpx.post(
@@ -94,8 +75,8 @@ def test_json_lines_carry_request_job_and_key_ids(json_server: tuple[ServerProce
         stored.close()
 
 
-def test_json_access_lines_use_route_templates_and_redact_signed_urls(json_server: tuple[ServerProcess, str]) -> None:
-    server, secret = json_server
+def test_json_access_lines_use_route_templates_and_redact_signed_urls(ops_server: OpsServer) -> None:
+    server, secret = ops_server.server, ops_server.secret
     headers = {"Authorization": f"Bearer {secret}"}
     result = httpx.post(f"{server.url}/api/ai/images/generate", json=small("signed"), headers=headers, timeout=120)
     assert result.status_code == 200, result.text

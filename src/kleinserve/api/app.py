@@ -19,7 +19,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kleinserve import __version__
+from kleinserve import __version__, metrics
 from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
@@ -29,6 +29,7 @@ from kleinserve.api.dialects.oxen import OxenDialect
 from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
 from kleinserve.engine.catalog import ServedModel
 from kleinserve.runtime import Runtime
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        unwatch = watch_runtime(runtime)  # queue and device gauges, read at scrape time
         tasks = [
             asyncio.create_task(runtime.start()),
             asyncio.create_task(runtime.sweep_forever()),
@@ -150,6 +152,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(runtime.stop)
+            unwatch()
 
     app = FastAPI(
         title="kleinserve",
@@ -162,7 +165,8 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     app.add_middleware(DemoHeaderMiddleware, runtime=runtime)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(AccessMiddleware)  # outermost of ours: request id and access log around everything
+    # Outermost of ours: request id, access log and HTTP metrics around everything.
+    app.add_middleware(AccessMiddleware, observers=[metrics.observe_request])
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
@@ -208,4 +212,5 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
     app.include_router(workbench_router())
+    app.include_router(metrics_router())
     return app

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from kleinserve import logs
+from kleinserve import logs, metrics
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
@@ -102,6 +102,7 @@ class JobService:
             queued = self._enqueue(jobs)
         context.job_id = ",".join(job.id for job in queued)
         for job in queued:
+            metrics.job_submitted(job)
             log.info("job queued", extra={"job_id": job.id, "model": job.request.model, "dialect": job.dialect})
         return queued
 
@@ -156,6 +157,7 @@ class JobService:
         if job.status is JobStatus.QUEUED:
             cancelled = self.store.transition(job_id, JobStatus.CANCELLED, expect=[JobStatus.QUEUED])
             if cancelled is not None:
+                metrics.job_finished(cancelled)
                 self.bus.publish(Event.for_job(EventType.CANCELLED, cancelled))
                 return cancelled
             job = self.get(job_id)  # a worker claimed it meanwhile

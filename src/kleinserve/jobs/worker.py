@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from kleinserve import logs
+from kleinserve import logs, metrics
 from kleinserve.engine.engine import Engine, Progress
 from kleinserve.engine.images import InputPolicy, load_references
 from kleinserve.errors import GenerationCancelledError, KleinserveError
@@ -113,6 +113,7 @@ class Worker:
         return self._stopping.is_set() or self.cancels.requested(job_id)
 
     def _process(self, job: Job) -> None:
+        metrics.job_started(job)
         log.info(
             "job started",
             extra={"model": job.request.model, "attempt": job.attempts, **logs.prompt_fields(job.request.prompt)},
@@ -140,6 +141,7 @@ class Worker:
                 on_progress=on_progress,
                 should_cancel=lambda: self._should_stop(job.id),
             )
+            metrics.job_ran(job, result.timings, result.steps)
             outputs = []
             for index, encoded in enumerate(result.images):
                 key = f"{job.id}/{index}.{_EXTENSIONS[encoded.media_type]}"
@@ -176,6 +178,7 @@ class Worker:
                 self.on_succeeded(done)
             except Exception:
                 log.exception("%s: could not record usage of job %s", self.name, job.id)
+        metrics.job_finished(done)
         log.info("job succeeded", extra={"images": len(outputs), "timings": result.timings})
         self.bus.publish(Event.for_job(EventType.SUCCEEDED, done, outputs=[o.key for o in outputs]))
 
@@ -183,6 +186,7 @@ class Worker:
         if self.cancels.requested(job.id):
             cancelled = self.store.transition(job.id, JobStatus.CANCELLED, expect=[JobStatus.PROCESSING])
             if cancelled is not None:
+                metrics.job_finished(cancelled)
                 log.info("job cancelled")
                 self.bus.publish(Event.for_job(EventType.CANCELLED, cancelled))
             return
@@ -198,5 +202,6 @@ class Worker:
             job.id, JobStatus.FAILED, expect=[JobStatus.PROCESSING], error_code=code, error_message=message
         )
         if failed is not None:
+            metrics.job_finished(failed)
             log.info("job failed: %s", message, extra={"code": code})
             self.bus.publish(Event.for_job(EventType.FAILED, failed, error=message, code=code))

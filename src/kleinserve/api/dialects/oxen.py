@@ -25,7 +25,6 @@ from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_b64,
     result_url,
     runtime_of,
@@ -197,11 +196,10 @@ class OxenDialect:
                 extra={"model": body.model, **_echo(body)},
             )
             (job,) = await wait_for_jobs(request, runtime, jobs)
-            base = public_base_url(request)
             images = [
                 {"b64_json": result_b64(runtime, o)}
                 if body.response_format == "b64_json"
-                else {"url": result_url(runtime, base, o)}
+                else {"url": result_url(runtime, o)}
                 for o in outputs_of(job)
             ]
             return {"model": body.model, "created": int(job.created_at), "images": images}
@@ -247,15 +245,14 @@ class OxenDialect:
             statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
             model_id = find_variant(model).id if model else None
             jobs = await asyncio.to_thread(runtime.service.list, statuses=statuses, model=model_id, **caller.scope)
-            base = public_base_url(request)
-            items = [generation_object(runtime, job, base) for job in jobs]
+            items = [generation_object(runtime, job) for job in jobs]
             return {"count": len(items), "generations": items}
 
         @router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
         async def get_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
             runtime = runtime_of(request)
             job = await asyncio.to_thread(runtime.service.get, generation_id, **caller.scope)
-            return generation_object(runtime, job, public_base_url(request))
+            return generation_object(runtime, job)
 
         @router.delete("/ai/queue/{generation_id}", summary="Cancel a queued or processing generation.")
         async def cancel_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
@@ -282,14 +279,13 @@ class OxenDialect:
                 # in between; a short replay window closes that race (clients filter by id).
                 since = time.time() - runtime.settings.sse_replay_seconds
                 after = await asyncio.to_thread(runtime.store.last_seq_before, since)
-            base = public_base_url(request)
 
             async def stream() -> AsyncIterator[ServerSentEvent]:
                 async with runtime.bus.subscribe(
                     after=after, owner=caller.owner, all_owners=caller.key is None
                 ) as subscription:
                     async for event in subscription:
-                        for sse in to_sse(runtime, event, base):
+                        for sse in to_sse(runtime, event):
                             yield sse
 
             return EventSourceResponse(
@@ -331,7 +327,7 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def generation_object(runtime: Runtime, job: Job, base_url: str) -> dict[str, Any]:
+def generation_object(runtime: Runtime, job: Job) -> dict[str, Any]:
     """A queue item as Oxen shapes it, plus kleinserve's extras (progress, queue position, size)."""
     outputs = outputs_of(job)
     item: dict[str, Any] = {
@@ -340,7 +336,7 @@ def generation_object(runtime: Runtime, job: Job, base_url: str) -> dict[str, An
         "prompt": job.request.prompt,
         "media_type": "image",
         "status": job.status.value,
-        "result_url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+        "result_url": result_url(runtime, outputs[0]) if outputs else None,
         "error_message": job.error_message,
         "enqueued_at": _ts(job.created_at),
         "started_at": _ts(job.started_at),
@@ -376,7 +372,7 @@ _OWN_EVENTS = {
 }
 
 
-def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEvent]:
+def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     """The SSE frames for one job event: Oxen's completion event, then kleinserve's own."""
     frames: list[ServerSentEvent] = []
     job_id = event.job_id
@@ -388,7 +384,7 @@ def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEven
             "status": "succeeded",
             "media_type": "image",
             "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
-            "url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+            "url": result_url(runtime, outputs[0]) if outputs else None,
         }
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
     elif event.type is EventType.FAILED:

@@ -191,6 +191,10 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    device_memory: Annotated[
+        Optional[float],
+        typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -206,9 +210,10 @@ def serve(
 
     import uvicorn
 
+    from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
-    from kleinserve.api.auth import is_loopback
     from kleinserve.engine.catalog import plan_models
+    from kleinserve.runtime import memory_plan_for
 
     settings = _settings(
         models=model,
@@ -217,6 +222,7 @@ def serve(
         data_dir=data_dir,
         device=device,
         dtype=dtype,
+        device_memory=device_memory,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
@@ -224,7 +230,8 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        keys_exist = _key_store(settings).any_active()
+        key_store = _key_store(settings)
+        keys_exist = key_store.any_active()
         if not keys_exist and not is_loopback(settings.host) and not settings.insecure_no_auth:
             _fail(
                 f"refusing to serve {settings.host} without API keys: anyone who can reach it could use it. "
@@ -232,6 +239,7 @@ def serve(
                 "--insecure-no-auth if something in front of kleinserve checks access."
             )
         served = plan_models(settings.models, settings.data_dir)
+        memory = memory_plan_for(settings, served)
     except KleinserveError as err:
         _fail(err.message)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -245,8 +253,13 @@ def serve(
     err_console.print(f"kleinserve {url}", highlight=False)
     for m in served:
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+    for line in memory.lines():
+        err_console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    if memory.fits is False:
+        _fail(f"refusing to start: {memory.refusal()}")
     err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
-    access = "API keys required" if keys_exist else "open (no API keys configured)"
+    required = Access.at_start(key_store, settings.host, settings.insecure_no_auth).keys_required()
+    access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
     uvicorn.run(
@@ -361,10 +374,38 @@ def make_tiny_command(
 
 
 @app.command()
-def models() -> None:
-    """List the klein variants, their defaults and every accepted id."""
+def models(
+    plan: Annotated[bool, typer.Option("--plan", help="Show the memory plan instead (nothing is loaded).")] = False,
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", "-m", help="With --plan: ID or ID=PATH (default: every variant).")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="With --plan: the device to plan for (cpu, cuda:0, ...).")
+    ] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="With --plan: auto, bfloat16, float16 or float32.")] = None,
+    offload: Annotated[str, typer.Option(help="With --plan: none, model, sequential or group.")] = "none",
+    quantize: Annotated[str, typer.Option(help="With --plan: transformer weights none, int8, fp8 or int4.")] = "none",
+    quantize_text_encoder: Annotated[
+        str, typer.Option("--quantize-text-encoder", help="With --plan: text encoder none, int8, fp8 or int4.")
+    ] = "none",
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="With --plan: 'cpu' keeps the text encoder in RAM.")
+    ] = None,
+    device_memory: Annotated[
+        Optional[float], typer.Option("--device-memory", help="With --plan: GB the device has (default: detected).")
+    ] = None,
+    table: Annotated[
+        bool, typer.Option("--table", help="With --plan: peak GB per variant and mode, as a Markdown table.")
+    ] = False,
+) -> None:
+    """List the klein variants, their defaults and every accepted id; or, with --plan, their memory needs."""
     from kleinserve.engine.variants import VARIANTS
 
+    if plan:
+        _print_plan(
+            model, device, dtype, offload, quantize, quantize_text_encoder, text_encoder_device, device_memory, table
+        )
+        return
     for v in VARIANTS:
         kind = "distilled" if v.distilled else "undistilled, true CFG"
         out_console.print(
@@ -373,6 +414,63 @@ def models() -> None:
             highlight=False,
         )
         out_console.print(f"    also accepted as: {', '.join(v.aliases)}", highlight=False)
+
+
+def _print_plan(
+    names: list[str] | None,
+    device: str | None,
+    dtype: str | None,
+    offload: str,
+    quantize: str,
+    quantize_text_encoder: str,
+    text_encoder_device: str | None,
+    device_memory: float | None,
+    table: bool,
+) -> None:
+    import torch
+
+    from kleinserve.engine.device import pick_device, pick_dtype
+    from kleinserve.engine.memory import MemoryMode, plan_memory, plan_table
+    from kleinserve.engine.variants import VARIANTS
+    from kleinserve.engine.weights import ModelSpec, resolve_weights
+
+    settings = _settings(device=device, dtype=dtype, device_memory=device_memory)
+    try:
+        # Planning for a device this machine lacks is the point, so it is parsed, not required.
+        try:
+            torch_device = pick_device("auto") if settings.device == "auto" else torch.device(settings.device)
+        except (RuntimeError, ValueError):
+            raise InvalidParameterError("device", f"{settings.device!r} is not a torch device") from None
+        torch_dtype = pick_dtype(torch_device, settings.dtype)
+        specs = [ModelSpec.parse(name) for name in names] if names else [ModelSpec(v) for v in VARIANTS]
+        if table:
+            for line in plan_table([s.variant for s in specs], str(torch_device), torch_dtype):
+                out_console.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
+        mode = MemoryMode(offload, quantize, quantize_text_encoder, text_encoder_device)
+        for spec in specs:
+            try:
+                directory = resolve_weights(spec, allow_download=False)
+            except KleinserveError:
+                if spec.path is not None:
+                    raise
+                directory = None  # not downloaded: plan from the published geometry
+            result = plan_memory(
+                [(spec.variant.id, spec.variant, directory)],
+                str(torch_device),
+                torch_dtype,
+                mode,
+                device_memory_gb=settings.device_memory,
+            )
+            for line in result.lines():
+                out_console.print(line, highlight=False, markup=False, soft_wrap=True)
+            if result.fits is None:
+                verdict = "capacity unknown here (pass --device-memory GB to check a fit)"
+            else:
+                verdict = "fits" if result.fits else f"does NOT fit: {result.refusal()}"
+            out_console.print(f"  -> {verdict}", highlight=False, markup=False, soft_wrap=True)
+    except KleinserveError as err:
+        _fail(err.message)
 
 
 def main() -> None:

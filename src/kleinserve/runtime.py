@@ -12,15 +12,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
+from kleinserve.engine.memory import MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job
-from kleinserve.jobs.service import JobService
+from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
@@ -46,6 +48,12 @@ class ModelInfo:
         return self.served.variant.id
 
 
+def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
+    """The memory plan of ``served`` on the settings' device, dtype and memory limit."""
+    device = pick_device(settings.device)
+    return plan_served(served, device, pick_dtype(device, settings.dtype), device_memory_gb=settings.device_memory)
+
+
 @dataclass
 class Runtime:
     """Everything a running server holds, built from :class:`Settings`."""
@@ -54,6 +62,7 @@ class Runtime:
     served: list[ServedModel] | None = None
     store: SQLiteJobStore = field(init=False)
     keys: KeyStore = field(init=False)
+    access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: Storage = field(init=False)
@@ -65,6 +74,7 @@ class Runtime:
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
+    memory: MemoryPlan | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +88,8 @@ class Runtime:
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
         self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
+        self._revocations_seen = 0.0
         self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
@@ -108,6 +120,8 @@ class Runtime:
             device = pick_device(self.settings.device)
             dtype = pick_dtype(device, self.settings.dtype)
             self.device, self.dtype = str(device), dtype_name(dtype)
+            self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
+            self.memory.check()
             self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
         except KleinserveError as err:
             self.load_error = err.message
@@ -162,6 +176,37 @@ class Runtime:
             self.storage.delete_prefix(f"{job.id}/")
         self.storage.delete_older_than(f"{UPLOADS}/", cutoff)
         return len(removed)
+
+    def enforce_revocations(self) -> int:
+        """Cancel the queued and running jobs of keys revoked since the last check; return how many.
+
+        Also tightens :attr:`access` when a key was created, and records the revoked ids, so the
+        revoked keys' event streams end (``api.auth.while_allowed``). The first check covers every
+        key revoked before this start; later ones look a minute back, so clock skew between the
+        process that revoked and this one loses nothing (cancelling twice is harmless).
+        """
+        self.access.keys_required()
+        revoked = self.keys.revoked_since(self._revocations_seen)
+        if not revoked:
+            return 0
+        self.access.note_revoked(frozenset(key_id for key_id, _ in revoked))
+        self._revocations_seen = max(at for _, at in revoked) - 60
+        cancelled = 0
+        for key_id, _ in revoked:
+            for job in self.store.list(owner=key_id, any_owner=False, statuses=ACTIVE, limit=100_000):
+                self.service.cancel(job.id)  # queued: cancelled now; running: stops at its next step
+                cancelled += 1
+        if cancelled:
+            log.info("revoked keys: cancelled %d job(s)", cancelled)
+        return cancelled
+
+    async def enforce_revocations_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.enforce_revocations)
+            except Exception:
+                log.exception("revocation check failed")
+            await asyncio.sleep(self.settings.revocation_interval)
 
     async def sweep_forever(self) -> None:
         while True:

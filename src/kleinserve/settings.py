@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    device_memory: float | None = Field(
+        None,
+        gt=0,
+        description="GB the device may use for the models (default: what it has free at start); the memory "
+        "plan refuses to start when the models need more.",
+    )
 
     # Server.
     host: str = Field("127.0.0.1", description="Address the server binds to.")
@@ -74,6 +80,11 @@ class Settings(BaseSettings):
     # Access (api/auth.py enforces them).
     insecure_no_auth: bool = Field(
         False, description="Serve without API keys on a non-loopback address (refused otherwise)."
+    )
+    revocation_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between checks for revoked keys: their jobs are cancelled, their event streams end.",
     )
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     price_per_image: dict[str, float] = Field(

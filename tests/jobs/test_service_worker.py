@@ -221,16 +221,16 @@ def test_get_and_list(system: System) -> None:
     assert [j.id for j in system.service.list(owner="bob", any_owner=False)] == [b.id]
 
 
-def test_queue_position(system: System) -> None:
+def test_queue_positions(system: System) -> None:
     jobs = [system.submit() for _ in range(3)]
-    assert [system.service.queue_position(j) for j in jobs] == [0, 1, 2]
+    assert system.service.queue_positions(jobs) == {jobs[0].id: 0, jobs[1].id: 1, jobs[2].id: 2}
     system.service.cancel(jobs[0].id)
     fresh = [system.store.get(j.id) for j in jobs]
-    assert [system.service.queue_position(j) for j in fresh] == [0, 0, 1]  # type: ignore[arg-type]
+    assert system.service.queue_positions(fresh) == {jobs[1].id: 0, jobs[2].id: 1}  # type: ignore[arg-type]
     claimed = system.store.claim_next()
     assert claimed is not None and claimed.id == jobs[1].id
-    assert system.service.queue_position(claimed) == 0
-    assert system.service.queue_position(system.store.get(jobs[2].id)) == 0  # type: ignore[arg-type]
+    fresh = [system.store.get(j.id) for j in jobs]
+    assert system.service.queue_positions(fresh) == {jobs[2].id: 0}  # type: ignore[arg-type]
 
 
 # -- running --------------------------------------------------------------------------------------

@@ -128,12 +128,9 @@ class JobService:
     ) -> builtins.list[Job]:
         return self.store.list(owner=owner, any_owner=any_owner, statuses=statuses, model=model, limit=limit)
 
-    def queue_position(self, job: Job) -> int:
-        """How many queued jobs are ahead of ``job`` (0 when it runs next or is not queued)."""
-        if job.status is not JobStatus.QUEUED:
-            return 0
-        queued = self.store.list(statuses=[JobStatus.QUEUED], limit=self.max_queue + 1)
-        return sum(1 for other in queued if other.created_at < job.created_at)
+    def queue_positions(self, jobs: Iterable[Job]) -> dict[str, int]:
+        """How many queued jobs are ahead of each queued job in ``jobs`` (one store query)."""
+        return self.store.queue_positions([job.id for job in jobs if job.status is JobStatus.QUEUED])
 
     # -- cancelling and waiting -----------------------------------------------------------------
 

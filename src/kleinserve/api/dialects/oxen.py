@@ -20,8 +20,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
 
-from kleinserve.api.auth import Caller, CallerDep
+from kleinserve.api.auth import Caller, CallerDep, while_allowed
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -244,15 +245,23 @@ class OxenDialect:
                 return {"count": 0, "generations": []}
             statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
             model_id = find_variant(model).id if model else None
-            jobs = await asyncio.to_thread(runtime.service.list, statuses=statuses, model=model_id, **caller.scope)
-            items = [generation_object(runtime, job) for job in jobs]
+
+            def listed() -> list[dict[str, Any]]:
+                jobs = runtime.service.list(statuses=statuses, model=model_id, **caller.scope)
+                return generation_objects(runtime, jobs)
+
+            items = await run_in_threadpool(listed)
             return {"count": len(items), "generations": items}
 
         @router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
         async def get_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
             runtime = runtime_of(request)
-            job = await asyncio.to_thread(runtime.service.get, generation_id, **caller.scope)
-            return generation_object(runtime, job)
+
+            def found() -> dict[str, Any]:
+                job = runtime.service.get(generation_id, **caller.scope)
+                return generation_objects(runtime, [job])[0]
+
+            return await run_in_threadpool(found)
 
         @router.delete("/ai/queue/{generation_id}", summary="Cancel a queued or processing generation.")
         async def cancel_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
@@ -284,7 +293,8 @@ class OxenDialect:
                 async with runtime.bus.subscribe(
                     after=after, owner=caller.owner, all_owners=caller.key is None
                 ) as subscription:
-                    async for event in subscription:
+                    # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
+                    async for event in while_allowed(runtime, caller, subscription):
                         for sse in to_sse(runtime, event):
                             yield sse
 
@@ -327,7 +337,14 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def generation_object(runtime: Runtime, job: Job) -> dict[str, Any]:
+def generation_objects(runtime: Runtime, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Queue items for ``jobs``, with every queue position from one store query (blocking: call it
+    from a worker thread, never on the event loop)."""
+    positions = runtime.service.queue_positions(jobs)
+    return [generation_object(runtime, job, positions.get(job.id)) for job in jobs]
+
+
+def generation_object(runtime: Runtime, job: Job, queue_position: int | None = None) -> dict[str, Any]:
     """A queue item as Oxen shapes it, plus kleinserve's extras (progress, queue position, size)."""
     outputs = outputs_of(job)
     item: dict[str, Any] = {
@@ -347,7 +364,7 @@ def generation_object(runtime: Runtime, job: Job) -> dict[str, Any]:
     item["seed"] = job.request.seed
     item["progress"] = {"step": job.progress_step, "total": job.progress_total}
     if job.status is JobStatus.QUEUED:
-        item["queue_position"] = runtime.service.queue_position(job)
+        item["queue_position"] = queue_position or 0
     if outputs:
         item["width"], item["height"] = outputs[0].width, outputs[0].height
     return item

@@ -11,13 +11,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from kleinserve import metrics
 from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
-from kleinserve.engine.memory import MemoryPlan, plan_served
+from kleinserve.engine.loading import LoadOptions, check_options, warm_up
+from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
@@ -30,6 +33,9 @@ from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +54,19 @@ class ModelInfo:
         return self.served.variant.id
 
 
-def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
-    """The memory plan of ``served`` on the settings' device, dtype and memory limit."""
+def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
+    """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
     device = pick_device(settings.device)
-    return plan_served(served, device, pick_dtype(device, settings.dtype), device_memory_gb=settings.device_memory)
+    mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
+    options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
+    check_options(device, options)
+    return device, options
+
+
+def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
+    """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
+    device, options = load_options_for(settings)
+    return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
 
 
 @dataclass
@@ -117,12 +132,14 @@ class Runtime:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
-            device = pick_device(self.settings.device)
-            dtype = pick_dtype(device, self.settings.dtype)
-            self.device, self.dtype = str(device), dtype_name(dtype)
+            device, options = load_options_for(self.settings)
+            self.device, self.dtype = str(device), dtype_name(options.dtype)
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            if options.compile:  # compile now, not in the first request
+                for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
+                    await asyncio.to_thread(warm_up, engine)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -147,6 +164,7 @@ class Runtime:
         """Jobs a crash left running go back to the queue, or fail once out of attempts."""
         requeued, failed = self.store.recover(self.settings.max_attempts)
         for job in failed:
+            metrics.job_finished(job)
             self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
         # Queued jobs for a model this start does not serve fail in the worker, with that reason.
         if requeued or failed:

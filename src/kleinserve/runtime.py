@@ -32,7 +32,8 @@ from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
-from kleinserve.storage.local import LocalStorage
+from kleinserve.storage.base import Storage
+from kleinserve.storage.factory import storage_from_settings
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +81,7 @@ class Runtime:
     access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
-    storage: LocalStorage = field(init=False)
+    storage: Storage = field(init=False)
     cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
@@ -98,7 +99,7 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
         self.bus = EventBus(self.store)
-        self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
+        self.storage = storage_from_settings(self.settings)
         self.cancels = CancelRequests()
         self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
         self.service = JobService(
@@ -181,8 +182,7 @@ class Runtime:
 
     def read_asset(self, key: str) -> bytes:
         """The bytes of a stored file (an uploaded reference image, or an earlier result)."""
-        stored = self.storage.open(key)
-        return stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+        return self.storage.read(key)
 
     def stop(self) -> None:
         """Stop the workers (the running job is requeued) and close the store."""
@@ -197,7 +197,7 @@ class Runtime:
         removed = self.store.remove_finished_before(cutoff)
         for job in removed:
             self.storage.delete_prefix(f"{job.id}/")
-        self.storage.remove_stale(UPLOADS, cutoff)
+        self.storage.delete_older_than(f"{UPLOADS}/", cutoff)
         return len(removed)
 
     def enforce_revocations(self) -> int:

@@ -124,3 +124,9 @@ def image_server() -> Iterator[ImageServer]:
     server = ImageServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_kv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny klein 9B-KV checkpoint (saved as Flux2KleinKVPipeline)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-kv"), "kv", seed=2)

@@ -136,6 +136,7 @@ class Settings(BaseSettings):
             "flux-2-klein-9b": 0.04,
             "flux-2-klein-base-4b": 0.04,
             "flux-2-klein-base-9b": 0.04,
+            "flux-2-klein-9b-kv": 0.04,
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )

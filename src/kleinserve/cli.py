@@ -459,6 +459,7 @@ def bench(
     from kleinserve.engine.bench.cases import CASES
     from kleinserve.engine.bench.report import stage_table, summary_table, write_json
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
+    from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
     from kleinserve.engine.weights import ModelSpec, load_engine
 
@@ -475,6 +476,7 @@ def bench(
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
         engine = load_engine(spec, torch_device, torch_dtype)
+        engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:

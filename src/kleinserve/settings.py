@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    prompt_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Bytes of prompt embeddings kept for reuse (LRU by model and prompt); 0 turns the cache off.",
+    )
     device_memory: float | None = Field(
         None,
         gt=0,

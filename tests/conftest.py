@@ -21,6 +21,7 @@ from kleinserve.engine.weights import load_pipeline
 # Services the backend tests run against (real servers on 127.0.0.1). Append; do not replace.
 pytest_plugins = [
     "tests.services.postgres",
+    "tests.services.seaweed",
 ]
 
 

@@ -90,3 +90,40 @@ def test_link_life_is_bounded_by_sigv4(seaweed: S3Server) -> None:
         S3Storage(seaweed.client(), seaweed.bucket, default_expiry=MAX_PRESIGN_SECONDS + 1)
     with pytest.raises(ValueError):
         seaweed.storage("p").url("a/0.png", expires_in=MAX_PRESIGN_SECONDS + 1)
+
+
+def test_retention_sweep_removes_objects_from_s3(
+    seaweed: S3Server, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
+    from kleinserve.request import GenerationRequest
+    from kleinserve.runtime import UPLOADS, Runtime
+
+    for name, value in seaweed.env(s3_prefix).items():
+        monkeypatch.setenv(name, value)
+    runtime = Runtime(Settings(data_dir=tmp_path, retention_seconds=3600))
+    try:
+        assert isinstance(runtime.storage, S3Storage)
+        jobs = []
+        for age in (7200, 60):
+            job = Job(request=GenerationRequest.parse({"prompt": "x"}), status=JobStatus.SUCCEEDED)
+            job.completed_at = job.created_at - age
+            runtime.storage.put(f"{job.id}/0.png", b"png", "image/png")
+            output = JobOutput(key=f"{job.id}/0.png", media_type="image/png", seed=0, width=64, height=64, size_bytes=3)
+            job.result = JobResult(outputs=[output], steps=4, guidance=1.0)
+            runtime.store.add(job)
+            jobs.append(job)
+        runtime.storage.put(f"{UPLOADS}/fresh/image.png", b"png", "image/png")
+
+        assert runtime.sweep() == 1
+
+        old, recent = jobs
+        assert not runtime.storage.exists(f"{old.id}/0.png")
+        assert runtime.storage.exists(f"{recent.id}/0.png")
+        assert runtime.storage.exists(f"{UPLOADS}/fresh/image.png")  # younger than the retention time
+        listed = seaweed.client().list_objects_v2(Bucket=seaweed.bucket, Prefix=s3_prefix)
+        assert sorted(o["Key"] for o in listed["Contents"]) == sorted(
+            [f"{s3_prefix}{recent.id}/0.png", f"{s3_prefix}{UPLOADS}/fresh/image.png"]
+        )
+    finally:
+        runtime.store.close()

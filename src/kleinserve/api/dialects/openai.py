@@ -276,7 +276,8 @@ class OpenAIDialect:
                 runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
             )
             (job,) = await wait_for_jobs(request, runtime, jobs)
-            return images_response(runtime, job, params)
+            # Off the event loop: reading results may be a network call (S3).
+            return await asyncio.to_thread(images_response, runtime, job, params)
 
         @router.post("/images/generations", summary="Create images from a prompt.")
         async def generations(

@@ -197,12 +197,15 @@ class OxenDialect:
                 extra={"model": body.model, **_echo(body)},
             )
             (job,) = await wait_for_jobs(request, runtime, jobs)
-            images = [
-                {"b64_json": result_b64(runtime, o)}
-                if body.response_format == "b64_json"
-                else {"url": result_url(runtime, o)}
-                for o in outputs_of(job)
-            ]
+            # Off the event loop: reading results may be a network call (S3).
+            images = await asyncio.to_thread(
+                lambda: [
+                    {"b64_json": result_b64(runtime, o)}
+                    if body.response_format == "b64_json"
+                    else {"url": result_url(runtime, o)}
+                    for o in outputs_of(job)
+                ]
+            )
             return {"model": body.model, "created": int(job.created_at), "images": images}
 
         @router.post("/ai/images/generate", summary="Generate images (sync).")

@@ -18,6 +18,11 @@ from kleinserve.engine.tiny import make_tiny
 from kleinserve.engine.variants import find_variant
 from kleinserve.engine.weights import load_pipeline
 
+# Services the backend tests run against (real servers on 127.0.0.1). Append; do not replace.
+pytest_plugins = [
+    "tests.services.postgres",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_distilled(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -4,6 +4,12 @@ Each provider dialect translates its wire format into one :class:`GenerationRequ
 the job system and the CLI only ever see this model. Bounds that an operator may tune come from
 :class:`~kleinserve.settings.Settings` and are checked by :meth:`GenerationRequest.parse`, which turns
 every validation failure into an :class:`~kleinserve.errors.InvalidParameterError` naming the field.
+
+Validated once, on entry: the configurable bounds are checked only when ``parse`` (or a validation
+with a ``settings`` context) is given them. A request loaded back from the job store is validated
+without that context, so only the fixed shape rules run; it is neither checked against *today's*
+limits (an operator lowering ``KLEINSERVE_MAX_PROMPT_CHARS`` must not make queued jobs unreadable)
+nor made to rebuild :class:`Settings` from the environment for every stored job.
 """
 
 from __future__ import annotations
@@ -148,7 +154,7 @@ class GenerationRequest(BaseModel):
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
         settings = _settings_from(info)
-        if len(value) > settings.max_prompt_chars:
+        if settings is not None and len(value) > settings.max_prompt_chars:
             raise ValueError(f"is {len(value)} characters, over the limit of {settings.max_prompt_chars}")
         return value
 
@@ -166,9 +172,9 @@ class GenerationRequest(BaseModel):
     @field_validator("images")
     @classmethod
     def _images_within_limit(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        limit = _settings_from(info).max_references
-        if len(value) > limit:
-            raise ValueError(f"at most {limit} reference images are allowed; got {len(value)}")
+        settings = _settings_from(info)
+        if settings is not None and len(value) > settings.max_references:
+            raise ValueError(f"at most {settings.max_references} reference images are allowed; got {len(value)}")
         if any(not item.strip() for item in value):
             raise ValueError("reference images must not be empty strings")
         for item in value:
@@ -178,31 +184,32 @@ class GenerationRequest(BaseModel):
     @field_validator("num_images")
     @classmethod
     def _num_images_within_limit(cls, value: int, info: ValidationInfo) -> int:
-        limit = _settings_from(info).max_images
-        if value > limit:
-            raise ValueError(f"must be at most {limit}; got {value}")
+        settings = _settings_from(info)
+        if settings is not None and value > settings.max_images:
+            raise ValueError(f"must be at most {settings.max_images}; got {value}")
         return value
 
     @field_validator("steps")
     @classmethod
     def _steps_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limit = _settings_from(info).max_steps
-        if value is not None and value > limit:
-            raise ValueError(f"must be at most {limit}; got {value}")
+        settings = _settings_from(info)
+        if settings is not None and value is not None and value > settings.max_steps:
+            raise ValueError(f"must be at most {settings.max_steps}; got {value}")
         return value
 
     @field_validator("guidance")
     @classmethod
     def _guidance_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
-        limit = _settings_from(info).max_guidance
-        if value is not None and value > limit:
-            raise ValueError(f"must be at most {limit:g}; got {value:g}")
+        settings = _settings_from(info)
+        if settings is not None and value is not None and value > settings.max_guidance:
+            raise ValueError(f"must be at most {settings.max_guidance:g}; got {value:g}")
         return value
 
     @field_validator("width", "height")
     @classmethod
     def _side_rule(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and (problem := _side_problem(value, _settings_from(info))):
+        settings = _settings_from(info)
+        if value is not None and settings is not None and (problem := _side_problem(value, settings)):
             raise ValueError(problem)
         return value
 
@@ -211,17 +218,20 @@ class GenerationRequest(BaseModel):
         # Errors raised here have no field of their own; parse() reports them under "size".
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height must be given together")
+        settings = _settings_from(info)
         if (
             self.width is not None
             and self.height is not None
-            and (problem := _area_problem(self.width, self.height, _settings_from(info)))
+            and settings is not None
+            and (problem := _area_problem(self.width, self.height, settings))
         ):
             raise ValueError(problem)
         return self
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], settings: Settings | None = None) -> GenerationRequest:
-        """Validate ``data`` against the model and the configured bounds.
+        """Validate ``data`` against the model and the configured bounds (read from the
+        environment when ``settings`` is not given).
 
         Raises :class:`InvalidParameterError` naming the first bad field.
         """
@@ -239,10 +249,11 @@ def _check_unicode(text: str) -> None:
         raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
 
 
-def _settings_from(info: ValidationInfo) -> Settings:
+def _settings_from(info: ValidationInfo) -> Settings | None:
+    """The bounds to check against; ``None`` (no bounds in the context) for stored requests."""
     context = info.context or {}
     settings = context.get("settings")
-    return settings if isinstance(settings, Settings) else Settings()
+    return settings if isinstance(settings, Settings) else None
 
 
 def _to_parameter_error(err: ValidationError) -> InvalidParameterError:

@@ -11,22 +11,31 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from kleinserve import metrics
+from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
+from kleinserve.engine.loading import LoadOptions, check_options, warm_up
+from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job
-from kleinserve.jobs.service import JobService
+from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
-from kleinserve.storage.local import LocalStorage
+from kleinserve.storage.base import Storage
+from kleinserve.storage.factory import storage_from_settings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,21 @@ class ModelInfo:
         return self.served.variant.id
 
 
+def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
+    """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
+    device = pick_device(settings.device)
+    mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
+    options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
+    check_options(device, options)
+    return device, options
+
+
+def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
+    """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
+    device, options = load_options_for(settings)
+    return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+
+
 @dataclass
 class Runtime:
     """Everything a running server holds, built from :class:`Settings`."""
@@ -53,9 +77,10 @@ class Runtime:
     served: list[ServedModel] | None = None
     store: SQLiteJobStore = field(init=False)
     keys: KeyStore = field(init=False)
+    access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
-    storage: LocalStorage = field(init=False)
+    storage: Storage = field(init=False)
     cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
@@ -64,6 +89,7 @@ class Runtime:
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
+    memory: MemoryPlan | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
 
     def __post_init__(self) -> None:
@@ -71,12 +97,14 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
         self.bus = EventBus(self.store)
-        self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
+        self.storage = storage_from_settings(self.settings)
         self.cancels = CancelRequests()
         self.service = JobService(
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
         self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
+        self._revocations_seen = 0.0
         self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
@@ -104,10 +132,14 @@ class Runtime:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
-            device = pick_device(self.settings.device)
-            dtype = pick_dtype(device, self.settings.dtype)
-            self.device, self.dtype = str(device), dtype_name(dtype)
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+            device, options = load_options_for(self.settings)
+            self.device, self.dtype = str(device), dtype_name(options.dtype)
+            self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
+            self.memory.check()
+            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            if options.compile:  # compile now, not in the first request
+                for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
+                    await asyncio.to_thread(warm_up, engine)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -132,6 +164,7 @@ class Runtime:
         """Jobs a crash left running go back to the queue, or fail once out of attempts."""
         requeued, failed = self.store.recover(self.settings.max_attempts)
         for job in failed:
+            metrics.job_finished(job)
             self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
         # Queued jobs for a model this start does not serve fail in the worker, with that reason.
         if requeued or failed:
@@ -144,8 +177,7 @@ class Runtime:
 
     def read_asset(self, key: str) -> bytes:
         """The bytes of a stored file (an uploaded reference image, or an earlier result)."""
-        stored = self.storage.open(key)
-        return stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+        return self.storage.read(key)
 
     def stop(self) -> None:
         """Stop the workers (the running job is requeued) and close the store."""
@@ -160,8 +192,39 @@ class Runtime:
         removed = self.store.remove_finished_before(cutoff)
         for job in removed:
             self.storage.delete_prefix(f"{job.id}/")
-        self.storage.remove_stale(UPLOADS, cutoff)
+        self.storage.delete_older_than(f"{UPLOADS}/", cutoff)
         return len(removed)
+
+    def enforce_revocations(self) -> int:
+        """Cancel the queued and running jobs of keys revoked since the last check; return how many.
+
+        Also tightens :attr:`access` when a key was created, and records the revoked ids, so the
+        revoked keys' event streams end (``api.auth.while_allowed``). The first check covers every
+        key revoked before this start; later ones look a minute back, so clock skew between the
+        process that revoked and this one loses nothing (cancelling twice is harmless).
+        """
+        self.access.keys_required()
+        revoked = self.keys.revoked_since(self._revocations_seen)
+        if not revoked:
+            return 0
+        self.access.note_revoked(frozenset(key_id for key_id, _ in revoked))
+        self._revocations_seen = max(at for _, at in revoked) - 60
+        cancelled = 0
+        for key_id, _ in revoked:
+            for job in self.store.list(owner=key_id, any_owner=False, statuses=ACTIVE, limit=100_000):
+                self.service.cancel(job.id)  # queued: cancelled now; running: stops at its next step
+                cancelled += 1
+        if cancelled:
+            log.info("revoked keys: cancelled %d job(s)", cancelled)
+        return cancelled
+
+    async def enforce_revocations_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.enforce_revocations)
+            except Exception:
+                log.exception("revocation check failed")
+            await asyncio.sleep(self.settings.revocation_interval)
 
     async def sweep_forever(self) -> None:
         while True:

@@ -401,3 +401,40 @@ def test_last_seq_before(store: SQLiteJobStore) -> None:
     assert store.last_seq_before(31.0) == e3.seq
     # Replaying from that number gives exactly the events at or after the time.
     assert store.events_after(store.last_seq_before(20.0)) == [e2, e3]
+
+
+# -- stored jobs are validated once, on entry -----------------------------------------------------
+
+
+def test_lower_prompt_limit_does_not_stop_the_queue(store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    long_prompt = "a lighthouse at dusk, " * 20
+    request = GenerationRequest.parse({"prompt": long_prompt, "model": "flux-2-klein-4b", "seed": 1})
+    job = Job(request=request, created_at=1.0)
+    assert store.enqueue([job], [make_event(job, type_=EventType.QUEUED)], max_active=10) is not None
+    # The operator lowers the limit below the queued prompt: new requests are refused...
+    monkeypatch.setenv("KLEINSERVE_MAX_PROMPT_CHARS", "10")
+    from kleinserve.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError):
+        GenerationRequest.parse({"prompt": long_prompt})
+    # ...but the job already accepted still reads, lists and runs, without rebuilding settings.
+    from kleinserve.settings import Settings
+
+    def no_settings(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("stored jobs must load without building Settings()")
+
+    monkeypatch.setattr(Settings, "__init__", no_settings)
+    assert store.get(job.id) == job
+    assert [j.id for j in store.list()] == [job.id]
+    claimed = store.claim_next()
+    assert claimed is not None and claimed.id == job.id and claimed.request.prompt == long_prompt
+
+
+def test_queue_positions_in_one_query(store: SQLiteJobStore) -> None:
+    jobs = [make_job(float(t)) for t in (3, 1, 2, 4)]
+    for job in jobs:
+        store.add(job)
+    store.transition(jobs[3].id, C)
+    positions = store.queue_positions([j.id for j in jobs] + ["no-such-id"])
+    assert positions == {jobs[1].id: 0, jobs[2].id: 1, jobs[0].id: 2}
+    assert store.queue_positions([]) == {}

@@ -30,7 +30,6 @@ from kleinserve.api.dialects.base import Example, FieldNames, parse_body, submit
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_b64,
     result_url,
     runtime_of,
@@ -182,13 +181,13 @@ def to_generation_request(
     )
 
 
-def images_response(runtime: Runtime, job: Job, params: ImageParams, base_url: str) -> dict[str, Any]:
+def images_response(runtime: Runtime, job: Job, params: ImageParams) -> dict[str, Any]:
     """OpenAI's ImagesResponse, plus the seed of image 0."""
     outputs = outputs_of(job)
     data = [
         {"b64_json": result_b64(runtime, o)}
         if params.response_format == "b64_json"
-        else {"url": result_url(runtime, base_url, o)}
+        else {"url": result_url(runtime, o)}
         for o in outputs
     ]
     return {
@@ -282,7 +281,7 @@ async def _run(
 ) -> dict[str, Any]:
     extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
     (job,) = await submit_and_wait(request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image")
-    return images_response(runtime, job, params, public_base_url(request))
+    return images_response(runtime, job, params)
 
 
 @router.post("/images/generations", summary="Create images from a prompt.")

@@ -44,6 +44,10 @@ class JobStore(Protocol):
     def count(self, statuses: Iterable[JobStatus]) -> int:
         """How many jobs are in any of ``statuses``."""
 
+    def queue_positions(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """For each queued job among ``job_ids``, how many queued jobs are ahead of it, in one
+        query; jobs not queued are left out."""
+
     def transition(
         self, job_id: str, new: JobStatus, *, expect: Iterable[JobStatus] | None = None, **fields: Any
     ) -> Job | None:

@@ -134,6 +134,17 @@ class SQLiteJobStore:
         )
         return int(row[0])
 
+    def queue_positions(self, job_ids: Iterable[str]) -> dict[str, int]:
+        wanted = builtins.list(dict.fromkeys(job_ids))
+        if not wanted:
+            return {}
+        rows = self._db().execute(
+            "SELECT id, pos FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY created_at, id) - 1 AS pos "
+            f"FROM jobs WHERE status=?) WHERE id IN ({','.join('?' * len(wanted))})",
+            (JobStatus.QUEUED.value, *wanted),
+        )
+        return {job_id: int(pos) for job_id, pos in rows}
+
     def transition(
         self, job_id: str, new: JobStatus, *, expect: Iterable[JobStatus] | None = None, **fields: Any
     ) -> Job | None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from kleinserve import metrics
 from kleinserve.access import Access
+from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
@@ -84,6 +85,7 @@ class Runtime:
     cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
+    prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
@@ -99,6 +101,7 @@ class Runtime:
         self.bus = EventBus(self.store)
         self.storage = storage_from_settings(self.settings)
         self.cancels = CancelRequests()
+        self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
         self.service = JobService(
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
@@ -137,6 +140,8 @@ class Runtime:
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
             self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            for engine in self.engines.values():
+                engine.prompt_cache = self.prompt_cache
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)

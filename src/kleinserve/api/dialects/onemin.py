@@ -254,7 +254,8 @@ class OneMinDialect:
 async def features(
     request: Request, body: FeatureRequest, runtime: ReadyRuntime, caller: CallerDep, api_key: ApiKey = None
 ) -> dict[str, Any]:
-    gen, echo = to_generation_request(body, runtime)
+    # In a thread: checking an asset reference may be a network call (S3).
+    gen, echo = await asyncio.to_thread(to_generation_request, body, runtime)
     extra = {"model": body.model, "type": body.type, "promptObject": echo}
     (job,) = await submit_and_wait(
         request,

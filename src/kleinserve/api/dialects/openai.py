@@ -281,7 +281,8 @@ async def _run(
 ) -> dict[str, Any]:
     extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
     (job,) = await submit_and_wait(request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image")
-    return images_response(runtime, job, params)
+    # Off the event loop: reading results may be a network call (S3).
+    return await asyncio.to_thread(images_response, runtime, job, params)
 
 
 @router.post("/images/generations", summary="Create images from a prompt.")

@@ -204,10 +204,15 @@ async def run_sync(request: Request, body: OxenImageRequest, runtime: Runtime, c
     (job,) = await submit_and_wait(
         request, runtime, caller, [gen], dialect=NAME, extra={"model": body.model, **_echo(body)}
     )
-    images = [
-        {"b64_json": result_b64(runtime, o)} if body.response_format == "b64_json" else {"url": result_url(runtime, o)}
-        for o in outputs_of(job)
-    ]
+    # Off the event loop: reading results may be a network call (S3).
+    images = await asyncio.to_thread(
+        lambda: [
+            {"b64_json": result_b64(runtime, o)}
+            if body.response_format == "b64_json"
+            else {"url": result_url(runtime, o)}
+            for o in outputs_of(job)
+        ]
+    )
     return {"model": body.model, "created": int(job.created_at), "images": images}
 
 

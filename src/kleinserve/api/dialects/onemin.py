@@ -41,6 +41,7 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     store_upload,
     wait_for_jobs,
+    with_lora_header,
 )
 from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.engine.variants import find_variant
@@ -240,9 +241,8 @@ class OneMinDialect:
         ) -> dict[str, Any]:
             gen, echo = to_generation_request(body, runtime)
             extra = {"model": body.model, "type": body.type, "promptObject": echo}
-            jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-            )
+            gens = with_lora_header(request, [gen], runtime.settings)
+            jobs = await asyncio.to_thread(runtime.service.submit, gens, key=caller.key, dialect=self.name, extra=extra)
             try:
                 (job,) = await wait_for_jobs(request, runtime, jobs)
             except InvalidRequestError as err:

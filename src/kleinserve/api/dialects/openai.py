@@ -35,6 +35,7 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     store_upload,
     wait_for_jobs,
+    with_lora_header,
 )
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import (
@@ -45,7 +46,14 @@ from kleinserve.errors import (
 )
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE
-from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
+from kleinserve.request import (
+    ASPECT_RATIOS,
+    MAX_SEED,
+    MEGAPIXELS,
+    GenerationRequest,
+    LoraChoice,
+    size_for_aspect_ratio,
+)
 from kleinserve.runtime import Runtime
 
 PREFIX = "/v1"
@@ -104,6 +112,7 @@ class ImageParams(BaseModel):
         None, description="kleinserve extension, instead of size."
     )
     megapixels: float | None = Field(None, description=f"With aspect_ratio: one of {list(MEGAPIXELS)}.")
+    loras: list[LoraChoice] | None = Field(None, description="kleinserve extension (extra_body): LoRA adapters.")
 
 
 class EditParams(ImageParams):
@@ -173,6 +182,7 @@ def to_generation_request(
                 "num_images": params.n,
                 "output_format": params.output_format,
                 "quality": max(1, params.output_compression),
+                "loras": params.loras or [],
             },
             runtime.settings,
         )
@@ -273,9 +283,8 @@ class OpenAIDialect:
             request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
         ) -> dict[str, Any]:
             extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
-            jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-            )
+            gens = with_lora_header(request, [gen], runtime.settings)
+            jobs = await asyncio.to_thread(runtime.service.submit, gens, key=caller.key, dialect=self.name, extra=extra)
             (job,) = await wait_for_jobs(request, runtime, jobs)
             return images_response(runtime, job, params, public_base_url(request))
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import CallerDep
 from kleinserve.api.errors import status_for
-from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of, wait_for_jobs
+from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of, wait_for_jobs, with_lora_header
 from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, UnknownModelError
@@ -213,9 +213,8 @@ class VerdaDialect:
         ) -> Response:
             gen = to_generation_request(body, variant, runtime.settings)
             extra = {"model": slug, "enable_safety_checker": body.enable_safety_checker}
-            jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-            )
+            gens = with_lora_header(request, [gen], runtime.settings)
+            jobs = await asyncio.to_thread(runtime.service.submit, gens, key=caller.key, dialect=self.name, extra=extra)
             try:
                 (job,) = await wait_for_jobs(request, runtime, jobs)
             except InvalidRequestError as err:

@@ -437,21 +437,79 @@ def make_tiny_command(
         "distilled"
     ),
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    preset: Annotated[
+        str,
+        typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
+    ] = "tiny",
     lora: Annotated[
         bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
     ] = False,
 ) -> None:
-    """Write a tiny random-weight klein checkpoint (real architecture, a few MB) for tests and demos."""
-    from kleinserve.engine.tiny import make_tiny, make_tiny_lora
+    """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
+    from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
 
     if variant not in ("distilled", "base"):
         _fail(f"--variant must be distilled or base, not {variant!r}")
-    make_tiny(directory, variant, seed)  # type: ignore[arg-type]
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    out_console.print(f"wrote a tiny {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+    out_console.print(f"wrote a {preset} {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
     if lora:
         path = make_tiny_lora(directory, directory / "lora" / "tiny.safetensors", seed)
         out_console.print(f"wrote a tiny LoRA to {path} (serve it with --lora {path.parent})", highlight=False)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="ID=PATH (or ID) of the weights to measure.")],
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    size: Annotated[int, typer.Option(help="Output width and height, a multiple of 16.")] = 512,
+    steps: Annotated[Optional[int], typer.Option(help="Steps of the distilled cases (default: the variant's).")] = None,
+    base_steps: Annotated[int, typer.Option("--base-steps", help="Steps of the Base (CFG) cases.")] = 50,
+    cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
+    repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
+    from kleinserve.engine.bench.cases import CASES
+    from kleinserve.engine.bench.report import stage_table, summary_table, write_json
+    from kleinserve.engine.bench.runner import BenchOptions, run_bench
+    from kleinserve.engine.cache import PromptCache
+    from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.weights import ModelSpec, load_engine
+
+    settings = _settings(device=device, dtype=dtype)
+    chosen = [c.strip() for c in cases.split(",") if c.strip()] or list(CASES)
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        _fail(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    if size % 16 or size < 64 or repeats < 1 or base_steps < 1 or (steps is not None and steps < 1):
+        _fail("--size must be a multiple of 16 (at least 64); --repeats, --steps and --base-steps at least 1")
+    try:
+        spec = ModelSpec.parse(model)
+        torch_device = pick_device(settings.device)
+        torch_dtype = pick_dtype(torch_device, settings.dtype)
+        err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype)
+        engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
+        options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
+        report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
+    except KleinserveError as err:
+        _fail(err.message)
+    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    report["command"] = " ".join(
+        [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
+        + [f"--cases {','.join(chosen)}"]
+        + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+    )
+    width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
+    out_console.print(summary_table(report), width=width)
+    out_console.print(stage_table(report), width=width)
+    if json_path is not None:
+        write_json(report, json_path)
+        err_console.print(f"wrote {json_path}", highlight=False)
 
 
 @app.command()

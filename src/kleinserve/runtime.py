@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from kleinserve import metrics
 from kleinserve.access import Access
+from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
@@ -33,7 +34,8 @@ from kleinserve.keys import KeyStore
 from kleinserve.loras import LoraSource, parse_lora_options
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
-from kleinserve.storage.local import LocalStorage
+from kleinserve.storage.base import Storage
+from kleinserve.storage.factory import storage_from_settings
 
 if TYPE_CHECKING:
     import torch
@@ -81,10 +83,11 @@ class Runtime:
     access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
-    storage: LocalStorage = field(init=False)
+    storage: Storage = field(init=False)
     cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
+    prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
@@ -99,8 +102,9 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
         self.bus = EventBus(self.store)
-        self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
+        self.storage = storage_from_settings(self.settings)
         self.cancels = CancelRequests()
+        self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
         self.service = JobService(
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
@@ -144,6 +148,8 @@ class Runtime:
             self.engines = await asyncio.to_thread(
                 load_engines, self.served, device, options.dtype, options, self.loras, self.settings.lora_cache
             )
+            for engine in self.engines.values():
+                engine.prompt_cache = self.prompt_cache
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)
@@ -184,8 +190,7 @@ class Runtime:
 
     def read_asset(self, key: str) -> bytes:
         """The bytes of a stored file (an uploaded reference image, or an earlier result)."""
-        stored = self.storage.open(key)
-        return stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+        return self.storage.read(key)
 
     def stop(self) -> None:
         """Stop the workers (the running job is requeued) and close the store."""
@@ -200,7 +205,7 @@ class Runtime:
         removed = self.store.remove_finished_before(cutoff)
         for job in removed:
             self.storage.delete_prefix(f"{job.id}/")
-        self.storage.remove_stale(UPLOADS, cutoff)
+        self.storage.delete_older_than(f"{UPLOADS}/", cutoff)
         return len(removed)
 
     def enforce_revocations(self) -> int:

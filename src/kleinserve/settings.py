@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    prompt_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Bytes of prompt embeddings kept for reuse (LRU by model and prompt); 0 turns the cache off.",
+    )
     device_memory: float | None = Field(
         None,
         gt=0,
@@ -70,7 +75,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["auto"],
         description="Models to serve: ID or ID=PATH, repeatable; 'auto' falls back to tiny demo weights.",
     )
-    public_url: str | None = Field(None, description="Base URL for result links (default: from the request).")
+    public_url: str | None = Field(
+        None, description="Base URL for result links (default: http://HOST:PORT of the bind address)."
+    )
     max_queue: int = Field(100, ge=1, description="Most queued + running jobs; past it new work gets 503.")
     max_attempts: int = Field(3, ge=1, description="Runs a job gets before an interruption fails it.")
     retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
@@ -174,6 +181,25 @@ class Settings(BaseSettings):
 
         parse_fetch_allow(value)
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("public_url must start with http:// or https://")
+        return value
+
+    def link_base_url(self) -> str:
+        """The base of every link the server hands out: ``public_url``, else the bind address.
+
+        Never a request's ``Host`` header, so a client cannot make links point at a host of its
+        choosing. A wildcard bind (0.0.0.0, ::) gives a link only the server's own host can follow:
+        set ``public_url`` when clients reach the server by another name.
+        """
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @model_validator(mode="after")
     def _admin_needs_token(self) -> Settings:

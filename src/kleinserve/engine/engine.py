@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -107,6 +108,8 @@ class Engine:
             # hidden_states[n_layers] would be the final-norm output, which klein never taps.
             raise ValueError(f"text encoder has {n_layers} layers; cannot tap layer {max(self.layers)}")
         self._empty_embedding: torch.Tensor | None = None
+        # Shared by the engines of a process (engine/cache.py); None: every prompt is encoded.
+        self.prompt_cache: PromptCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -172,8 +175,16 @@ class Engine:
         batch, channels, seq_len, hidden = stacked.shape
         return stacked.permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden).to(self.device)
 
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """:meth:`encode_prompt` through the prompt cache, when the engine has one."""
+        if self.prompt_cache is None:
+            return self.encode_prompt(prompt)
+        return self.prompt_cache.get_or_compute(self.variant.id, prompt, lambda: self.encode_prompt(prompt))
+
     def empty_prompt_embedding(self) -> torch.Tensor:
-        """The embedding of the empty prompt (the CFG negative), computed once per loaded model."""
+        """The embedding of the empty prompt (the CFG negative): from the cache, else computed once."""
+        if self.prompt_cache is not None:
+            return self.prompt_embedding("")
         if self._empty_embedding is None:
             self._empty_embedding = self.encode_prompt("")
         return self._empty_embedding
@@ -253,7 +264,7 @@ class Engine:
 
         started = time.perf_counter()
         report(Progress("encode_prompt", 0, 1))
-        embedding = prompt_embedding if prompt_embedding is not None else self.encode_prompt(inputs.prompt)
+        embedding = prompt_embedding if prompt_embedding is not None else self.prompt_embedding(inputs.prompt)
         prompt_embeds = embedding.expand(n, -1, -1)
         text_ids = pipe._prepare_text_ids(prompt_embeds).to(self.device)
         negative_embeds = negative_ids = None

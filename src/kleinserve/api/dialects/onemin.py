@@ -36,7 +36,6 @@ from kleinserve.api.auth import CallerDep
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_url,
     runtime_of,
     store_upload,
@@ -55,6 +54,7 @@ from kleinserve.errors import (
 from kleinserve.jobs.job import Job
 from kleinserve.request import MAX_SEED, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
+from kleinserve.storage.base import media_type_for
 
 PREFIX = "/api"
 GENERATOR = "IMAGE_GENERATOR"
@@ -154,8 +154,10 @@ def image_reference(runtime: Runtime, image_url: str) -> str:
         return text
     key = text.removeprefix(ASSET_PREFIX)
     try:
-        runtime.storage.open(key)
-    except NotFoundError:
+        found = runtime.storage.exists(key)
+    except NotFoundError:  # not even a well-formed key
+        found = False
+    if not found:
         raise _param(
             "imageUrl", f"no such asset {text!r}; use a key from /api/assets, a resultObject path or an http(s) URL"
         ) from None
@@ -196,7 +198,7 @@ def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[Gener
     return request, echo
 
 
-def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, Any], base_url: str) -> dict[str, Any]:
+def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, Any]) -> dict[str, Any]:
     """A finished job as 1min's ``aiRecord``, plus kleinserve's seed and size."""
     outputs = outputs_of(job)
     first = outputs[0]
@@ -208,7 +210,7 @@ def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, 
             "status": "SUCCESS",
             "createdAt": _iso(job.created_at),
             "aiRecordDetail": {"promptObject": echo, "resultObject": [o.key for o in outputs]},
-            "temporaryUrl": result_url(runtime, base_url, first),
+            "temporaryUrl": result_url(runtime, first),
             "kleinserve": {"seed": first.seed, "width": first.width, "height": first.height},
         }
     }
@@ -247,7 +249,7 @@ class OneMinDialect:
                 (job,) = await wait_for_jobs(request, runtime, jobs)
             except InvalidRequestError as err:
                 raise _with_client_names(err) from None
-            return ai_record(runtime, job, body, echo, public_base_url(request))
+            return ai_record(runtime, job, body, echo)
 
         @router.post("/assets", summary="Upload an image for promptObject.imageUrl.")
         async def assets(
@@ -262,8 +264,7 @@ class OneMinDialect:
             data = await asset.read()
             key = (await store_upload(runtime, data, None, "asset")).removeprefix(ASSET_PREFIX)
             name = key.rsplit("/", 1)[-1]
-            stored = await asyncio.to_thread(runtime.storage.open, key)
-            location = public_base_url(request) + runtime.storage.signed_path(key)
+            location = await asyncio.to_thread(runtime.storage.url, key)
             return {
                 "asset": {
                     "fieldname": "asset",
@@ -273,7 +274,7 @@ class OneMinDialect:
                     "bucket": BUCKET,
                     "key": key,
                     "location": location,
-                    "contentType": stored.media_type,  # what is kept: the decoded pixels as PNG
+                    "contentType": media_type_for(key),  # what is kept: the decoded pixels as PNG
                 },
                 # The upload's folder in storage is a fresh UUID: it serves as the asset's id.
                 "fileContent": {"uuid": key.split("/")[-2], "path": key, "type": name.rsplit(".", 1)[-1], "name": name},

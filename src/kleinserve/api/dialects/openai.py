@@ -29,7 +29,6 @@ from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_b64,
     result_url,
     runtime_of,
@@ -191,13 +190,13 @@ def to_generation_request(
         raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
 
 
-def images_response(runtime: Runtime, job: Job, params: ImageParams, base_url: str) -> dict[str, Any]:
+def images_response(runtime: Runtime, job: Job, params: ImageParams) -> dict[str, Any]:
     """OpenAI's ImagesResponse, plus the seed of image 0."""
     outputs = outputs_of(job)
     data = [
         {"b64_json": result_b64(runtime, o)}
         if params.response_format == "b64_json"
-        else {"url": result_url(runtime, base_url, o)}
+        else {"url": result_url(runtime, o)}
         for o in outputs
     ]
     return {
@@ -286,7 +285,7 @@ class OpenAIDialect:
             gens = with_lora_header(request, [gen], runtime.settings)
             jobs = await asyncio.to_thread(runtime.service.submit, gens, key=caller.key, dialect=self.name, extra=extra)
             (job,) = await wait_for_jobs(request, runtime, jobs)
-            return images_response(runtime, job, params, public_base_url(request))
+            return images_response(runtime, job, params)
 
         @router.post("/images/generations", summary="Create images from a prompt.")
         async def generations(

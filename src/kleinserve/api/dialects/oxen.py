@@ -26,7 +26,6 @@ from kleinserve.api.auth import Caller, CallerDep, while_allowed
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_b64,
     result_url,
     runtime_of,
@@ -203,11 +202,10 @@ class OxenDialect:
                 extra={"model": body.model, **_echo(body)},
             )
             (job,) = await wait_for_jobs(request, runtime, jobs)
-            base = public_base_url(request)
             images = [
                 {"b64_json": result_b64(runtime, o)}
                 if body.response_format == "b64_json"
-                else {"url": result_url(runtime, base, o)}
+                else {"url": result_url(runtime, o)}
                 for o in outputs_of(job)
             ]
             return {"model": body.model, "created": int(job.created_at), "images": images}
@@ -254,11 +252,10 @@ class OxenDialect:
                 return {"count": 0, "generations": []}
             statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
             model_id = find_variant(model).id if model else None
-            base = public_base_url(request)
 
             def listed() -> list[dict[str, Any]]:
                 jobs = runtime.service.list(statuses=statuses, model=model_id, **caller.scope)
-                return generation_objects(runtime, jobs, base)
+                return generation_objects(runtime, jobs)
 
             items = await run_in_threadpool(listed)
             return {"count": len(items), "generations": items}
@@ -266,11 +263,10 @@ class OxenDialect:
         @router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
         async def get_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
             runtime = runtime_of(request)
-            base = public_base_url(request)
 
             def found() -> dict[str, Any]:
                 job = runtime.service.get(generation_id, **caller.scope)
-                return generation_objects(runtime, [job], base)[0]
+                return generation_objects(runtime, [job])[0]
 
             return await run_in_threadpool(found)
 
@@ -299,7 +295,6 @@ class OxenDialect:
                 # in between; a short replay window closes that race (clients filter by id).
                 since = time.time() - runtime.settings.sse_replay_seconds
                 after = await asyncio.to_thread(runtime.store.last_seq_before, since)
-            base = public_base_url(request)
 
             async def stream() -> AsyncIterator[ServerSentEvent]:
                 async with runtime.bus.subscribe(
@@ -307,7 +302,7 @@ class OxenDialect:
                 ) as subscription:
                     # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
                     async for event in while_allowed(runtime, caller, subscription):
-                        for sse in to_sse(runtime, event, base):
+                        for sse in to_sse(runtime, event):
                             yield sse
 
             return EventSourceResponse(
@@ -349,14 +344,14 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def generation_objects(runtime: Runtime, jobs: list[Job], base_url: str) -> list[dict[str, Any]]:
+def generation_objects(runtime: Runtime, jobs: list[Job]) -> list[dict[str, Any]]:
     """Queue items for ``jobs``, with every queue position from one store query (blocking: call it
     from a worker thread, never on the event loop)."""
     positions = runtime.service.queue_positions(jobs)
-    return [generation_object(runtime, job, base_url, positions.get(job.id)) for job in jobs]
+    return [generation_object(runtime, job, positions.get(job.id)) for job in jobs]
 
 
-def generation_object(runtime: Runtime, job: Job, base_url: str, queue_position: int | None = None) -> dict[str, Any]:
+def generation_object(runtime: Runtime, job: Job, queue_position: int | None = None) -> dict[str, Any]:
     """A queue item as Oxen shapes it, plus kleinserve's extras (progress, queue position, size)."""
     outputs = outputs_of(job)
     item: dict[str, Any] = {
@@ -365,7 +360,7 @@ def generation_object(runtime: Runtime, job: Job, base_url: str, queue_position:
         "prompt": job.request.prompt,
         "media_type": "image",
         "status": job.status.value,
-        "result_url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+        "result_url": result_url(runtime, outputs[0]) if outputs else None,
         "error_message": job.error_message,
         "enqueued_at": _ts(job.created_at),
         "started_at": _ts(job.started_at),
@@ -401,7 +396,7 @@ _OWN_EVENTS = {
 }
 
 
-def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEvent]:
+def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     """The SSE frames for one job event: Oxen's completion event, then kleinserve's own."""
     frames: list[ServerSentEvent] = []
     job_id = event.job_id
@@ -413,7 +408,7 @@ def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEven
             "status": "succeeded",
             "media_type": "image",
             "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
-            "url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+            "url": result_url(runtime, outputs[0]) if outputs else None,
         }
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
     elif event.type is EventType.FAILED:

@@ -63,7 +63,9 @@ def base_twin(engine: Engine) -> Engine:
     base_id = engine.variant.id.replace("flux-2-klein-", "flux-2-klein-base-")
     pipeline = Flux2KleinPipeline(**engine.pipeline.components, is_distilled=False)
     pipeline.set_progress_bar_config(disable=True)
-    return Engine(pipeline, find_variant(base_id))
+    twin = Engine(pipeline, find_variant(base_id))
+    twin.prompt_cache = engine.prompt_cache
+    return twin
 
 
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -433,9 +433,9 @@ def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], dat
 @app.command("make-tiny")
 def make_tiny_command(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
-    variant: Annotated[str, typer.Option(help="distilled (like klein 4B/9B) or base (like Base 4B/9B).")] = (
-        "distilled"
-    ),
+    variant: Annotated[
+        str, typer.Option(help="distilled (like klein 4B/9B), base (like Base 4B/9B) or kv (like klein 9B-KV).")
+    ] = "distilled",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     preset: Annotated[
         str,
@@ -448,8 +448,8 @@ def make_tiny_command(
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
     from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
 
-    if variant not in ("distilled", "base"):
-        _fail(f"--variant must be distilled or base, not {variant!r}")
+    if variant not in ("distilled", "base", "kv"):
+        _fail(f"--variant must be distilled, base or kv, not {variant!r}")
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]

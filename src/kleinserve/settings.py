@@ -83,6 +83,22 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
     cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
     url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")
+
+    # Result storage (storage/factory.py chooses the backend).
+    storage_url: str | None = Field(
+        None,
+        description=(
+            "Where results and uploads live: unset for DATA_DIR/files on local disk, or s3://BUCKET[/PREFIX] "
+            "for S3-compatible object storage (credentials from the usual AWS_* variables or files)."
+        ),
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for non-AWS stores (SeaweedFS, MinIO, R2...), e.g. http://10.0.0.5:8333."
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: the AWS configuration's, else us-east-1).")
+    s3_path_style: bool = Field(
+        False, description="Address buckets as ENDPOINT/BUCKET (most self-hosted stores) instead of BUCKET.ENDPOINT."
+    )
     sync_timeout: float = Field(600, gt=0, description="Longest a sync request waits for its job.")
     sse_replay_seconds: float = Field(
         60, ge=0, description="A new SSE connection first gets the events of this many past seconds."
@@ -143,6 +159,7 @@ class Settings(BaseSettings):
             "flux-2-klein-9b": 0.04,
             "flux-2-klein-base-4b": 0.04,
             "flux-2-klein-base-9b": 0.04,
+            "flux-2-klein-9b-kv": 0.04,
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
@@ -188,6 +205,22 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("public_url must start with http:// or https://")
         return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value:
+            bucket = value.removeprefix("s3://").split("/", 1)[0]
+            if not value.startswith("s3://") or not bucket:
+                raise ValueError("storage_url must be s3://BUCKET or s3://BUCKET/PREFIX (or unset for local disk)")
+        return value or None
+
+    def s3_location(self) -> tuple[str, str] | None:
+        """``(bucket, prefix)`` when results go to S3, else ``None`` (local disk)."""
+        if not self.storage_url:
+            return None
+        bucket, _, prefix = self.storage_url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
 
     def link_base_url(self) -> str:
         """The base of every link the server hands out: ``public_url``, else the bind address.

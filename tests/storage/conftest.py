@@ -1,8 +1,9 @@
 """Storage backends for the contract suite: each one real, each reached over HTTP as clients reach it.
 
 A :class:`Backend` is a storage plus ``get(url)``, the way a client downloads a link: for local disk,
-the server's own ``/files`` route (the real app, in process); for S3 (next), a plain HTTP GET against
-the S3 server. Add a backend here and every test in ``test_contract.py`` runs against it.
+the server's own ``/files`` route (the real app, in process); for S3, a plain HTTP GET against the
+session's SeaweedFS server (tests/services/seaweed.py), under a prefix of the test's own. Add a
+backend here and every test in ``test_contract.py`` runs against it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient
 from kleinserve.api.app import create_app
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
+from tests.services.seaweed import S3Server
 
 
 @dataclass
@@ -38,8 +40,16 @@ def local_backend(tmp_path: Path) -> Iterator[Backend]:
         app.state.runtime.store.close()
 
 
+def s3_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    server: S3Server = request.getfixturevalue("seaweed")
+    prefix: str = request.getfixturevalue("s3_prefix")
+    with httpx.Client(timeout=30) as client:
+        yield Backend("s3", server.storage(prefix), client.get)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[Backend]]] = {
     "local": lambda request, tmp_path: local_backend(tmp_path),
+    "s3": lambda request, tmp_path: s3_backend(request),
 }
 
 

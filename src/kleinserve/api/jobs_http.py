@@ -118,7 +118,7 @@ def result_url(runtime: Runtime, output: JobOutput) -> str:
 
 
 def result_b64(runtime: Runtime, output: JobOutput) -> str:
-    """One result file's bytes, base64-encoded."""
+    """One result file's bytes, base64-encoded (blocking, maybe on the network: call it in a thread)."""
     return base64.b64encode(runtime.storage.read(output.key)).decode()
 
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from kleinserve.engine.cache import PromptCache
+from kleinserve.engine.kv import ReferenceKV, use_kv_processors
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -108,6 +109,8 @@ class Engine:
             # hidden_states[n_layers] would be the final-norm output, which klein never taps.
             raise ValueError(f"text encoder has {n_layers} layers; cannot tap layer {max(self.layers)}")
         self._empty_embedding: torch.Tensor | None = None
+        if variant.kv_cache:
+            use_kv_processors(pipeline.transformer)
         # Shared by the engines of a process (engine/cache.py); None: every prompt is encoded.
         self.prompt_cache: PromptCache | None = None
 
@@ -310,9 +313,18 @@ class Engine:
 
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
+        # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
+        kv = None
+        if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:
+            kv = ReferenceKV(ref_latents, ref_ids)
         for i, t in enumerate(timesteps):
             self._check_cancel(cancelled)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            if kv is not None:
+                noise = kv.predict(transformer, latents, latent_ids, timestep / 1000, prompt_embeds, text_ids)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                report(Progress("denoise", i + 1, len(timesteps)))
+                continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
             model_input = model_input.to(transformer.dtype)
             noise = transformer(
@@ -337,6 +349,8 @@ class Engine:
                 noise = negative + inputs.guidance * (noise - negative)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             report(Progress("denoise", i + 1, len(timesteps)))
+        if kv is not None:
+            kv.clear()  # the references' K/V are this request's; never kept past it
         timings["denoise"] = time.perf_counter() - started
         self._check_cancel(cancelled)
 

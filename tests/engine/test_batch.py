@@ -60,7 +60,7 @@ def test_base_cfg_and_references_batch_too(base_engine: Engine) -> None:
     refs = [Image.fromarray((rng.rand(40, 56, 3) * 255).astype("uint8")) for _ in range(2)]
     inputs = [
         EngineInputs("put the hat on the cat", 3, 4.0, 5, references=[refs[0]]),
-        EngineInputs("make it a watercolor painting", 3, 4.0, 6, references=[refs[1]]),
+        EngineInputs("make it a watercolor painting", 3, 4.0, 6, references=[refs[1]], negative_prompt="blurry"),
     ]
     assert batch_key(base_engine, inputs[0]) == batch_key(base_engine, inputs[1])
     outcomes = generate_batch(base_engine, [BatchItem(i) for i in inputs])

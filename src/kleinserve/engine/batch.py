@@ -94,7 +94,10 @@ def _generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]
     prompt_embeds = torch.cat(
         [engine.prompt_embedding(item.inputs.prompt).expand(n, -1, -1) for item, n in zip(items, counts, strict=True)]
     )
-    negative_embeds = engine.empty_prompt_embedding().expand(sum(counts), -1, -1) if cfg else None
+    negative_embeds = None
+    if cfg:  # each request's own negative ("" unless it gave one)
+        negatives = [engine.negative_embedding(item.inputs.negative_prompt) for item in items]
+        negative_embeds = torch.cat([neg.expand(n, -1, -1) for neg, n in zip(negatives, counts, strict=True)])
     timings["encode_prompt"] = time.perf_counter() - started
 
     ref_latents = ref_ids = None

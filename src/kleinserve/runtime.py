@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from kleinserve import metrics
 from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
+from kleinserve.engine.classifier import safety_checker_from_settings
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
@@ -28,6 +29,7 @@ from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
 from kleinserve.quotas import Quotas
+from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.local import LocalStorage
 
@@ -70,6 +72,7 @@ class Runtime:
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
+    safety: SafetyChecker | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
@@ -123,6 +126,7 @@ class Runtime:
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
             self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+            self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -136,6 +140,7 @@ class Runtime:
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
             self.cancels,
             on_succeeded=self.charge,
+            safety=self.safety,
         )
         worker.start()
         self.workers.append(worker)

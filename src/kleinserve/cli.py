@@ -197,6 +197,22 @@ def serve(
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
     ] = None,
+    offload: Annotated[
+        Optional[str], typer.Option(help="CPU offloading on a GPU: none, model, sequential or group.")
+    ] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = None,
+    quantize_text_encoder: Annotated[
+        Optional[str], typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = None,
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="Run the text encoder elsewhere, e.g. cpu.")
+    ] = None,
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the transformer blocks (warmed up before ready).")
+    ] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -252,6 +268,12 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        offload=offload,
+        quantize=quantize,
+        quantize_text_encoder=quantize_text_encoder,
+        text_encoder_device=text_encoder_device,
+        compile=compile_blocks or None,
+        attention_backend=attention_backend,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
@@ -419,9 +441,9 @@ def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], dat
 @app.command("make-tiny")
 def make_tiny_command(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
-    variant: Annotated[str, typer.Option(help="distilled (like klein 4B/9B) or base (like Base 4B/9B).")] = (
-        "distilled"
-    ),
+    variant: Annotated[
+        str, typer.Option(help="distilled (like klein 4B/9B), base (like Base 4B/9B) or kv (like klein 9B-KV).")
+    ] = "distilled",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     preset: Annotated[
         str,
@@ -447,8 +469,8 @@ def make_tiny_command(
         out_console.print(f"wrote a tiny {classifier} image classifier to {directory}", highlight=False)
         return
 
-    if variant not in ("distilled", "base"):
-        _fail(f"--variant must be distilled or base, not {variant!r}")
+    if variant not in ("distilled", "base", "kv"):
+        _fail(f"--variant must be distilled, base or kv, not {variant!r}")
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
@@ -472,6 +494,7 @@ def bench(
     from kleinserve.engine.bench.cases import CASES
     from kleinserve.engine.bench.report import stage_table, summary_table, write_json
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
+    from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
     from kleinserve.engine.weights import ModelSpec, load_engine
 
@@ -488,6 +511,7 @@ def bench(
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
         engine = load_engine(spec, torch_device, torch_dtype)
+        engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:

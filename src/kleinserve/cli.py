@@ -105,6 +105,9 @@ def generate(
     ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the variant's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the variant's).")] = None,
+    negative_prompt: Annotated[
+        Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -133,6 +136,7 @@ def generate(
             {
                 "model": spec.variant.id,
                 "prompt": prompt,
+                "negative_prompt": negative_prompt,
                 "images": image or [],
                 "width": w,
                 "height": h,

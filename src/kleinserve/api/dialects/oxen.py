@@ -94,6 +94,9 @@ class OxenImageRequest(BaseModel):
 
     model: str = Field(..., description="Model id, e.g. black-forest-labs-flux-2-klein-4b.")
     prompt: str = Field(..., description="Text prompt; may refer to inputs as @Image1, @Image2, ...")
+    negative_prompt: str | None = Field(
+        None, description="kleinserve extension: what to steer away from (Base models only; true CFG)."
+    )
     input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
     image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
     aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
@@ -143,6 +146,7 @@ def to_generation_request(
         {
             "model": runtime.service.check_model(body.model),
             "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
             "images": references,
             "width": width,
             "height": height,

@@ -242,6 +242,21 @@ def serve(
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
     ] = None,
+    safety_checker: Annotated[
+        Optional[str],
+        typer.Option(
+            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
+        ),
+    ] = None,
+    safety_policy: Annotated[
+        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
+    ] = None,
+    safety_threshold: Annotated[
+        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
+    ] = None,
+    safety_allow_disable: Annotated[
+        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -278,6 +293,10 @@ def serve(
         log_prompts=log_prompts or None,
         metrics=metrics,
         metrics_port=metrics_port,
+        safety_checker=safety_checker,
+        safety_policy=safety_policy,
+        safety_threshold=safety_threshold,
+        safety_allow_disable=safety_allow_disable or None,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
@@ -445,12 +464,28 @@ def make_tiny_command(
         str,
         typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
     ] = "tiny",
+    classifier: Annotated[
+        Optional[str],
+        typer.Option(
+            "--classifier",
+            help="Write a tiny safety-checker classifier instead, that always says nsfw or normal.",
+        ),
+    ] = None,
     lora: Annotated[
         bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
     ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
     from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
+
+    if classifier is not None:
+        from kleinserve.engine.tiny_classifier import make_tiny_classifier
+
+        if classifier not in ("nsfw", "normal"):
+            _fail(f"--classifier must be nsfw or normal, not {classifier!r}")
+        make_tiny_classifier(directory, classifier, seed)  # type: ignore[arg-type]
+        out_console.print(f"wrote a tiny {classifier} image classifier to {directory}", highlight=False)
+        return
 
     if variant not in ("distilled", "base", "kv"):
         _fail(f"--variant must be distilled, base or kv, not {variant!r}")

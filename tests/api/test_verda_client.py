@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from verda import InferenceClient
-from verda.inference_client import AsyncStatus
+from verda.inference_client import AsyncStatus, InferenceClient
 
 from tests.api.conftest import ServerProcess
 

@@ -38,6 +38,14 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lora(tiny_distilled: Path) -> Path:
+    """A random LoRA (rank 4, attention projections) for the tiny transformers."""
+    from kleinserve.engine.tiny import make_tiny_lora
+
+    return make_tiny_lora(tiny_distilled, tiny_distilled.parent / "tiny-lora" / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
 def distilled_engine(tiny_distilled: Path) -> Engine:
     pipeline = load_pipeline(tiny_distilled, torch.device("cpu"), torch.float32)
     return Engine(pipeline, find_variant("flux-2-klein-4b"))

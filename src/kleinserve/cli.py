@@ -105,6 +105,9 @@ def generate(
     ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the variant's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the variant's).")] = None,
+    negative_prompt: Annotated[
+        Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -133,6 +136,7 @@ def generate(
             {
                 "model": spec.variant.id,
                 "prompt": prompt,
+                "negative_prompt": negative_prompt,
                 "images": image or [],
                 "width": w,
                 "height": h,
@@ -213,6 +217,10 @@ def serve(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
     ] = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option("--lora", help="LoRA adapter to offer: NAME=PATH_OR_HUB_ID, a directory or a file; repeatable."),
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -243,6 +251,8 @@ def serve(
     from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
     from kleinserve.engine.catalog import plan_models
+    from kleinserve.engine.lora import check_sources
+    from kleinserve.loras import parse_lora_options
     from kleinserve.runtime import memory_plan_for
 
     settings = _settings(
@@ -259,6 +269,7 @@ def serve(
         text_encoder_device=text_encoder_device,
         compile=compile_blocks or None,
         attention_backend=attention_backend,
+        loras=lora,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
@@ -284,6 +295,8 @@ def serve(
             )
         served = plan_models(settings.models, settings.data_dir)
         memory = memory_plan_for(settings, served)
+        offered = parse_lora_options(settings.loras)
+        check_sources(offered)
     except KleinserveError as err:
         _fail(err.message)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -297,6 +310,8 @@ def serve(
     err_console.print(f"kleinserve {url}", highlight=False)
     for m in served:
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+    if offered:
+        err_console.print(f"  LoRA adapters: {', '.join(sorted(offered))}", highlight=False, markup=False)
     for line in memory.lines():
         err_console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     if memory.fits is False:
@@ -430,9 +445,12 @@ def make_tiny_command(
         str,
         typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
     ] = "tiny",
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
+    ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
-    from kleinserve.engine.tiny import PRESETS, make_tiny
+    from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
 
     if variant not in ("distilled", "base", "kv"):
         _fail(f"--variant must be distilled, base or kv, not {variant!r}")
@@ -441,6 +459,9 @@ def make_tiny_command(
     make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     out_console.print(f"wrote a {preset} {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+    if lora:
+        path = make_tiny_lora(directory, directory / "lora" / "tiny.safetensors", seed)
+        out_console.print(f"wrote a tiny LoRA to {path} (serve it with --lora {path.parent})", highlight=False)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.loading import LoadOptions, check_options, warm_up
+from kleinserve.engine.lora import check_sources
 from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
@@ -30,6 +31,7 @@ from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
+from kleinserve.loras import LoraSource, parse_lora_options
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
@@ -92,6 +94,7 @@ class Runtime:
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
     memory: MemoryPlan | None = field(default=None, init=False)
+    loras: dict[str, LoraSource] = field(default_factory=dict, init=False)  # offered LoRA adapters
     started_at: float = field(default_factory=time.time, init=False)
 
     def __post_init__(self) -> None:
@@ -135,11 +138,16 @@ class Runtime:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
+            self.loras = parse_lora_options(self.settings.loras)
+            check_sources(self.loras)
+            self.service.served_loras = list(self.loras)
             device, options = load_options_for(self.settings)
             self.device, self.dtype = str(device), dtype_name(options.dtype)
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            self.engines = await asyncio.to_thread(
+                load_engines, self.served, device, options.dtype, options, self.loras, self.settings.lora_cache
+            )
             for engine in self.engines.values():
                 engine.prompt_cache = self.prompt_cache
             if options.compile:  # compile now, not in the first request

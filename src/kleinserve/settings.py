@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         None, description="Device of the text encoder when not the main one (e.g. cpu); left out of offloading."
     )
     compile: bool = Field(False, description="Compile the transformer blocks (warmed up before /readyz is 200).")
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters offered: NAME=PATH_OR_HUB_ID, a directory of .safetensors, or a file "
+        "(comma-separated in the environment).",
+    )
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request may apply.")
+    lora_cache: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (least recently used go).")
     attention_backend: str | None = Field(
         None, description="diffusers attention backend (native, flash, sage, ...); default: native SDPA."
     )
@@ -168,6 +175,13 @@ class Settings(BaseSettings):
         if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
             raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
         return value or None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _split_loras(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("fetch_allow", mode="before")
     @classmethod

@@ -75,8 +75,11 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base."""
+def server(
+    tiny_distilled: Path, tiny_base: Path, tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base;
+    one LoRA adapter, ``tiny``, offered."""
     process = ServerProcess(
         tmp_path_factory.mktemp("server"),
         [
@@ -90,7 +93,12 @@ def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempP
         "--device",
         "cpu",
         # The tests' reference images come from the loopback image server, refused unless allowed.
-        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1", "KLEINSERVE_FETCH_ALLOW": "127.0.0.1", "KLEINSERVE_METRICS": "open"},
+        env={
+            "KLEINSERVE_KEEPALIVE_INTERVAL": "1",
+            "KLEINSERVE_FETCH_ALLOW": "127.0.0.1",
+            "KLEINSERVE_METRICS": "open",
+            "KLEINSERVE_LORAS": f"tiny={tiny_lora}",
+        },
     ).start()
     yield process
     process.stop()

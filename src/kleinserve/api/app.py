@@ -29,6 +29,7 @@ from kleinserve.api.dialects.oxen import OxenDialect
 from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.api.loras_http import loras_router
 from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
 from kleinserve.engine.catalog import ServedModel
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         app.include_router(dialect.router(), dependencies=[Depends(authenticate)])
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
+    app.include_router(loras_router(), dependencies=[Depends(authenticate)])
     app.include_router(workbench_router())
     app.include_router(metrics_router())
     return app

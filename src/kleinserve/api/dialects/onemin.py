@@ -68,6 +68,7 @@ NAMES = FieldNames(
         "steps": "num_inference_steps",
         "quality": "output_quality",
         "images": "imageUrl",
+        "negative_prompt": "negativePrompt",
         "width": "aspect_ratio",
         "height": "aspect_ratio",
         "size": "aspect_ratio",
@@ -84,6 +85,9 @@ class _Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., description="What to draw, or how to change the input image.")
+    negativePrompt: str | None = Field(
+        None, description="What to steer away from: Base models only (true CFG); a 400 on the distilled ones."
+    )
     output_format: Literal["webp", "jpg", "jpeg", "png"] = Field("webp", description="Image format.")
     output_quality: int = Field(80, ge=0, le=100, description="JPEG/WebP quality 0-100 (0 is sent as 1).")
     megapixels: Literal["0.25", "1"] = Field("1", description="Output size with an explicit aspect_ratio.")
@@ -93,9 +97,6 @@ class _Prompt(BaseModel):
     num_outputs: int | None = Field(None, ge=1, description="Same as n (1min's docs for some models).")
     size: str | None = Field(
         None, description="'WIDTHxHEIGHT' in multiples of 16, instead of aspect_ratio; 'auto' is ignored."
-    )
-    negativePrompt: str | None = Field(
-        None, description="Accepted and echoed; FLUX.2 [klein] (distilled, no CFG) has no negative prompt."
     )
 
     def image_count(self) -> int:
@@ -214,6 +215,7 @@ def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[Gener
         {
             "model": variant.id,
             "prompt": prompt.prompt,
+            "negative_prompt": prompt.negativePrompt,
             "images": images,
             "width": width,
             "height": height,

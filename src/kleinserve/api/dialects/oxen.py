@@ -31,13 +31,14 @@ from kleinserve.api.jobs_http import (
     result_b64,
     result_url,
     runtime_of,
+    with_lora_header,
 )
 from kleinserve.engine.catalog import ServedModel
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobStatus
-from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, size_for_aspect_ratio
+from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
 
 PREFIX = "/api"
@@ -102,6 +103,9 @@ class OxenImageRequest(BaseModel):
 
     model: str = Field(..., description="Model id, e.g. black-forest-labs-flux-2-klein-4b.")
     prompt: str = Field(..., description="Text prompt; may refer to inputs as @Image1, @Image2, ...")
+    negative_prompt: str | None = Field(
+        None, description="kleinserve extension: what to steer away from (Base models only; true CFG)."
+    )
     input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
     image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
     aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
@@ -120,6 +124,9 @@ class OxenImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = Field("url", description="Return URLs or base64.")
     target_namespace: str | None = Field(None, description="Accepted for compatibility; results stay here.")
     num_generations: int = Field(1, ge=1, le=4, description="Generations to run (queue), or images (sync).")
+    loras: list[LoraChoice] | None = Field(
+        None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
+    )
 
     def references(self) -> list[str]:
         source = self.input_image if self.input_image is not None else self.image
@@ -151,6 +158,7 @@ def to_generation_request(
         {
             "model": runtime.service.check_model(body.model),
             "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
             "images": references,
             "width": width,
             "height": height,
@@ -160,6 +168,7 @@ def to_generation_request(
             "num_images": num_images,
             "output_format": body.output_format,
             "quality": QUALITY[body.output_quality],
+            "loras": body.loras or [],
         },
         runtime.settings,
         NAMES,
@@ -237,8 +246,9 @@ async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, 
 
 
 @router.post("/ai/queue", summary="Queue 1-4 generations.")
-async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+async def enqueue(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
     requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
+    requests = with_lora_header(request, requests, runtime.settings)
     jobs = await asyncio.to_thread(
         runtime.service.submit, requests, key=caller.key, dialect=NAME, extra={"model": body.model, **_echo(body)}
     )

@@ -242,6 +242,21 @@ def serve(
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
     ] = None,
+    safety_checker: Annotated[
+        Optional[str],
+        typer.Option(
+            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
+        ),
+    ] = None,
+    safety_policy: Annotated[
+        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
+    ] = None,
+    safety_threshold: Annotated[
+        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
+    ] = None,
+    safety_allow_disable: Annotated[
+        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -278,6 +293,10 @@ def serve(
         log_prompts=log_prompts or None,
         metrics=metrics,
         metrics_port=metrics_port,
+        safety_checker=safety_checker,
+        safety_policy=safety_policy,
+        safety_threshold=safety_threshold,
+        safety_allow_disable=safety_allow_disable or None,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
@@ -445,12 +464,28 @@ def make_tiny_command(
         str,
         typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
     ] = "tiny",
+    classifier: Annotated[
+        Optional[str],
+        typer.Option(
+            "--classifier",
+            help="Write a tiny safety-checker classifier instead, that always says nsfw or normal.",
+        ),
+    ] = None,
     lora: Annotated[
         bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
     ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
     from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
+
+    if classifier is not None:
+        from kleinserve.engine.tiny_classifier import make_tiny_classifier
+
+        if classifier not in ("nsfw", "normal"):
+            _fail(f"--classifier must be nsfw or normal, not {classifier!r}")
+        make_tiny_classifier(directory, classifier, seed)  # type: ignore[arg-type]
+        out_console.print(f"wrote a tiny {classifier} image classifier to {directory}", highlight=False)
+        return
 
     if variant not in ("distilled", "base", "kv"):
         _fail(f"--variant must be distilled, base or kv, not {variant!r}")
@@ -475,6 +510,15 @@ def bench(
     cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
     repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    offload: Annotated[str, typer.Option(help="Memory mode to measure: none, model, sequential or group.")] = "none",
+    quantize: Annotated[str, typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = "none",
+    quantize_text_encoder: Annotated[
+        str, typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = "none",
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks.")] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend.")
+    ] = None,
 ) -> None:
     """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
     from kleinserve.engine.bench.cases import CASES
@@ -482,6 +526,8 @@ def bench(
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
     from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.loading import LoadOptions
+    from kleinserve.engine.memory import MemoryMode
     from kleinserve.engine.weights import ModelSpec, load_engine
 
     settings = _settings(device=device, dtype=dtype)
@@ -496,17 +542,31 @@ def bench(
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
-        engine = load_engine(spec, torch_device, torch_dtype)
+        mode = MemoryMode(offload, quantize, quantize_text_encoder)
+        load = LoadOptions(torch_dtype, mode, compile_blocks, attention_backend)
+        err_console.print(f"memory mode: {load.describe()}", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype, options=load)
         engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:
         _fail(err.message)
-    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    flags = {
+        "--device": device,
+        "--dtype": dtype,
+        "--steps": steps,
+        "--json": json_path,
+        "--offload": None if offload == "none" else offload,
+        "--quantize": None if quantize == "none" else quantize,
+        "--quantize-text-encoder": None if quantize_text_encoder == "none" else quantize_text_encoder,
+        "--attention-backend": attention_backend,
+    }
+    report["mode"] = load.describe()
     report["command"] = " ".join(
         [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
         + [f"--cases {','.join(chosen)}"]
         + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+        + (["--compile"] if compile_blocks else [])
     )
     width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
     out_console.print(summary_table(report), width=width)

@@ -157,6 +157,9 @@ class GenerationRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="How many images to generate.")
     output_format: OutputFormat = Field(OutputFormat.PNG, description="png, jpeg (or jpg) or webp.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP encoder quality, 1-100.")
+    safety_check: bool = Field(
+        True, description="False asks to skip the safety checker (honoured only if the operator allows it)."
+    )
     loras: list[LoraChoice] = Field(
         default_factory=list, description="LoRA adapters to apply, with scales (see GET /v1/loras)."
     )

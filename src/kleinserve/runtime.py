@@ -17,6 +17,7 @@ from kleinserve import metrics
 from kleinserve.access import Access
 from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
+from kleinserve.engine.classifier import safety_checker_from_settings
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
@@ -33,6 +34,7 @@ from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
 from kleinserve.loras import LoraSource, parse_lora_options
 from kleinserve.quotas import Quotas
+from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
@@ -89,6 +91,7 @@ class Runtime:
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
     prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
+    safety: SafetyChecker | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
@@ -153,6 +156,7 @@ class Runtime:
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)
+            self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -166,6 +170,7 @@ class Runtime:
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
             self.cancels,
             on_succeeded=self.charge,
+            safety=self.safety,
         )
         worker.start()
         self.workers.append(worker)

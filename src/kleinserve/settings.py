@@ -120,6 +120,18 @@ class Settings(BaseSettings):
     )
     metrics_host: str = Field("127.0.0.1", description="Address the --metrics-port listener binds to.")
 
+    # Safety checker (safety.py applies the policy, engine/classifier.py scores).
+    safety_checker: str = Field(
+        "off", description="off, or an image classifier with an nsfw label (hub id or directory)."
+    )
+    safety_policy: Literal["flag", "blur", "refuse"] = Field(
+        "blur", description="What a flagged image becomes: flag (returned, reported), blur, or refuse (job fails)."
+    )
+    safety_threshold: float = Field(0.85, gt=0, le=1, description="nsfw score at or over which an image is flagged.")
+    safety_allow_disable: bool = Field(
+        False, description="Let clients skip the checker per request (Verda/1min.ai fields); off: always checked."
+    )
+
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
     max_references: int = Field(4, ge=0, le=16, description="Most reference images per request.")
@@ -164,7 +176,7 @@ class Settings(BaseSettings):
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
 
-    @field_validator("log_level", "log_format", "metrics", mode="before")
+    @field_validator("log_level", "log_format", "metrics", "safety_policy", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -110,7 +110,7 @@ ADMIN_TOKEN = "admin-token-for-tests"
 @dataclass
 class OpsServer:
     """The operations server: JSON logs with prompts, one API key, metrics behind the admin token
-    and on a port of their own."""
+    and on a port of their own, and a safety checker that flags every image (policy flag)."""
 
     server: ServerProcess
     secret: str
@@ -118,7 +118,9 @@ class OpsServer:
 
 
 @pytest.fixture(scope="session")
-def ops_server(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsServer]:
+def ops_server(
+    tiny_distilled: Path, classifiers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OpsServer]:
     from kleinserve.keys import KeyStore
 
     data_dir = tmp_path_factory.mktemp("ops")
@@ -136,6 +138,10 @@ def ops_server(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -
         "admin",
         "--metrics-port",
         str(metrics_port),
+        "--safety-checker",
+        str(classifiers["nsfw"]),
+        "--safety-policy",
+        "flag",
         env={"KLEINSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
     ).start()
     yield OpsServer(server, secret, metrics_port)

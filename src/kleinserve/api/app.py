@@ -23,6 +23,7 @@ from kleinserve import __version__, metrics
 from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
+from kleinserve.api.dialects.bfl import BflDialect
 from kleinserve.api.dialects.onemin import OneMinDialect
 from kleinserve.api.dialects.openai import OpenAIDialect
 from kleinserve.api.dialects.oxen import OxenDialect
@@ -139,7 +140,13 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     settings = settings or Settings()
     runtime = Runtime(settings, served)
     # Verda last: its catch-all POST /{slug}/generate must not shadow routes registered after it.
-    dialects: list[Dialect] = [OxenDialect(), OpenAIDialect(), OneMinDialect(), VerdaDialect()]
+    dialects: list[Dialect] = [
+        OxenDialect(),
+        OpenAIDialect(),
+        OneMinDialect(),
+        BflDialect(),
+        VerdaDialect(),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from kleinserve.engine.images import ASSET_PREFIX, InputPolicy, decode_image, encode_image
 from kleinserve.errors import (
+    ContentPolicyError,
     GenerationCancelledError,
     InvalidParameterError,
     InvalidRequestError,
@@ -52,6 +53,8 @@ def job_error(job: Job) -> KleinserveError:
     code = job.error_code or "generation_failed"
     if job.status is JobStatus.CANCELLED:
         return GenerationCancelledError("generation was cancelled")
+    if code == ContentPolicyError.code:
+        return ContentPolicyError(message)
     if code.startswith("invalid_") or code == "unknown_model":
         return InvalidRequestError(message, code=code)
     if code == "out_of_memory":

@@ -465,6 +465,8 @@ def generation_object(runtime: Runtime, job: Job, queue_position: int | None = N
         item["queue_position"] = queue_position or 0
     if outputs:
         item["width"], item["height"] = outputs[0].width, outputs[0].height
+    if job.safety is not None:  # kleinserve's extension: the safety checker's verdict and scores
+        item["safety"] = job.safety.model_dump(mode="json")
     return item
 
 

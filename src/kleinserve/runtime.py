@@ -24,6 +24,7 @@ from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.loading import LoadOptions, check_options, warm_up
 from kleinserve.engine.lora import check_sources
 from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
+from kleinserve.engine.stepcache import StepCache
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
@@ -154,6 +155,7 @@ class Runtime:
             for engine in self.engines.values():
                 engine.prompt_cache = self.prompt_cache
                 engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
+                engine.step_cache = StepCache.parse(self.settings.step_cache)
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kleinserve.jobs.job import Job, JobStatus
@@ -176,6 +176,20 @@ class DeviceMemoryCollector(Collector):
         except Exception:
             log.exception("metrics: cannot read device memory")
         yield family
+
+
+class PromptCacheCollector(Collector):
+    """The engine's prompt-embedding cache: hits and misses (counters), entries and bytes held."""
+
+    def __init__(self, read: Callable[[], tuple[int, int, int, int]]) -> None:
+        self.read = read  # -> (hits, misses, entries, bytes)
+
+    def collect(self) -> Iterator[Metric]:
+        hits, misses, entries, size = self.read()
+        yield CounterMetricFamily("kleinserve_prompt_cache_hits", "Prompts whose embedding was cached.", value=hits)
+        yield CounterMetricFamily("kleinserve_prompt_cache_misses", "Prompts encoded anew.", value=misses)
+        yield GaugeMetricFamily("kleinserve_prompt_cache_entries", "Embeddings held.", value=entries)
+        yield GaugeMetricFamily("kleinserve_prompt_cache_bytes", "Bytes the held embeddings take.", value=size)
 
 
 def watch(collector: Collector) -> Callable[[], None]:

@@ -38,6 +38,7 @@ from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
+from kleinserve.webhooks.store import WebhookStore
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +93,8 @@ class Runtime:
     prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
     safety: SafetyChecker | None = field(default=None, init=False)
+    webhooks: WebhookStore | None = field(default=None, init=False)  # set while the dispatcher runs
+    webhook_secret: str | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)

@@ -62,7 +62,15 @@ def watch_runtime(runtime: Runtime) -> Callable[[], None]:
 
         return memory_rows(runtime.device)
 
-    undo = [metrics.watch(metrics.QueueCollector(queue)), metrics.watch(metrics.DeviceMemoryCollector(device_memory))]
+    def prompt_cache() -> tuple[int, int, int, int]:
+        stats = runtime.prompt_cache.stats()
+        return stats.hits, stats.misses, stats.entries, stats.bytes
+
+    undo = [
+        metrics.watch(metrics.QueueCollector(queue)),
+        metrics.watch(metrics.DeviceMemoryCollector(device_memory)),
+        metrics.watch(metrics.PromptCacheCollector(prompt_cache)),
+    ]
 
     def unwatch() -> None:
         for step in undo:

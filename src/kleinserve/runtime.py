@@ -1,14 +1,21 @@
 """The server's moving parts, wired together and started in order (no HTTP here).
 
 ``Runtime`` owns the job store, event bus, result storage, job service, the loaded engines and the
-workers. ``start()`` loads the models (off the event loop), recovers jobs a crash interrupted, and
+workers. ``start()`` loads the models (off the event loop), reaps jobs a crash interrupted, and
 starts the workers; ``stop()`` stops them so the running job goes back to the queue.
+
+The reaper (:meth:`Runtime.reap`, every ``KLEINSERVE_REAP_INTERVAL`` seconds) hands back jobs whose
+lease expired. Workers on this host whose process is gone (its pid no longer runs, or it is ours
+but not one of our workers: a restart) count as dead at once, so a restarted ``serve`` resumes its
+interrupted job without waiting for the lease to run out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -18,11 +25,12 @@ from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
-from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.events import StoreEventBus
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import JobService
+from kleinserve.jobs.store.base import WorkerInfo
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
-from kleinserve.jobs.worker import CancelRequests, Worker
+from kleinserve.jobs.worker import Worker
 from kleinserve.keys import KeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
@@ -54,9 +62,8 @@ class Runtime:
     store: SQLiteJobStore = field(init=False)
     keys: KeyStore = field(init=False)
     quotas: Quotas = field(init=False)
-    bus: EventBus = field(init=False)
+    bus: StoreEventBus = field(init=False)
     storage: LocalStorage = field(init=False)
-    cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
@@ -70,14 +77,17 @@ class Runtime:
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-        self.bus = EventBus(self.store)
+        self.bus = StoreEventBus(self.store)
         self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
-        self.cancels = CancelRequests()
         self.service = JobService(
-            self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
+            self.store,
+            self.bus,
+            self.served_ids(),
+            max_queue=self.settings.max_queue,
+            max_queue_per_key=self.settings.queue_share(),
         )
         self.keys = KeyStore(data_dir / "jobs.sqlite3")
-        self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
+        self.quotas = Quotas(self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
     def served_ids(self) -> list[str]:
@@ -112,30 +122,51 @@ class Runtime:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
             return
-        self.recover()
+        await asyncio.to_thread(self.reap)
         worker = Worker(
             self.store,
             self.bus,
             self.storage,
             self.engines,
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
-            self.cancels,
+            lease_seconds=self.settings.lease_seconds,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
             on_succeeded=self.charge,
+            info={"device": self.device, "dtype": self.dtype},
+            claim_any=True,
         )
-        worker.start()
         self.workers.append(worker)
-        self.service.workers = self.workers
+        await asyncio.to_thread(worker.start)
+        self.service.on_queued.append(worker.wake)
         self.ready = True
         log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
 
-    def recover(self) -> None:
-        """Jobs a crash left running go back to the queue, or fail once out of attempts."""
-        requeued, failed = self.store.recover(self.settings.max_attempts)
-        for job in failed:
-            self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
-        # Queued jobs for a model this start does not serve fail in the worker, with that reason.
-        if requeued or failed:
-            log.warning("recovered after a restart: %d job(s) requeued, %d failed", len(requeued), len(failed))
+    def reap(self) -> tuple[int, int]:
+        """Hand back jobs whose worker is gone (lease expired, or a dead process on this host):
+        requeued, or failed as interrupted at ``max_attempts``. Returns (requeued, ended)."""
+        dead = self.dead_local_workers()
+        requeued, ended = self.store.reap(self.settings.max_attempts, time.time(), dead)
+        for worker_id in dead:
+            self.store.forget_worker(worker_id)
+        if requeued or ended:
+            self.bus.notify()
+            for worker in self.workers:
+                worker.wake()
+            log.warning("reaped interrupted jobs: %d requeued, %d failed", len(requeued), len(ended))
+        return len(requeued), len(ended)
+
+    def dead_local_workers(self) -> list[str]:
+        """Ids of workers registered from this host whose process is no longer running."""
+        ours = {worker.id for worker in self.workers}
+        return [w.id for w in self.store.live_workers(since=0) if w.id not in ours and _process_gone(w)]
+
+    async def reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            try:
+                await asyncio.to_thread(self.reap)
+            except Exception:
+                log.exception("reaping interrupted jobs failed")
 
     def charge(self, job: Job) -> None:
         """Record a succeeded job's usage (and cost) against the API key that submitted it."""
@@ -152,6 +183,7 @@ class Runtime:
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
+        self.bus.close()
         self.store.close()
 
     def sweep(self) -> int:
@@ -172,3 +204,22 @@ class Runtime:
             except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(self.settings.cleanup_interval)
+
+
+def _process_gone(worker: WorkerInfo) -> bool:
+    """Whether ``worker`` ran on this host in a process that no longer exists (or is this process,
+    which it cannot be any more: a process that restarted under the same pid)."""
+    if worker.info.get("host") != socket.gethostname():
+        return False
+    pid = worker.info.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

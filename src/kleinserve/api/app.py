@@ -137,7 +137,11 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(runtime.start()), asyncio.create_task(runtime.sweep_forever())]
+        tasks = [
+            asyncio.create_task(runtime.start()),
+            asyncio.create_task(runtime.sweep_forever()),
+            asyncio.create_task(runtime.reap_forever()),
+        ]
         try:
             yield
         finally:

@@ -62,7 +62,7 @@ async def authenticate(request: Request) -> Caller:
     key = await asyncio.to_thread(runtime.keys.authenticate, secret)
     if key is None:
         raise AuthenticationError("the API key is not valid (unknown or revoked)")
-    runtime.quotas.check_request(key)
+    await asyncio.to_thread(runtime.quotas.check_request, key)  # a database write
     return Caller(key)
 
 

@@ -39,7 +39,7 @@ from kleinserve.errors import (
     NotFoundError,
 )
 from kleinserve.jobs.events import Event, EventType
-from kleinserve.jobs.job import Job, JobStatus
+from kleinserve.jobs.job import Job, JobOutput, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
 
@@ -384,6 +384,8 @@ def _compact(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+# Event data for waiters inside the server (the job's final state), not for SSE clients.
+_INTERNAL_DATA = frozenset({"state", "extra"})
 _OWN_EVENTS = {
     EventType.QUEUED: "kleinserve.generation.queued",
     EventType.STARTED: "kleinserve.generation.started",
@@ -398,13 +400,16 @@ def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEven
     frames: list[ServerSentEvent] = []
     job_id = event.job_id
     if event.type is EventType.SUCCEEDED:
-        job = runtime.store.get(job_id)
-        outputs = outputs_of(job) if job else []
+        # The event carries the result: no store read per subscriber (see jobs/events.py).
+        result = (event.data.get("state") or {}).get("result") or {}
+        outputs = [JobOutput.model_validate(o) for o in result.get("outputs", [])]
+        model = event.data.get("model")
+        extra = event.data.get("extra") or {}
         payload: dict[str, Any] = {
             "generation_id": job_id,
             "status": "succeeded",
             "media_type": "image",
-            "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
+            "model": extra.get("model") or (oxen_id(find_variant(model)) if model else None),
             "url": result_url(runtime, base_url, outputs[0]) if outputs else None,
         }
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
@@ -413,7 +418,8 @@ def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEven
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
     own = _OWN_EVENTS.get(event.type)
     if own is not None:
-        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **event.data}
+        shown = {k: v for k, v in event.data.items() if k not in _INTERNAL_DATA}
+        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **shown}
         frames.append(_frame(data=_compact(data), event=own, id=str(event.seq)))
     return frames
 

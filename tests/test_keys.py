@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_parse_rate_refuses(text: str) -> None:
 
 def test_keys_are_stored_only_as_hashes(key_store: ApiKeyStore, tmp_path: Path) -> None:
     store = key_store
+    assert not store.any_key() and not store.any_active()
     key, secret = store.create("alice", credits=5, concurrency=2, requests_per_minute=6.5)
     assert secret.startswith("ks-") and len(secret) > 40
     raw = stored_text(store, tmp_path)
@@ -68,7 +70,22 @@ def test_keys_are_stored_only_as_hashes(key_store: ApiKeyStore, tmp_path: Path) 
     with pytest.raises(NotFoundError):
         store.revoke("nobody")
     assert store.get("alice").revoked_at == store.revoke("alice").revoked_at  # revoking twice keeps the first time
+    assert store.any_key() and store.revoked_since(0) == [(key.id, store.get("alice").revoked_at)]
+    assert store.revoked_since(time.time() + 1) == []
     assert [k.name for k in store.list()] == ["alice"] and store.list()[0].concurrency == 2
+
+
+def test_revocations_are_listed_and_revoked_keys_still_count(key_store: ApiKeyStore) -> None:
+    store = key_store
+    assert not store.any_key() and store.revoked_since(0) == []
+    store.create("kept")
+    gone, _ = store.create("gone")
+    before = time.time() - 1
+    store.revoke("gone")
+    assert store.revoked_since(before) == [(gone.id, store.get("gone").revoked_at)]
+    assert store.revoked_since(time.time() + 60) == []
+    store.revoke("kept")
+    assert store.any_key() and not store.any_active()  # a table of revoked keys keeps a server closed
 
 
 def test_usage_is_recorded_once_per_job(key_store: ApiKeyStore) -> None:
@@ -113,3 +130,28 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert bad_rate.exit_code == 1 and "rate:" in bad_rate.stderr
     missing = runner.invoke(app, ["keys", "usage", "nobody", "--data-dir", str(tmp_path)])
     assert missing.exit_code == 1 and "no API key named 'nobody'" in missing.stderr
+
+
+def test_keys_commands_against_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KLEINSERVE_DATABASE_URL=postgresql://... puts keys in PostgreSQL, where every api process sees them."""
+    monkeypatch.setenv("KLEINSERVE_DATABASE_URL", pg_url)
+    created = runner.invoke(app, ["keys", "create", "--name", "erin", "--rate", "4/hour", "--data-dir", str(tmp_path)])
+    assert created.exit_code == 0, created.stderr
+    secret = created.stdout.strip()
+    store = PgKeyStore(pg_url)
+    try:
+        key = store.authenticate(secret)
+        assert key is not None and key.name == "erin" and key.requests_per_minute == pytest.approx(4 / 60)
+        listed = runner.invoke(app, ["keys", "list", "--data-dir", str(tmp_path)])
+        assert "erin" in listed.stdout and secret not in listed.stdout
+        assert runner.invoke(app, ["keys", "revoke", "erin", "--data-dir", str(tmp_path)]).exit_code == 0
+        assert store.authenticate(secret) is None
+    finally:
+        store.close()
+    assert not list(tmp_path.glob("*.sqlite3"))  # nothing went to SQLite
+
+
+def test_database_url_must_name_a_known_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLEINSERVE_DATABASE_URL", "mysql://db/x")
+    bad = runner.invoke(app, ["keys", "list"])
+    assert bad.exit_code == 1 and "postgresql://" in bad.stderr

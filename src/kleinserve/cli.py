@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kleinserve.errors import InvalidParameterError, KleinserveError
+from kleinserve.logs import configure_logging
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
 from kleinserve.settings import Settings
 
@@ -34,6 +35,7 @@ _STAGE_LABELS = {
 
 
 def _fail(message: str) -> NoReturn:
+    err_console.quiet = False  # muted only for the banner when logs are JSON
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -191,6 +193,26 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    device_memory: Annotated[
+        Optional[float],
+        typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
+    ] = None,
+    offload: Annotated[
+        Optional[str], typer.Option(help="CPU offloading on a GPU: none, model, sequential or group.")
+    ] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = None,
+    quantize_text_encoder: Annotated[
+        Optional[str], typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = None,
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="Run the text encoder elsewhere, e.g. cpu.")
+    ] = None,
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the transformer blocks (warmed up before ready).")
+    ] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -199,16 +221,29 @@ def serve(
         Optional[str],
         typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        Optional[str], typer.Option("--log-format", help="text (default) or json: one JSON object per line.")
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+    ] = False,
+    metrics: Annotated[
+        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
+    ] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
+    ] = None,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
 
     import uvicorn
 
+    from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
-    from kleinserve.api.auth import is_loopback
     from kleinserve.engine.catalog import plan_models
+    from kleinserve.runtime import memory_plan_for
 
     settings = _settings(
         models=model,
@@ -217,14 +252,30 @@ def serve(
         data_dir=data_dir,
         device=device,
         dtype=dtype,
+        device_memory=device_memory,
+        offload=offload,
+        quantize=quantize,
+        quantize_text_encoder=quantize_text_encoder,
+        text_encoder_device=text_encoder_device,
+        compile=compile_blocks or None,
+        attention_backend=attention_backend,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+        log_prompts=log_prompts or None,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
+    # print) and one "serving" log line says the same.
+    err_console.quiet = settings.log_format == "json"
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        keys_exist = _key_store(settings).any_active()
+        key_store = _key_store(settings)
+        keys_exist = key_store.any_active()
         if not keys_exist and not is_loopback(settings.host) and not settings.insecure_no_auth:
             _fail(
                 f"refusing to serve {settings.host} without API keys: anyone who can reach it could use it. "
@@ -232,6 +283,7 @@ def serve(
                 "--insecure-no-auth if something in front of kleinserve checks access."
             )
         served = plan_models(settings.models, settings.data_dir)
+        memory = memory_plan_for(settings, served)
     except KleinserveError as err:
         _fail(err.message)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -245,15 +297,31 @@ def serve(
     err_console.print(f"kleinserve {url}", highlight=False)
     for m in served:
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+    for line in memory.lines():
+        err_console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    if memory.fits is False:
+        _fail(f"refusing to start: {memory.refusal()}")
     err_console.print(f"  data dir: {settings.data_dir.resolve()}", highlight=False)
-    access = "API keys required" if keys_exist else "open (no API keys configured)"
+    required = Access.at_start(key_store, settings.host, settings.insecure_no_auth).keys_required()
+    access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
+    logging.getLogger("kleinserve").info(
+        "serving %s",
+        url,
+        extra={"models": {m.variant.id: str(m.directory) for m in served}, "demo": any(m.demo for m in served)},
+    )
+    if settings.metrics_port is not None:
+        from kleinserve.metrics import serve_port
+
+        serve_port(settings.metrics_port, settings.metrics_host)
     uvicorn.run(
         create_app(settings, served),
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
+        access_log=False,  # api/access_log.py writes the access lines (with request ids and durations)
         timeout_graceful_shutdown=30,
     )
 
@@ -264,9 +332,16 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server'
 
 
 def _key_store(settings: Settings) -> Any:
-    from kleinserve.keys import KeyStore
+    from kleinserve.backends import key_store
 
-    return KeyStore(settings.data_dir / "jobs.sqlite3")
+    return key_store(settings)  # KLEINSERVE_DATABASE_URL: SQLite in the data dir, or PostgreSQL
+
+
+def _keys(data_dir: Path | None) -> Any:
+    """The key store of the settings, as a context that closes it (a PostgreSQL pool ends cleanly)."""
+    from kleinserve.backends import opened_key_store
+
+    return opened_key_store(_settings(data_dir=data_dir))
 
 
 @keys_app.command("create")
@@ -283,15 +358,15 @@ def keys_create(
     """Create a key. Its secret is printed once, on stdout, and stored only as a hash."""
     from kleinserve.keys import parse_rate
 
-    settings = _settings(data_dir=data_dir)
     try:
-        key, secret = _key_store(settings).create(
-            name,
-            requests_per_minute=parse_rate(rate, "rate") if rate else None,
-            images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
-            concurrency=concurrency,
-            credits=credits,
-        )
+        with _keys(data_dir) as store:
+            key, secret = store.create(
+                name,
+                requests_per_minute=parse_rate(rate, "rate") if rate else None,
+                images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
+                concurrency=concurrency,
+                credits=credits,
+            )
     except KleinserveError as err:
         _fail(err.message)
     err_console.print(f"created key {key.name!r}; keep the secret now, it is not shown again:", highlight=False)
@@ -301,8 +376,9 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None) -> None:
     """List keys (names, prefixes, limits; never secrets)."""
-    store = _key_store(_settings(data_dir=data_dir))
-    for key in store.list():
+    with _keys(data_dir) as store:
+        keys = store.list()
+    for key in keys:
         state = "revoked" if not key.active else "active"
         limits = ", ".join(
             f"{label} {value:g}"
@@ -321,7 +397,8 @@ def keys_list(data_dir: DataDir = None) -> None:
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """Revoke a key: it stops working at once."""
     try:
-        _key_store(_settings(data_dir=data_dir)).revoke(name)
+        with _keys(data_dir) as store:
+            store.revoke(name)
     except KleinserveError as err:
         _fail(err.message)
     out_console.print(f"revoked {name}", highlight=False)
@@ -330,12 +407,12 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], da
 @keys_app.command("usage")
 def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """What a key has generated and spent."""
-    store = _key_store(_settings(data_dir=data_dir))
     try:
-        key = store.get(name)
+        with _keys(data_dir) as store:
+            key = store.get(name)
+            usage = store.usage(key.id)
     except KleinserveError as err:
         _fail(err.message)
-    usage = store.usage(key.id)
     left = "unlimited" if key.credits is None else f"{key.credits - usage.spent:g} of {key.credits:g}"
     out_console.print(f"{name}: {usage.images} images in {usage.jobs} jobs, spent {usage.spent:g}; credits {left}")
     for model, row in sorted(usage.by_model.items()):
@@ -349,22 +426,106 @@ def make_tiny_command(
         "distilled"
     ),
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    preset: Annotated[
+        str,
+        typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
+    ] = "tiny",
 ) -> None:
-    """Write a tiny random-weight klein checkpoint (real architecture, a few MB) for tests and demos."""
-    from kleinserve.engine.tiny import make_tiny
+    """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
+    from kleinserve.engine.tiny import PRESETS, make_tiny
 
     if variant not in ("distilled", "base"):
         _fail(f"--variant must be distilled or base, not {variant!r}")
-    make_tiny(directory, variant, seed)  # type: ignore[arg-type]
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    out_console.print(f"wrote a tiny {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+    out_console.print(f"wrote a {preset} {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
 
 
 @app.command()
-def models() -> None:
-    """List the klein variants, their defaults and every accepted id."""
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="ID=PATH (or ID) of the weights to measure.")],
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    size: Annotated[int, typer.Option(help="Output width and height, a multiple of 16.")] = 512,
+    steps: Annotated[Optional[int], typer.Option(help="Steps of the distilled cases (default: the variant's).")] = None,
+    base_steps: Annotated[int, typer.Option("--base-steps", help="Steps of the Base (CFG) cases.")] = 50,
+    cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
+    repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
+    from kleinserve.engine.bench.cases import CASES
+    from kleinserve.engine.bench.report import stage_table, summary_table, write_json
+    from kleinserve.engine.bench.runner import BenchOptions, run_bench
+    from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.weights import ModelSpec, load_engine
+
+    settings = _settings(device=device, dtype=dtype)
+    chosen = [c.strip() for c in cases.split(",") if c.strip()] or list(CASES)
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        _fail(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    if size % 16 or size < 64 or repeats < 1 or base_steps < 1 or (steps is not None and steps < 1):
+        _fail("--size must be a multiple of 16 (at least 64); --repeats, --steps and --base-steps at least 1")
+    try:
+        spec = ModelSpec.parse(model)
+        torch_device = pick_device(settings.device)
+        torch_dtype = pick_dtype(torch_device, settings.dtype)
+        err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype)
+        options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
+        report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
+    except KleinserveError as err:
+        _fail(err.message)
+    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    report["command"] = " ".join(
+        [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
+        + [f"--cases {','.join(chosen)}"]
+        + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+    )
+    width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
+    out_console.print(summary_table(report), width=width)
+    out_console.print(stage_table(report), width=width)
+    if json_path is not None:
+        write_json(report, json_path)
+        err_console.print(f"wrote {json_path}", highlight=False)
+
+
+@app.command()
+def models(
+    plan: Annotated[bool, typer.Option("--plan", help="Show the memory plan instead (nothing is loaded).")] = False,
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", "-m", help="With --plan: ID or ID=PATH (default: every variant).")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="With --plan: the device to plan for (cpu, cuda:0, ...).")
+    ] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="With --plan: auto, bfloat16, float16 or float32.")] = None,
+    offload: Annotated[str, typer.Option(help="With --plan: none, model, sequential or group.")] = "none",
+    quantize: Annotated[str, typer.Option(help="With --plan: transformer weights none, int8, fp8 or int4.")] = "none",
+    quantize_text_encoder: Annotated[
+        str, typer.Option("--quantize-text-encoder", help="With --plan: text encoder none, int8, fp8 or int4.")
+    ] = "none",
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="With --plan: 'cpu' keeps the text encoder in RAM.")
+    ] = None,
+    device_memory: Annotated[
+        Optional[float], typer.Option("--device-memory", help="With --plan: GB the device has (default: detected).")
+    ] = None,
+    table: Annotated[
+        bool, typer.Option("--table", help="With --plan: peak GB per variant and mode, as a Markdown table.")
+    ] = False,
+) -> None:
+    """List the klein variants, their defaults and every accepted id; or, with --plan, their memory needs."""
     from kleinserve.engine.variants import VARIANTS
 
+    if plan:
+        _print_plan(
+            model, device, dtype, offload, quantize, quantize_text_encoder, text_encoder_device, device_memory, table
+        )
+        return
     for v in VARIANTS:
         kind = "distilled" if v.distilled else "undistilled, true CFG"
         out_console.print(
@@ -373,6 +534,63 @@ def models() -> None:
             highlight=False,
         )
         out_console.print(f"    also accepted as: {', '.join(v.aliases)}", highlight=False)
+
+
+def _print_plan(
+    names: list[str] | None,
+    device: str | None,
+    dtype: str | None,
+    offload: str,
+    quantize: str,
+    quantize_text_encoder: str,
+    text_encoder_device: str | None,
+    device_memory: float | None,
+    table: bool,
+) -> None:
+    import torch
+
+    from kleinserve.engine.device import pick_device, pick_dtype
+    from kleinserve.engine.memory import MemoryMode, plan_memory, plan_table
+    from kleinserve.engine.variants import VARIANTS
+    from kleinserve.engine.weights import ModelSpec, resolve_weights
+
+    settings = _settings(device=device, dtype=dtype, device_memory=device_memory)
+    try:
+        # Planning for a device this machine lacks is the point, so it is parsed, not required.
+        try:
+            torch_device = pick_device("auto") if settings.device == "auto" else torch.device(settings.device)
+        except (RuntimeError, ValueError):
+            raise InvalidParameterError("device", f"{settings.device!r} is not a torch device") from None
+        torch_dtype = pick_dtype(torch_device, settings.dtype)
+        specs = [ModelSpec.parse(name) for name in names] if names else [ModelSpec(v) for v in VARIANTS]
+        if table:
+            for line in plan_table([s.variant for s in specs], str(torch_device), torch_dtype):
+                out_console.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
+        mode = MemoryMode(offload, quantize, quantize_text_encoder, text_encoder_device)
+        for spec in specs:
+            try:
+                directory = resolve_weights(spec, allow_download=False)
+            except KleinserveError:
+                if spec.path is not None:
+                    raise
+                directory = None  # not downloaded: plan from the published geometry
+            result = plan_memory(
+                [(spec.variant.id, spec.variant, directory)],
+                str(torch_device),
+                torch_dtype,
+                mode,
+                device_memory_gb=settings.device_memory,
+            )
+            for line in result.lines():
+                out_console.print(line, highlight=False, markup=False, soft_wrap=True)
+            if result.fits is None:
+                verdict = "capacity unknown here (pass --device-memory GB to check a fit)"
+            else:
+                verdict = "fits" if result.fits else f"does NOT fit: {result.refusal()}"
+            out_console.print(f"  -> {verdict}", highlight=False, markup=False, soft_wrap=True)
+    except KleinserveError as err:
+        _fail(err.message)
 
 
 def main() -> None:

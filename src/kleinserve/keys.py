@@ -122,7 +122,13 @@ class ApiKeyStore(Protocol):
         """Revoke the key called ``name`` (once; revoking again changes nothing)."""
 
     def any_active(self) -> bool:
-        """Whether any key is active (then the server requires keys)."""
+        """Whether any key is active (a running open server then starts requiring keys)."""
+
+    def any_key(self) -> bool:
+        """Whether any key was ever created, revoked ones included (see kleinserve.access)."""
+
+    def revoked_since(self, since: float) -> builtins.list[tuple[str, float]]:
+        """``(id, revoked_at)`` of the keys revoked at or after ``since``, oldest first."""
 
     def authenticate(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, or ``None``."""
@@ -248,6 +254,17 @@ class KeyStore:
 
     def any_active(self) -> bool:
         return self._db().execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
+
+    def any_key(self) -> bool:
+        """Whether any key was ever created here (revoked ones count: see kleinserve.access)."""
+        return self._db().execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
+    def revoked_since(self, since: float) -> builtins.list[tuple[str, float]]:
+        """``(id, revoked_at)`` of the keys revoked at or after ``since`` (oldest first)."""
+        rows = self._db().execute(
+            "SELECT id, revoked_at FROM api_keys WHERE revoked_at >= ? ORDER BY revoked_at", (since,)
+        )
+        return [(str(key_id), float(at)) for key_id, at in rows]
 
     def authenticate(self, secret: str) -> ApiKey | None:
         wanted = hash_key(secret)

@@ -18,16 +18,21 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from kleinserve import metrics
+from kleinserve.access import Access
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
+from kleinserve.engine.loading import LoadOptions, check_options, warm_up
+from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.jobs.events import StoreEventBus
 from kleinserve.jobs.job import Job
-from kleinserve.jobs.service import JobService
+from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.base import WorkerInfo
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import Worker
@@ -35,6 +40,9 @@ from kleinserve.keys import KeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
 from kleinserve.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,21 @@ class ModelInfo:
         return self.served.variant.id
 
 
+def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
+    """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
+    device = pick_device(settings.device)
+    mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
+    options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
+    check_options(device, options)
+    return device, options
+
+
+def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
+    """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
+    device, options = load_options_for(settings)
+    return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+
+
 @dataclass
 class Runtime:
     """Everything a running server holds, built from :class:`Settings`."""
@@ -61,6 +84,7 @@ class Runtime:
     served: list[ServedModel] | None = None
     store: SQLiteJobStore = field(init=False)
     keys: KeyStore = field(init=False)
+    access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: StoreEventBus = field(init=False)
     storage: LocalStorage = field(init=False)
@@ -71,6 +95,7 @@ class Runtime:
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
+    memory: MemoryPlan | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +112,8 @@ class Runtime:
             max_queue_per_key=self.settings.queue_share(),
         )
         self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
+        self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
@@ -114,10 +141,14 @@ class Runtime:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
-            device = pick_device(self.settings.device)
-            dtype = pick_dtype(device, self.settings.dtype)
-            self.device, self.dtype = str(device), dtype_name(dtype)
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+            device, options = load_options_for(self.settings)
+            self.device, self.dtype = str(device), dtype_name(options.dtype)
+            self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
+            self.memory.check()
+            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            if options.compile:  # compile now, not in the first request
+                for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
+                    await asyncio.to_thread(warm_up, engine)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -146,6 +177,8 @@ class Runtime:
         requeued, or failed as interrupted at ``max_attempts``. Returns (requeued, ended)."""
         dead = self.dead_local_workers()
         requeued, ended = self.store.reap(self.settings.max_attempts, time.time(), dead)
+        for job in ended:
+            metrics.job_finished(job)
         for worker_id in dead:
             self.store.forget_worker(worker_id)
         if requeued or ended:
@@ -194,6 +227,37 @@ class Runtime:
             self.storage.delete_prefix(f"{job.id}/")
         self.storage.remove_stale(UPLOADS, cutoff)
         return len(removed)
+
+    def enforce_revocations(self) -> int:
+        """Cancel the queued and running jobs of keys revoked since the last check; return how many.
+
+        Also tightens :attr:`access` when a key was created, and records the revoked ids, so the
+        revoked keys' event streams end (``api.auth.while_allowed``). The first check covers every
+        key revoked before this start; later ones look a minute back, so clock skew between the
+        process that revoked and this one loses nothing (cancelling twice is harmless).
+        """
+        self.access.keys_required()
+        revoked = self.keys.revoked_since(self._revocations_seen)
+        if not revoked:
+            return 0
+        self.access.note_revoked(frozenset(key_id for key_id, _ in revoked))
+        self._revocations_seen = max(at for _, at in revoked) - 60
+        cancelled = 0
+        for key_id, _ in revoked:
+            for job in self.store.list(owner=key_id, any_owner=False, statuses=ACTIVE, limit=100_000):
+                self.service.cancel(job.id)  # queued: cancelled now; running: stops at its next step
+                cancelled += 1
+        if cancelled:
+            log.info("revoked keys: cancelled %d job(s)", cancelled)
+        return cancelled
+
+    async def enforce_revocations_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.enforce_revocations)
+            except Exception:
+                log.exception("revocation check failed")
+            await asyncio.sleep(self.settings.revocation_interval)
 
     async def sweep_forever(self) -> None:
         while True:

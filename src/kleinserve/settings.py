@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+OffloadName = Literal["none", "model", "sequential", "group"]
+QuantizationName = Literal["none", "int8", "fp8", "int4"]
 
 
 class Settings(BaseSettings):
@@ -24,8 +26,35 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEINSERVE_", env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Where jobs, events, keys and limits live: postgresql://user:password@host:5432/db, shared by "
+            "several api and worker processes; default (unset): SQLite in the data dir (sqlite:///PATH names "
+            "another file)."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    device_memory: float | None = Field(
+        None,
+        gt=0,
+        description="GB the device may use for the models (default: what it has free at start); the memory "
+        "plan refuses to start when the models need more.",
+    )
+    # How the models are loaded (engine/loading.py; README "Memory modes").
+    offload: OffloadName = Field("none", description="CPU offloading: none, model, sequential or group.")
+    quantize: QuantizationName = Field("none", description="Transformer weights: none, int8, fp8 or int4 (torchao).")
+    quantize_text_encoder: QuantizationName = Field(
+        "none", description="Text encoder weights: none, int8, fp8 or int4 (torchao)."
+    )
+    text_encoder_device: str | None = Field(
+        None, description="Device of the text encoder when not the main one (e.g. cpu); left out of offloading."
+    )
+    compile: bool = Field(False, description="Compile the transformer blocks (warmed up before /readyz is 200).")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (native, flash, sage, ...); default: native SDPA."
+    )
 
     # Server.
     host: str = Field("127.0.0.1", description="Address the server binds to.")
@@ -54,6 +83,21 @@ class Settings(BaseSettings):
     )
     keepalive_interval: float = Field(15, gt=0, description="Seconds between SSE keep-alive comments.")
 
+    # Logs (logs.py formats them).
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_prompts: bool = Field(False, description="Include prompts in job log lines (never, unless set).")
+
+    # Metrics (metrics.py counts, api/metrics_http.py serves them).
+    metrics: Literal["off", "open", "admin"] = Field(
+        "off", description="GET /metrics: off (404), open to anyone, or admin (Bearer KLEINSERVE_ADMIN_TOKEN)."
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints such as /metrics.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Also expose metrics on this port (no auth; for worker processes)."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the --metrics-port listener binds to.")
+
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
     max_references: int = Field(4, ge=0, le=16, description="Most reference images per request.")
@@ -81,6 +125,11 @@ class Settings(BaseSettings):
     insecure_no_auth: bool = Field(
         False, description="Serve without API keys on a non-loopback address (refused otherwise)."
     )
+    revocation_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between checks for revoked keys: their jobs are cancelled, their event streams end.",
+    )
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     price_per_image: dict[str, float] = Field(
         default_factory=lambda: {
@@ -91,6 +140,18 @@ class Settings(BaseSettings):
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
+
+    @field_validator("log_level", "log_format", "metrics", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
+        return value or None
 
     @field_validator("fetch_allow", mode="before")
     @classmethod
@@ -107,6 +168,12 @@ class Settings(BaseSettings):
 
         parse_fetch_allow(value)
         return value
+
+    @model_validator(mode="after")
+    def _admin_needs_token(self) -> Settings:
+        if self.metrics == "admin" and not (self.admin_token and self.admin_token.get_secret_value()):
+            raise ValueError("KLEINSERVE_METRICS=admin needs KLEINSERVE_ADMIN_TOKEN")
+        return self
 
     def queue_share(self) -> int:
         """Most queued + running jobs one API key may hold: the setting, else half the queue."""

@@ -61,7 +61,9 @@ def run_example(language: str, code: str, server: ServerProcess, asset_url: str)
     code = code.replace(BLOXY, asset_url).replace(OXEN_HOST, server.url)
     env = {**os.environ, "OXEN_API_KEY": "test-key"}
     argv = [sys.executable, "-c", code] if language == "python" else ["bash", "-c", code]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    # A hang guard, not a timing claim: all 18 examples share one worker, so the last one waits for
+    # the others; on a loaded 2-core machine that took over 120 s.
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ class PostgresServer:
         """A new empty database; returns its URL."""
         name = f"t_{uuid.uuid4().hex[:16]}"
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}" STRATEGY FILE_COPY')  # much faster than WAL_LOG here
         return self.url(name)
 
     def drop_database(self, url: str) -> None:

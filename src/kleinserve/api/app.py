@@ -19,7 +19,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kleinserve import __version__
+from kleinserve import __version__, metrics
+from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.onemin import OneMinDialect
@@ -28,6 +29,7 @@ from kleinserve.api.dialects.oxen import OxenDialect
 from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
 from kleinserve.engine.catalog import ServedModel
 from kleinserve.runtime import Runtime
@@ -137,10 +139,12 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        unwatch = watch_runtime(runtime)  # queue and device gauges, read at scrape time
         tasks = [
             asyncio.create_task(runtime.start()),
             asyncio.create_task(runtime.sweep_forever()),
             asyncio.create_task(runtime.reap_forever()),
+            asyncio.create_task(runtime.enforce_revocations_forever()),
         ]
         try:
             yield
@@ -149,6 +153,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(runtime.stop)
+            unwatch()
 
     app = FastAPI(
         title="kleinserve",
@@ -161,6 +166,8 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     app.add_middleware(DemoHeaderMiddleware, runtime=runtime)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # Outermost of ours: request id, access log and HTTP metrics around everything.
+    app.add_middleware(AccessMiddleware, observers=[metrics.observe_request])
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
@@ -206,4 +213,5 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
     app.include_router(workbench_router())
+    app.include_router(metrics_router())
     return app

@@ -1,7 +1,8 @@
 """Who is calling: API keys as every provider sends them, and the per-request rate check.
 
-With no active key in the key store the server runs open (and ``kleinserve serve`` allows that only
-on a loopback address, unless ``--insecure-no-auth``); with keys, every dialect route needs one:
+Whether keys are required is decided at start and only tightened afterwards (see
+:mod:`kleinserve.access`): a server started with keys, or on a non-loopback address, never becomes
+open, not even when its last key is revoked. When keys are required, every dialect route needs one:
 ``Authorization: Bearer <key>`` (Oxen, OpenAI/AIgateway, Verda), ``API-KEY: <key>`` (1min.ai) or
 ``X-API-Key: <key>``. A key sees only its own jobs, events and usage.
 """
@@ -9,15 +10,19 @@ on a loopback address, unless ``--insecure-no-auth``); with keys, every dialect 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
+from kleinserve import logs
 from kleinserve.api.jobs_http import runtime_of
 from kleinserve.errors import AuthenticationError
 from kleinserve.keys import ApiKey
+from kleinserve.runtime import Runtime
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def key_from_headers(request: Request) -> str | None:
 async def authenticate(request: Request) -> Caller:
     """The caller of ``request``; 401 without a valid key when keys exist, 429 over its rate."""
     runtime = runtime_of(request)
-    if not await asyncio.to_thread(runtime.keys.any_active):
+    if not await asyncio.to_thread(runtime.access.keys_required):
         return Caller(None)
     secret = key_from_headers(request)
     if secret is None:
@@ -62,6 +67,7 @@ async def authenticate(request: Request) -> Caller:
     key = await asyncio.to_thread(runtime.keys.authenticate, secret)
     if key is None:
         raise AuthenticationError("the API key is not valid (unknown or revoked)")
+    logs.current().key_id = key.id  # the key's id (never its secret) on this request's log lines
     await asyncio.to_thread(runtime.quotas.check_request, key)  # a database write
     return Caller(key)
 
@@ -69,11 +75,37 @@ async def authenticate(request: Request) -> Caller:
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding to ``host`` keeps the server reachable from this machine only."""
-    if host in ("localhost", "localhost.localdomain"):
-        return True
+def still_allowed(runtime: Runtime, caller: Caller) -> bool:
+    """Whether ``caller``, admitted earlier, may still receive data (its key not revoked since;
+    an anonymous caller of an open server: keys not required since)."""
+    if caller.key is None:
+        return not runtime.access.keys_required_now()
+    return not runtime.access.is_revoked(caller.key.id)
+
+
+async def while_allowed(runtime: Runtime, caller: Caller, source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``source``'s items until the caller's key is revoked (or an open server starts requiring keys).
+
+    For long-lived responses (SSE): checked between items and every ``revocation_interval``
+    seconds while waiting, so a revoked key's stream ends within about that time.
+    """
+    interval = runtime.settings.revocation_interval
+    pending: asyncio.Future[T] | None = None
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        while still_allowed(runtime, caller):
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            if not still_allowed(runtime, caller):
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kleinserve.api.access_log import REQUEST_ID_HEADER, SCOPE_KEY
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.errors import (
     AuthenticationError,
@@ -135,4 +136,8 @@ def install_error_handlers(app: FastAPI, dialects: Sequence[Dialect]) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(request, KleinserveError("internal server error"), 500)
+        response = respond(request, KleinserveError("internal server error"), 500)
+        # Rendered outside AccessMiddleware (Starlette's ServerErrorMiddleware), so the id is added here.
+        if SCOPE_KEY in request.scope:
+            response.headers[REQUEST_ID_HEADER] = request.scope[SCOPE_KEY]
+        return response

@@ -84,9 +84,20 @@ class Engine:
     Not thread-safe: a worker owns an engine and runs one generation at a time.
     """
 
-    def __init__(self, pipeline: Flux2KleinPipeline, variant: Variant) -> None:
+    def __init__(
+        self,
+        pipeline: Flux2KleinPipeline,
+        variant: Variant,
+        device: torch.device | None = None,
+        text_encoder_device: torch.device | None = None,
+    ) -> None:
+        """``device`` is where the pipeline computes and ``text_encoder_device`` where the text
+        encoder's inputs go; both default to where the weights are, and differ from it under
+        offloading (engine/loading.py)."""
         self.pipeline = pipeline
         self.variant = variant
+        self._device = device
+        self._text_encoder_device = text_encoder_device
         self.layers = tuple(variant.text_encoder_layers)
         n_layers = pipeline.text_encoder.config.num_hidden_layers
         if max(self.layers) >= n_layers:
@@ -96,7 +107,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = self.pipeline.transformer.device
+        device: torch.device = self._device or self.pipeline.transformer.device
         return device
 
     @property
@@ -127,7 +138,7 @@ class Engine:
             max_length=MAX_SEQUENCE_LENGTH,
         )
         encoder = pipe.text_encoder
-        device = encoder.device
+        device = self._text_encoder_device or encoder.device
         captured: dict[int, torch.Tensor] = {}
         deepest = max(self.layers)
 
@@ -143,7 +154,8 @@ class Engine:
         modules = {k: encoder.model.layers[k - 1] if k > 0 else encoder.model.embed_tokens for k in self.layers}
         handles = [modules[k].register_forward_hook(capture(k)) for k in self.layers]
         try:
-            encoder.model(
+            # The whole model is called (not encoder.model) so offloading hooks on it run.
+            encoder(
                 input_ids=tokens["input_ids"].to(device),
                 attention_mask=tokens["attention_mask"].to(device),
                 use_cache=False,
@@ -341,7 +353,7 @@ class Engine:
             latents.device, latents.dtype
         )
         latents = pipe._unpatchify_latents(latents * std + mean)
-        decoded = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        decoded = vae.decode(latents.to(self.device), return_dict=False)[0]
         images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
         return images
 

@@ -69,7 +69,7 @@ VARIANTS: tuple[Variant, ...] = (
         license=_APACHE[0],
         license_url=_APACHE[1],
         gated=False,
-        vram_note="about 13 GB in bf16 (fits a 16 GB GPU); less with CPU offload",
+        vram_note="about 17.6 GB in bf16 (computed; kleinserve models --plan); 8.3 GB with model offload",
         aliases=_aliases("4B", base=False),
     ),
     Variant(
@@ -84,7 +84,7 @@ VARIANTS: tuple[Variant, ...] = (
         license=_NONCOMMERCIAL[0],
         license_url=_NONCOMMERCIAL[1],
         gated=True,
-        vram_note="about 29 GB in bf16 (a 32 GB+ GPU); less with CPU offload",
+        vram_note="about 36.3 GB in bf16 (computed; kleinserve models --plan); 18.9 GB with model offload",
         aliases=_aliases("9B", base=False),
     ),
     Variant(
@@ -99,7 +99,7 @@ VARIANTS: tuple[Variant, ...] = (
         license=_APACHE[0],
         license_url=_APACHE[1],
         gated=False,
-        vram_note="about 13 GB in bf16; CFG doubles the transformer work per step",
+        vram_note="about 17.6 GB in bf16 (computed); CFG doubles the transformer work per step",
         aliases=_aliases("4B", base=True),
     ),
     Variant(
@@ -114,7 +114,7 @@ VARIANTS: tuple[Variant, ...] = (
         license=_NONCOMMERCIAL[0],
         license_url=_NONCOMMERCIAL[1].replace("klein-9B", "klein-base-9B"),
         gated=True,
-        vram_note="about 29 GB in bf16; CFG doubles the transformer work per step",
+        vram_note="about 36.3 GB in bf16 (computed); CFG doubles the transformer work per step",
         aliases=_aliases("9B", base=True),
     ),
 )

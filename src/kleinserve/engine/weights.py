@@ -148,8 +148,9 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
-    """Load a Flux2KleinPipeline's components from ``directory`` onto ``device`` in ``dtype``."""
+def read_pipeline(directory: Path, dtype: torch.dtype, quantization_config: Any = None) -> Flux2KleinPipeline:
+    """Load a Flux2KleinPipeline's components from ``directory`` in ``dtype`` (on the CPU, or
+    quantised as ``quantization_config`` says); placing it is the caller's business."""
     from diffusers import Flux2KleinPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -157,11 +158,18 @@ def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> 
     # Our callers show their own progress; the libraries' per-component bars would interleave with it.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
-        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype})
+        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype}, **extra)
     except Exception as err:
         raise WeightsUnavailableError(f"cannot load the model in {directory}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
+    """Load a Flux2KleinPipeline's components from ``directory`` onto ``device`` in ``dtype``."""
+    pipeline = read_pipeline(directory, dtype)
     try:
         return pipeline.to(device)
     except torch.OutOfMemoryError:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio.to_thread
 
+from kleinserve import logs, metrics
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import NotFoundError, UnknownModelError
 from kleinserve.jobs.admission import Admission
@@ -28,6 +30,7 @@ ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
 # A sync waiter re-reads its job this often in case it missed the terminal event (it cannot, as
 # events are delivered from the store in order; this only bounds the cost of a bug).
 _WAIT_RECHECK = 30.0
+log = logging.getLogger(__name__)
 
 
 class JobService:
@@ -79,6 +82,7 @@ class JobService:
         its quotas; without one, ``owner`` (if any) is recorded as given.
         """
         jobs = []
+        context = logs.current()  # the HTTP request's log context: its id goes onto the jobs
         for request in requests:
             model = self.check_model(request.model)
             seed = request.seed if request.seed is not None else random_seed()
@@ -86,7 +90,12 @@ class JobService:
             cost = self.quotas.price(model, request.num_images) if self.quotas and key else 0.0
             jobs.append(
                 Job(
-                    request=request, owner=key.id if key else owner, dialect=dialect, extra=dict(extra or {}), cost=cost
+                    request=request,
+                    owner=key.id if key else owner,
+                    dialect=dialect,
+                    extra=dict(extra or {}),
+                    cost=cost,
+                    request_id=context.request_id,
                 )
             )
         admission = Admission(
@@ -104,6 +113,10 @@ class JobService:
         self.bus.notify()
         for wake in self.on_queued:
             wake()
+        context.job_id = ",".join(job.id for job in jobs)
+        for job in jobs:
+            metrics.job_submitted(job)
+            log.info("job queued", extra={"job_id": job.id, "model": job.request.model, "dialect": job.dialect})
         return jobs
 
     # -- reading --------------------------------------------------------------------------------
@@ -135,10 +148,12 @@ class JobService:
     def cancel(self, job_id: str, *, owner: str | None = None, any_owner: bool = True) -> Job:
         """Cancel a queued job now, or flag a running one: its worker, in whichever process, stops
         at the next step. A finished job is returned unchanged: cancelling it has no effect."""
-        self.get(job_id, owner=owner, any_owner=any_owner)  # 404 unless it is the caller's
+        before = self.get(job_id, owner=owner, any_owner=any_owner)  # 404 unless it is the caller's
         job = self.store.request_cancel(job_id)
         if job is None:
             raise NotFoundError(f"generation {job_id} not found")
+        if job.status is JobStatus.CANCELLED and not before.terminal:
+            metrics.job_finished(job)
         self.bus.notify()
         return job
 

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kleinserve import logs, metrics
 from kleinserve.engine.engine import Engine, Progress
 from kleinserve.engine.images import InputPolicy, load_references
 from kleinserve.errors import GenerationCancelledError, KleinserveError
@@ -141,7 +142,8 @@ class Worker:
                 self._current = (job.id, job.attempts)
                 self._lost.clear()
             try:
-                self._process(job)
+                with logs.log_context(request_id=job.request_id, job_id=job.id, key_id=job.owner):
+                    self._process(job)
             finally:
                 with self._lock:
                     self._current = None
@@ -169,6 +171,11 @@ class Worker:
         return self._stopping.is_set() or self._lost.is_set() or self.store.cancel_requested(job.id)
 
     def _process(self, job: Job) -> None:
+        metrics.job_started(job)
+        log.info(
+            "job started",
+            extra={"model": job.request.model, "attempt": job.attempts, **logs.prompt_fields(job.request.prompt)},
+        )
         engine = self.engines.get(job.request.model)
         # Keys do not name the attempt (clients see them, e.g. 1min.ai's paths): a newer attempt
         # writes the same keys, so a worker that lost its lease must not delete them.
@@ -199,6 +206,7 @@ class Worker:
                 on_progress=on_progress,
                 should_cancel=lambda: self._should_stop(job),
             )
+            metrics.job_ran(job, result.timings, result.steps)
             outputs = []
             for index, encoded in enumerate(result.images):
                 key = f"{prefix}{index}.{_EXTENSIONS[encoded.media_type]}"
@@ -242,8 +250,17 @@ class Worker:
 
     def _complete(self, job: Job, new: JobStatus, **fields: Any) -> Job | None:
         done = self.store.complete(job.id, self.id, job.attempts, new, **fields)
+        self.bus.notify()
         if done is None:
             log.warning("%s: job %s attempt %d was taken from this worker", self.name, job.id, job.attempts)
+        elif done.terminal:
+            metrics.job_finished(done)
+            if done.status is JobStatus.FAILED:
+                log.info("job failed: %s", done.error_message, extra={"code": done.error_code})
+            elif done.status is JobStatus.SUCCEEDED and done.result is not None:
+                log.info("job succeeded", extra={"images": len(done.result.outputs), "timings": done.result.timings})
+            else:
+                log.info("job %s", done.status.value)
         return done
 
     def _stopped(self, job: Job) -> None:

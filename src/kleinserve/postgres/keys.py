@@ -113,6 +113,17 @@ class PgKeyStore:
         with self._database.connection() as db:
             return db.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
 
+    def any_key(self) -> bool:
+        with self._database.connection() as db:
+            return db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
+    def revoked_since(self, since: float) -> builtins.list[tuple[str, float]]:
+        with self._database.connection() as db:
+            rows = db.execute(
+                "SELECT id, revoked_at FROM api_keys WHERE revoked_at >= %s ORDER BY revoked_at", (since,)
+            ).fetchall()
+        return [(str(key_id), float(at)) for key_id, at in rows]
+
     def authenticate(self, secret: str) -> ApiKey | None:
         wanted = hash_key(secret)
         with self._database.connection() as db:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from kleinserve.api.auth import Caller, CallerDep
+from kleinserve.api.auth import Caller, CallerDep, while_allowed
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -298,7 +298,8 @@ class OxenDialect:
                 async with runtime.bus.subscribe(
                     after=after, owner=caller.owner, all_owners=caller.key is None
                 ) as subscription:
-                    async for event in subscription:
+                    # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
+                    async for event in while_allowed(runtime, caller, subscription):
                         for sse in to_sse(runtime, event, base):
                             yield sse
 

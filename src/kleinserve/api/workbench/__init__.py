@@ -89,7 +89,7 @@ def workbench_router() -> APIRouter:
     @router.get(PREFIX + "/config")
     async def config(request: Request) -> dict[str, Any]:
         body = workbench_config(request)
-        body["auth_required"] = await asyncio.to_thread(runtime_of(request).keys.any_active)
+        body["auth_required"] = await asyncio.to_thread(runtime_of(request).access.keys_required)
         return body
 
     # After /config, which this pattern would otherwise match.

@@ -18,31 +18,30 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from kleinserve import metrics
+from kleinserve import backends, metrics
 from kleinserve.access import Access
-from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
-from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
-from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
-from kleinserve.engine.loading import LoadOptions, check_options, warm_up
-from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
-from kleinserve.engine.variants import find_variant
+from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
-from kleinserve.jobs.events import StoreEventBus
+from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
-from kleinserve.jobs.store.base import WorkerInfo
-from kleinserve.jobs.store.sqlite import SQLiteJobStore
-from kleinserve.jobs.worker import Worker
-from kleinserve.keys import KeyStore
+from kleinserve.jobs.store.base import JobStore, WorkerInfo
+from kleinserve.keys import ApiKeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
 from kleinserve.storage.local import LocalStorage
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the engine (torch) is imported only by roles that load models
     import torch
+
+    from kleinserve.engine.catalog import ServedModel
+    from kleinserve.engine.engine import Engine
+    from kleinserve.engine.loading import LoadOptions
+    from kleinserve.engine.memory import MemoryPlan
+    from kleinserve.jobs.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,10 @@ class ModelInfo:
 
 def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
     """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
+    from kleinserve.engine.device import pick_device, pick_dtype
+    from kleinserve.engine.loading import LoadOptions, check_options
+    from kleinserve.engine.memory import MemoryMode
+
     device = pick_device(settings.device)
     mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
     options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
@@ -72,21 +75,42 @@ def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
 
 def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
     """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
+    from kleinserve.engine.memory import plan_served
+
     device, options = load_options_for(settings)
     return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
 
 
+Role = Literal["serve", "api", "worker"]
+
+
+@dataclass(frozen=True)
+class AdvertisedModel:
+    """A model a live worker serves, as an ``api`` process describes it (no weights here)."""
+
+    variant: Variant
+    demo: bool = False
+
+
 @dataclass
 class Runtime:
-    """Everything a running server holds, built from :class:`Settings`."""
+    """Everything a running process holds, built from :class:`Settings`, for its role:
+
+    - ``serve``: HTTP, the models and a worker in one process (the embedded default); its worker
+      takes every queued job and fails those for models it does not serve.
+    - ``api``: HTTP only, no models and no torch; it advertises the models live workers serve (their
+      heartbeats) and answers 503 for a model no live worker serves.
+    - ``worker``: no HTTP; loads its models and takes only jobs for them.
+    """
 
     settings: Settings
     served: list[ServedModel] | None = None
-    store: SQLiteJobStore = field(init=False)
-    keys: KeyStore = field(init=False)
+    role: Role = "serve"
+    store: JobStore = field(init=False)
+    keys: ApiKeyStore = field(init=False)
     access: Access = field(init=False)
     quotas: Quotas = field(init=False)
-    bus: StoreEventBus = field(init=False)
+    bus: EventBus = field(init=False)
     storage: LocalStorage = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
@@ -97,12 +121,13 @@ class Runtime:
     dtype: str = field(default="", init=False)
     memory: MemoryPlan | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
+    advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-        self.bus = StoreEventBus(self.store)
+        self.store = backends.job_store(self.settings)
+        self.bus = backends.event_bus(self.settings, self.store)
         self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
         self.service = JobService(
             self.store,
@@ -111,23 +136,25 @@ class Runtime:
             max_queue=self.settings.max_queue,
             max_queue_per_key=self.settings.queue_share(),
         )
-        self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.service.models_elsewhere = self.role == "api"
+        self.keys = backends.key_store(self.settings)
         self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
     def served_ids(self) -> list[str]:
-        return [m.variant.id for m in self.served or []]
+        return [m.variant.id for m in self.models()]
 
     @property
     def demo(self) -> bool:
-        return any(m.demo for m in self.served or [])
+        return any(m.demo for m in self.models())
 
-    def models(self) -> list[ServedModel]:
-        return list(self.served or [])
+    def models(self) -> list[ServedModel | AdvertisedModel]:
+        """The models this process serves (``api``: those live workers serve)."""
+        return list(self.advertised) if self.role == "api" else list(self.served or [])
 
-    def served_model(self, name: str) -> ServedModel | None:
+    def served_model(self, name: str) -> ServedModel | AdvertisedModel | None:
         """The served model called ``name`` in any provider's spelling, or ``None``."""
         try:
             variant_id = find_variant(name).id
@@ -136,7 +163,19 @@ class Runtime:
         return next((m for m in self.models() if m.variant.id == variant_id), None)
 
     async def start(self) -> None:
-        """Plan and load the models, recover interrupted jobs, start the workers."""
+        """Plan and load the models, reap interrupted jobs, start the worker (``api``: only reap
+        and learn the live workers' models)."""
+        if self.role == "api":
+            await asyncio.to_thread(self.reap)
+            await asyncio.to_thread(self.refresh_models)
+            self.ready = True
+            log.info("ready: api; models of live workers: %s", ", ".join(self.served_ids()) or "none yet")
+            return
+        from kleinserve.engine.catalog import load_engines, plan_models
+        from kleinserve.engine.device import dtype_name
+        from kleinserve.engine.loading import warm_up
+        from kleinserve.jobs.worker import Worker
+
         try:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
@@ -163,8 +202,8 @@ class Runtime:
             lease_seconds=self.settings.lease_seconds,
             heartbeat_seconds=self.settings.heartbeat_seconds,
             on_succeeded=self.charge,
-            info={"device": self.device, "dtype": self.dtype},
-            claim_any=True,
+            info={"device": self.device, "dtype": self.dtype, "demo": [m.variant.id for m in self.served if m.demo]},
+            claim_any=self.role == "serve",
         )
         self.workers.append(worker)
         await asyncio.to_thread(worker.start)
@@ -187,6 +226,35 @@ class Runtime:
                 worker.wake()
             log.warning("reaped interrupted jobs: %d requeued, %d failed", len(requeued), len(ended))
         return len(requeued), len(ended)
+
+    def refresh_models(self) -> list[str]:
+        """``api``: learn which models live workers serve (heartbeats of the last three intervals)."""
+        since = time.time() - 3 * self.settings.heartbeat_seconds
+        ids: dict[str, bool] = {}
+        for worker in self.store.live_workers(since=since):
+            demo_ids = set(worker.info.get("demo") or [])
+            for model in worker.models:
+                ids[model] = ids.get(model, False) or model in demo_ids
+        advertised = []
+        for model, is_demo in sorted(ids.items()):
+            try:
+                advertised.append(AdvertisedModel(find_variant(model), is_demo))
+            except UnknownModelError:
+                log.warning("a worker serves %s, which this version does not know", model)
+        self.advertised = advertised
+        self.service.served_models = self.served_ids()
+        return self.service.served_models
+
+    async def refresh_models_forever(self) -> None:
+        """``api``: keep the advertised models current (other roles know their own)."""
+        if self.role != "api":
+            return
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await asyncio.to_thread(self.refresh_models)
+            except Exception:
+                log.exception("reading live workers failed")
 
     def dead_local_workers(self) -> list[str]:
         """Ids of workers registered from this host whose process is no longer running."""
@@ -287,3 +355,29 @@ def _process_gone(worker: WorkerInfo) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+async def run_worker(settings: Settings, served: list[ServedModel] | None = None) -> int:
+    """``kleinserve worker``: load the models, take jobs for them until SIGTERM or SIGINT, then hand
+    the running job back to the queue (no attempt used). Returns the exit status."""
+    import signal
+
+    runtime = Runtime(settings, served, role="worker")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await runtime.start()
+    if not runtime.ready:
+        await asyncio.to_thread(runtime.stop)
+        return 1
+    log.info("worker %s serving %s", runtime.workers[0].id, ", ".join(runtime.served_ids()))
+    tasks = [asyncio.create_task(runtime.reap_forever()), asyncio.create_task(runtime.sweep_forever())]
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(runtime.stop)
+    return 0

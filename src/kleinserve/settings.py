@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     )
     heartbeat_seconds: float = Field(5, gt=0, description="Seconds between a worker's heartbeats and lease renewals.")
     reap_interval: float = Field(5, gt=0, description="Seconds between looks for jobs whose lease expired.")
+    event_poll: float = Field(
+        0.1, gt=0, description="Seconds between reads of events other processes wrote (this process's are at once)."
+    )
     retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
     cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
     url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")

@@ -17,7 +17,7 @@ import anyio.to_thread
 
 from kleinserve import logs, metrics
 from kleinserve.engine.variants import find_variant
-from kleinserve.errors import NotFoundError, UnknownModelError
+from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
 from kleinserve.jobs.admission import Admission
 from kleinserve.jobs.events import TERMINAL_EVENTS, Event, EventBus, EventType, finished_job
 from kleinserve.jobs.job import Job, JobStatus
@@ -54,6 +54,9 @@ class JobService:
         self.retry_after = retry_after
         self.on_queued: builtins.list[Callable[[], None]] = []  # in-process workers' wake-ups
         self.quotas: Quotas | None = None
+        # ``api`` processes: models are served by workers elsewhere, so a known model no live
+        # worker serves is "unavailable, retry" (503), not "unknown" (404).
+        self.models_elsewhere = False
 
     # -- submission -----------------------------------------------------------------------------
 
@@ -64,6 +67,10 @@ class JobService:
         except UnknownModelError:
             raise UnknownModelError(model, self.served_models) from None
         if variant_id not in self.served_models:
+            if self.models_elsewhere:
+                raise ServiceUnavailableError(
+                    f"no live worker serves model {variant_id} now; retry later", retry_after=self.retry_after
+                )
             raise UnknownModelError(model, self.served_models)
         return variant_id
 

@@ -105,6 +105,9 @@ def generate(
     ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the variant's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the variant's).")] = None,
+    negative_prompt: Annotated[
+        Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -133,6 +136,7 @@ def generate(
             {
                 "model": spec.variant.id,
                 "prompt": prompt,
+                "negative_prompt": negative_prompt,
                 "images": image or [],
                 "width": w,
                 "height": h,
@@ -520,9 +524,9 @@ def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], dat
 @app.command("make-tiny")
 def make_tiny_command(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
-    variant: Annotated[str, typer.Option(help="distilled (like klein 4B/9B) or base (like Base 4B/9B).")] = (
-        "distilled"
-    ),
+    variant: Annotated[
+        str, typer.Option(help="distilled (like klein 4B/9B), base (like Base 4B/9B) or kv (like klein 9B-KV).")
+    ] = "distilled",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     preset: Annotated[
         str,
@@ -532,8 +536,8 @@ def make_tiny_command(
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
     from kleinserve.engine.tiny import PRESETS, make_tiny
 
-    if variant not in ("distilled", "base"):
-        _fail(f"--variant must be distilled or base, not {variant!r}")
+    if variant not in ("distilled", "base", "kv"):
+        _fail(f"--variant must be distilled, base or kv, not {variant!r}")
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
@@ -557,6 +561,7 @@ def bench(
     from kleinserve.engine.bench.cases import CASES
     from kleinserve.engine.bench.report import stage_table, summary_table, write_json
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
+    from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
     from kleinserve.engine.weights import ModelSpec, load_engine
 
@@ -573,6 +578,7 @@ def bench(
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
         engine = load_engine(spec, torch_device, torch_dtype)
+        engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:

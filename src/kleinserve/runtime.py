@@ -32,11 +32,13 @@ from kleinserve.jobs.store.base import JobStore, WorkerInfo
 from kleinserve.keys import ApiKeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
-from kleinserve.storage.local import LocalStorage
+from kleinserve.storage.base import Storage
+from kleinserve.storage.factory import storage_from_settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported only by roles that load models
     import torch
 
+    from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.catalog import ServedModel
     from kleinserve.engine.engine import Engine
     from kleinserve.engine.loading import LoadOptions
@@ -111,9 +113,11 @@ class Runtime:
     access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
-    storage: LocalStorage = field(init=False)
+    storage: Storage = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
+    # Built by roles that load models (hits/misses: prompt_cache.stats(), for /metrics).
+    prompt_cache: PromptCache | None = field(default=None, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
@@ -128,7 +132,7 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = backends.job_store(self.settings)
         self.bus = backends.event_bus(self.settings, self.store)
-        self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
+        self.storage = storage_from_settings(self.settings)
         self.service = JobService(
             self.store,
             self.bus,
@@ -171,6 +175,7 @@ class Runtime:
             self.ready = True
             log.info("ready: api; models of live workers: %s", ", ".join(self.served_ids()) or "none yet")
             return
+        from kleinserve.engine.cache import PromptCache
         from kleinserve.engine.catalog import load_engines, plan_models
         from kleinserve.engine.device import dtype_name
         from kleinserve.engine.loading import warm_up
@@ -185,6 +190,9 @@ class Runtime:
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
             self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
+            for engine in self.engines.values():
+                engine.prompt_cache = self.prompt_cache
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)
@@ -276,8 +284,7 @@ class Runtime:
 
     def read_asset(self, key: str) -> bytes:
         """The bytes of a stored file (an uploaded reference image, or an earlier result)."""
-        stored = self.storage.open(key)
-        return stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+        return self.storage.read(key)
 
     def stop(self) -> None:
         """Stop the workers (the running job is requeued) and close the store."""
@@ -293,7 +300,7 @@ class Runtime:
         removed = self.store.remove_finished_before(cutoff)
         for job in removed:
             self.storage.delete_prefix(f"{job.id}/")
-        self.storage.remove_stale(UPLOADS, cutoff)
+        self.storage.delete_older_than(f"{UPLOADS}/", cutoff)
         return len(removed)
 
     def enforce_revocations(self) -> int:

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    prompt_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Bytes of prompt embeddings kept for reuse (LRU by model and prompt); 0 turns the cache off.",
+    )
     device_memory: float | None = Field(
         None,
         gt=0,
@@ -63,7 +68,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["auto"],
         description="Models to serve: ID or ID=PATH, repeatable; 'auto' falls back to tiny demo weights.",
     )
-    public_url: str | None = Field(None, description="Base URL for result links (default: from the request).")
+    public_url: str | None = Field(
+        None, description="Base URL for result links (default: http://HOST:PORT of the bind address)."
+    )
     max_queue: int = Field(100, ge=1, description="Most queued + running jobs; past it new work gets 503.")
     max_queue_per_key: int | None = Field(
         None, ge=1, description="Most queued + running jobs of one API key (default: half of max_queue)."
@@ -80,6 +87,22 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
     cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
     url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")
+
+    # Result storage (storage/factory.py chooses the backend).
+    storage_url: str | None = Field(
+        None,
+        description=(
+            "Where results and uploads live: unset for DATA_DIR/files on local disk, or s3://BUCKET[/PREFIX] "
+            "for S3-compatible object storage (credentials from the usual AWS_* variables or files)."
+        ),
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for non-AWS stores (SeaweedFS, MinIO, R2...), e.g. http://10.0.0.5:8333."
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: the AWS configuration's, else us-east-1).")
+    s3_path_style: bool = Field(
+        False, description="Address buckets as ENDPOINT/BUCKET (most self-hosted stores) instead of BUCKET.ENDPOINT."
+    )
     sync_timeout: float = Field(600, gt=0, description="Longest a sync request waits for its job.")
     sse_replay_seconds: float = Field(
         60, ge=0, description="A new SSE connection first gets the events of this many past seconds."
@@ -140,6 +163,7 @@ class Settings(BaseSettings):
             "flux-2-klein-9b": 0.04,
             "flux-2-klein-base-4b": 0.04,
             "flux-2-klein-base-9b": 0.04,
+            "flux-2-klein-9b-kv": 0.04,
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
@@ -171,6 +195,41 @@ class Settings(BaseSettings):
 
         parse_fetch_allow(value)
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("public_url must start with http:// or https://")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value:
+            bucket = value.removeprefix("s3://").split("/", 1)[0]
+            if not value.startswith("s3://") or not bucket:
+                raise ValueError("storage_url must be s3://BUCKET or s3://BUCKET/PREFIX (or unset for local disk)")
+        return value or None
+
+    def s3_location(self) -> tuple[str, str] | None:
+        """``(bucket, prefix)`` when results go to S3, else ``None`` (local disk)."""
+        if not self.storage_url:
+            return None
+        bucket, _, prefix = self.storage_url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
+
+    def link_base_url(self) -> str:
+        """The base of every link the server hands out: ``public_url``, else the bind address.
+
+        Never a request's ``Host`` header, so a client cannot make links point at a host of its
+        choosing. A wildcard bind (0.0.0.0, ::) gives a link only the server's own host can follow:
+        set ``public_url`` when clients reach the server by another name.
+        """
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @model_validator(mode="after")
     def _admin_needs_token(self) -> Settings:

@@ -31,8 +31,11 @@ from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
 from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
+from kleinserve.errors import NotFoundError
 from kleinserve.runtime import Role, Runtime
 from kleinserve.settings import Settings
+from kleinserve.storage.base import media_type_for
+from kleinserve.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from kleinserve.engine.catalog import ServedModel
@@ -204,11 +207,14 @@ def create_app(
         },
     )
     async def files(key: str, expires: str | None = None, sig: str | None = None) -> FileResponse:
-        runtime.storage.verify(key, expires, sig)
-        stored = runtime.storage.open(key)
-        assert stored.path is not None
+        storage = runtime.storage
+        if not isinstance(storage, LocalStorage):  # other backends hand out their own URLs
+            raise NotFoundError("no such file")
+        remaining = storage.verify(key, expires, sig)
+        path = await asyncio.to_thread(storage.path, key)
+        # Cacheable for exactly as long as the link is valid, so no cache serves it after expiry.
         return FileResponse(
-            stored.path, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=3600"}
+            path, media_type=media_type_for(key), headers={"Cache-Control": f"private, max-age={remaining}"}
         )
 
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]

@@ -35,14 +35,18 @@ class ServedModel:
 
 
 def demo_models(data_dir: Path) -> list[ServedModel]:
-    """All four variants on tiny checkpoints kept in ``data_dir/demo`` (built once)."""
+    """Every variant on tiny checkpoints kept in ``data_dir/demo`` (built once); 9B-KV on its own kind."""
     served = []
-    for kind in ("distilled", "base"):
+    for kind in ("distilled", "base", "kv"):
         directory = data_dir / "demo" / f"tiny-{kind}"
         if not (directory / "model_index.json").is_file():
             make_tiny(directory, kind)
-        served += [ServedModel(v, directory, demo=True) for v in VARIANTS if v.distilled == (kind == "distilled")]
+        served += [ServedModel(v, directory, demo=True) for v in VARIANTS if _demo_kind(v) == kind]
     return served
+
+
+def _demo_kind(variant: Variant) -> str:
+    return "kv" if variant.kv_cache else "distilled" if variant.distilled else "base"
 
 
 def plan_models(names: list[str], data_dir: Path, *, allow_download: bool = True) -> list[ServedModel]:

@@ -2,7 +2,8 @@
 
 The stages of ``Flux2KleinPipeline.__call__`` are taken apart so that the server can cache prompt
 embeddings, report progress after every step and cancel between steps: (1) prompt encoding that runs
-the text encoder only up to its deepest tapped layer, (2) reference-image encoding, (3) the
+the text encoder only up to its deepest tapped layer (the CFG negative too: "" or the request's
+negative prompt, both through the prompt cache), (2) reference-image encoding, (3) the
 flow-matching denoising loop, with true CFG for the undistilled variants, (4) VAE decoding.
 
 Reproducibility contract: for the same weights, inputs, device and dtype this produces the pixels
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kleinserve.engine.cache import PromptCache
+from kleinserve.engine.kv import ReferenceKV, use_kv_processors
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -58,6 +61,9 @@ class EngineInputs:
     references: Sequence[Image.Image] = ()
     width: int | None = None
     height: int | None = None
+    # The CFG negative of the Base variants; "" is diffusers' own negative. Ignored without CFG
+    # (the request layer refuses a negative prompt there, so nothing is dropped silently).
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -104,6 +110,10 @@ class Engine:
             # hidden_states[n_layers] would be the final-norm output, which klein never taps.
             raise ValueError(f"text encoder has {n_layers} layers; cannot tap layer {max(self.layers)}")
         self._empty_embedding: torch.Tensor | None = None
+        if variant.kv_cache:
+            use_kv_processors(pipeline.transformer)
+        # Shared by the engines of a process (engine/cache.py); None: every prompt is encoded.
+        self.prompt_cache: PromptCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -169,8 +179,20 @@ class Engine:
         batch, channels, seq_len, hidden = stacked.shape
         return stacked.permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden).to(self.device)
 
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """:meth:`encode_prompt` through the prompt cache, when the engine has one."""
+        if self.prompt_cache is None:
+            return self.encode_prompt(prompt)
+        return self.prompt_cache.get_or_compute(self.variant.id, prompt, lambda: self.encode_prompt(prompt))
+
+    def negative_embedding(self, negative_prompt: str) -> torch.Tensor:
+        """The CFG negative: the empty prompt's embedding, or ``negative_prompt``'s through the cache."""
+        return self.prompt_embedding(negative_prompt) if negative_prompt else self.empty_prompt_embedding()
+
     def empty_prompt_embedding(self) -> torch.Tensor:
-        """The embedding of the empty prompt (the CFG negative), computed once per loaded model."""
+        """The embedding of the empty prompt (the CFG negative): from the cache, else computed once."""
+        if self.prompt_cache is not None:
+            return self.prompt_embedding("")
         if self._empty_embedding is None:
             self._empty_embedding = self.encode_prompt("")
         return self._empty_embedding
@@ -250,12 +272,12 @@ class Engine:
 
         started = time.perf_counter()
         report(Progress("encode_prompt", 0, 1))
-        embedding = prompt_embedding if prompt_embedding is not None else self.encode_prompt(inputs.prompt)
+        embedding = prompt_embedding if prompt_embedding is not None else self.prompt_embedding(inputs.prompt)
         prompt_embeds = embedding.expand(n, -1, -1)
         text_ids = pipe._prepare_text_ids(prompt_embeds).to(self.device)
         negative_embeds = negative_ids = None
         if cfg:
-            negative_embeds = self.empty_prompt_embedding().expand(n, -1, -1)
+            negative_embeds = self.negative_embedding(inputs.negative_prompt).expand(n, -1, -1)
             negative_ids = pipe._prepare_text_ids(negative_embeds).to(self.device)
         timings["encode_prompt"] = time.perf_counter() - started
 
@@ -296,9 +318,18 @@ class Engine:
 
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
+        # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
+        kv = None
+        if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:
+            kv = ReferenceKV(ref_latents, ref_ids)
         for i, t in enumerate(timesteps):
             self._check_cancel(cancelled)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            if kv is not None:
+                noise = kv.predict(transformer, latents, latent_ids, timestep / 1000, prompt_embeds, text_ids)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                report(Progress("denoise", i + 1, len(timesteps)))
+                continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
             model_input = model_input.to(transformer.dtype)
             noise = transformer(
@@ -323,6 +354,8 @@ class Engine:
                 noise = negative + inputs.guidance * (noise - negative)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             report(Progress("denoise", i + 1, len(timesteps)))
+        if kv is not None:
+            kv.clear()  # the references' K/V are this request's; never kept past it
         timings["denoise"] = time.perf_counter() - started
         self._check_cancel(cancelled)
 

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-TinyKind = Literal["distilled", "base"]
+TinyKind = Literal["distilled", "base", "kv"]
 TinyPresetName = Literal["tiny", "bench"]
 
 # Text the tiny tokenizer's BPE merges are learned from; any fixed text gives a fixed vocabulary.
@@ -186,8 +186,10 @@ def _set_tokenizer_class(directory: Path) -> None:
 def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0, preset: TinyPresetName = "tiny") -> Path:
     """Write a random-weight klein checkpoint of ``preset``'s sizes to ``directory`` and return it.
 
-    ``kind`` chooses ``is_distilled`` (``distilled`` like klein 4B/9B, ``base`` like Base 4B/9B).
-    The directory loads with ``Flux2KleinPipeline.from_pretrained(directory)``.
+    ``kind`` chooses ``is_distilled`` (``distilled`` like klein 4B/9B, ``base`` like Base 4B/9B), or
+    ``kv``: a distilled checkpoint saved as ``Flux2KleinKVPipeline``, as klein 9B-KV is published.
+    The directory loads with ``Flux2KleinPipeline.from_pretrained(directory)`` (``kv``: with
+    ``Flux2KleinKVPipeline``).
     """
     from diffusers import (
         AutoencoderKLFlux2,
@@ -197,8 +199,8 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0, pres
     )
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    if kind not in ("distilled", "base"):
-        raise ValueError(f"kind must be 'distilled' or 'base', not {kind!r}")
+    if kind not in ("distilled", "base", "kv"):
+        raise ValueError(f"kind must be 'distilled', 'base' or 'kv', not {kind!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     size = PRESETS[preset]
@@ -265,14 +267,19 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0, pres
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
     )
-    pipeline = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=(kind == "distilled"),
-    )
+    components = {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+    }
+    if kind == "kv":
+        from diffusers import Flux2KleinKVPipeline
+
+        pipeline: Flux2KleinPipeline | Flux2KleinKVPipeline = Flux2KleinKVPipeline(**components)
+    else:
+        pipeline = Flux2KleinPipeline(**components, is_distilled=(kind == "distilled"))
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Writing model shards" would interleave with our output

@@ -22,6 +22,8 @@ from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
 if TYPE_CHECKING:
     from diffusers import Flux2KleinPipeline
 
+KLEIN_PIPELINE = "Flux2KleinPipeline"
+KV_PIPELINE = "Flux2KleinKVPipeline"
 # Everything a Flux2KleinPipeline loads; the hub repos also hold single-file checkpoints we skip.
 _ALLOW_PATTERNS = [
     "model_index.json",
@@ -65,10 +67,15 @@ def read_model_index(directory: Path) -> dict[str, Any]:
         data = json.loads(index.read_text())
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(f"cannot read {index}: {err}") from None
-    if not isinstance(data, dict) or data.get("_class_name") != "Flux2KleinPipeline":
+    if not isinstance(data, dict) or data.get("_class_name") not in (KLEIN_PIPELINE, KV_PIPELINE):
         found = data.get("_class_name") if isinstance(data, dict) else None
-        raise WeightsUnavailableError(f"{directory} holds a {found!r} model, not a Flux2KleinPipeline")
+        raise WeightsUnavailableError(f"{directory} holds a {found!r} model, not a {KLEIN_PIPELINE}")
     return data
+
+
+def is_kv_checkpoint(index: dict[str, Any]) -> bool:
+    """Whether a model index is klein 9B-KV's (saved as Flux2KleinKVPipeline: distilled, K/V-cached)."""
+    return index.get("_class_name") == KV_PIPELINE
 
 
 def check_local_directory(spec: ModelSpec) -> Path:
@@ -78,7 +85,13 @@ def check_local_directory(spec: ModelSpec) -> Path:
     if not directory.is_dir():
         raise WeightsUnavailableError(f"model directory {directory} does not exist")
     index = read_model_index(directory)
-    distilled = bool(index.get("is_distilled", False))
+    if is_kv_checkpoint(index) != spec.variant.kv_cache:
+        raise WeightsUnavailableError(
+            f"{directory} holds a klein 9B-KV checkpoint; serve it as flux-2-klein-9b-kv"
+            if is_kv_checkpoint(index)
+            else f"{directory} is not a klein 9B-KV checkpoint ({KV_PIPELINE}); {spec.variant.id} needs one"
+        )
+    distilled = bool(index.get("is_distilled", False)) or is_kv_checkpoint(index)
     if distilled != spec.variant.distilled:
         want = "distilled" if spec.variant.distilled else "undistilled (base)"
         have = "distilled" if distilled else "undistilled (base)"
@@ -158,7 +171,9 @@ def read_pipeline(directory: Path, dtype: torch.dtype, quantization_config: Any 
     # Our callers show their own progress; the libraries' per-component bars would interleave with it.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if is_kv_checkpoint(read_model_index(directory)):
+        extra["is_distilled"] = True  # the same components; the engine adds the K/V-cached path
     try:
         pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype}, **extra)
     except Exception as err:

@@ -36,6 +36,7 @@ class Case:
     num_images: int = 1
     requests: int = 1  # > 1: that many compatible requests at once (a throughput case)
     cfg: bool = False  # the Base twin of the model, with true classifier-free guidance
+    kv: bool = False  # the 9B-KV path (reference K/V cached) against Flux2KleinKVPipeline
     unique_prompts: bool = True
 
     @property
@@ -53,6 +54,8 @@ CASES: dict[str, Case] = {
         Case("cfg", "Base with CFG (guidance 4), new prompts", cfg=True),
         Case("n4", "4 images in one request (n=4)", num_images=4),
         Case("queue4", "4 compatible requests at once (throughput)", requests=4),
+        Case("kv1", "9B-KV path, 1 reference, vs Flux2KleinKVPipeline", references=1, kv=True),
+        Case("kv4", "9B-KV path, 4 references, vs Flux2KleinKVPipeline", references=4, kv=True),
     )
 }
 DEFAULT_CASES = tuple(CASES)
@@ -90,6 +93,8 @@ class Setup:
     base_engine: Engine  # its undistilled twin on the same modules, for CFG
     pipeline: Any  # diffusers Flux2KleinPipeline over engine's modules
     base_pipeline: Any
+    kv_engine: Engine | None  # the 9B-KV twin over the same modules (built on first use)
+    kv_pipeline: Any
     size: int
     steps: int
     base_steps: int
@@ -103,7 +108,8 @@ def run_kleinserve(
     setup: Setup, case: Case, run: int, seed: int, references: Sequence[Image.Image], clock_add: StageAdd
 ) -> list[Image.Image]:
     """One run through the path the server takes (``run_request``: engine, then PNG encoding)."""
-    engine = setup.base_engine if case.cfg else setup.engine
+    engine = setup.base_engine if case.cfg else setup.kv_engine if case.kv else setup.engine
+    assert engine is not None
     images: list[Image.Image] = []
     for prompt in prompts_for(case, run):
         request = GenerationRequest.parse(
@@ -131,17 +137,18 @@ def run_diffusers(
     setup: Setup, case: Case, run: int, seed: int, references: Sequence[Image.Image], clock_add: StageAdd
 ) -> list[Image.Image]:
     """The same run as a diffusers user writes it: one pipeline call per request, then PNG encoding."""
-    pipeline = setup.base_pipeline if case.cfg else setup.pipeline
+    pipeline = setup.base_pipeline if case.cfg else setup.kv_pipeline if case.kv else setup.pipeline
     images: list[Image.Image] = []
     for prompt in prompts_for(case, run):
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(case.num_images)]
+        extra = {} if case.kv else {"guidance_scale": BENCH_GUIDANCE if case.cfg else 1.0}
         output = pipeline(
+            **extra,
             image=list(references) or None,
             prompt=prompt,
             height=setup.size,
             width=setup.size,
             num_inference_steps=setup.steps_for(case),
-            guidance_scale=BENCH_GUIDANCE if case.cfg else 1.0,
             num_images_per_prompt=case.num_images,
             generator=generators,
         ).images

@@ -15,14 +15,16 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import Flux2KleinPipeline
 
 from kleinserve.engine.bench.cases import (
     CASES,
@@ -56,14 +58,38 @@ class BenchOptions:
 
 def base_twin(engine: Engine) -> Engine:
     """An undistilled (Base) engine over ``engine``'s modules, for the CFG case."""
-    from diffusers import Flux2KleinPipeline
-
     if not engine.variant.distilled:
         return engine
     base_id = engine.variant.id.replace("flux-2-klein-", "flux-2-klein-base-")
     pipeline = Flux2KleinPipeline(**engine.pipeline.components, is_distilled=False)
     pipeline.set_progress_bar_config(disable=True)
-    return Engine(pipeline, find_variant(base_id))
+    twin = Engine(pipeline, find_variant(base_id))
+    twin.prompt_cache = engine.prompt_cache
+    return twin
+
+
+@contextlib.contextmanager
+def kv_twins(setup: Setup) -> Iterator[None]:
+    """A 9B-KV engine and ``Flux2KleinKVPipeline`` over the same modules, for the ``kv`` cases.
+
+    Both install the KV attention processors on the shared transformer; the previous processors are
+    put back afterwards, so the cases after these run as before.
+    """
+    from diffusers import Flux2KleinKVPipeline
+
+    transformer = setup.engine.pipeline.transformer
+    saved = dict(transformer.attn_processors)
+    components = setup.engine.pipeline.components
+    try:
+        kv_pipeline = Flux2KleinKVPipeline(**components)
+        kv_pipeline.set_progress_bar_config(disable=True)
+        twin = Engine(Flux2KleinPipeline(**components, is_distilled=True), find_variant("flux-2-klein-9b-kv"))
+        twin.prompt_cache = setup.engine.prompt_cache
+        setup.kv_engine, setup.kv_pipeline = twin, kv_pipeline
+        yield
+    finally:
+        setup.kv_engine = setup.kv_pipeline = None
+        transformer.set_attn_processor(saved)
 
 
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -172,6 +198,8 @@ def run_bench(engine: Engine, options: BenchOptions, log: Log = lambda _m: None)
         base_engine=base,
         pipeline=engine.pipeline,
         base_pipeline=base.pipeline,
+        kv_engine=None,
+        kv_pipeline=None,
         size=options.size,
         steps=options.steps or engine.variant.default_steps,
         base_steps=options.base_steps,
@@ -193,11 +221,22 @@ def run_bench(engine: Engine, options: BenchOptions, log: Log = lambda _m: None)
     try:
         for name in options.cases:
             log(f"case {name}: {CASES[name].description}")
-            case_result = run_case(setup, CASES[name], options, clock, log)
+            with kv_twins(setup) if CASES[name].kv else contextlib.nullcontext():
+                case_result = run_case(setup, CASES[name], options, clock, log)
             for side in SIDES:
                 achieved = case_result[side]["denoise_tflops"]
                 case_result[side]["peak_fraction"] = achieved / peak if achieved is not None else None
             report["cases"].append(case_result)
     finally:
         clock.detach()
+    _compare_kv_with_plain(report)
     return report
+
+
+def _compare_kv_with_plain(report: dict[str, Any]) -> None:
+    """``kvN`` cases also get ``vs_plain``: the plain pipeline's refN time over the KV path's."""
+    by_name = {case["name"]: case for case in report["cases"]}
+    for case in report["cases"]:
+        plain = by_name.get(case["name"].replace("kv", "ref")) if case["name"].startswith("kv") else None
+        if plain is not None:
+            case["vs_plain"] = plain["diffusers"]["median_seconds"] / case["kleinserve"]["median_seconds"]

@@ -321,6 +321,7 @@ _FULL_REQUEST: dict[str, Any] = {
     "num_images": 3,
     "output_format": "jpg",
     "quality": 80,
+    "loras": [{"name": "ink", "scale": 0.8}, {"name": "grain", "scale": -0.5}],
 }
 
 

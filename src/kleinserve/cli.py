@@ -217,6 +217,10 @@ def serve(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
     ] = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option("--lora", help="LoRA adapter to offer: NAME=PATH_OR_HUB_ID, a directory or a file; repeatable."),
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -238,6 +242,21 @@ def serve(
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
     ] = None,
+    safety_checker: Annotated[
+        Optional[str],
+        typer.Option(
+            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
+        ),
+    ] = None,
+    safety_policy: Annotated[
+        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
+    ] = None,
+    safety_threshold: Annotated[
+        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
+    ] = None,
+    safety_allow_disable: Annotated[
+        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -247,6 +266,8 @@ def serve(
     from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
     from kleinserve.engine.catalog import plan_models
+    from kleinserve.engine.lora import check_sources
+    from kleinserve.loras import parse_lora_options
     from kleinserve.runtime import memory_plan_for
 
     settings = _settings(
@@ -263,6 +284,7 @@ def serve(
         text_encoder_device=text_encoder_device,
         compile=compile_blocks or None,
         attention_backend=attention_backend,
+        loras=lora,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
@@ -271,6 +293,10 @@ def serve(
         log_prompts=log_prompts or None,
         metrics=metrics,
         metrics_port=metrics_port,
+        safety_checker=safety_checker,
+        safety_policy=safety_policy,
+        safety_threshold=safety_threshold,
+        safety_allow_disable=safety_allow_disable or None,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
@@ -288,6 +314,8 @@ def serve(
             )
         served = plan_models(settings.models, settings.data_dir)
         memory = memory_plan_for(settings, served)
+        offered = parse_lora_options(settings.loras)
+        check_sources(offered)
     except KleinserveError as err:
         _fail(err.message)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -301,6 +329,8 @@ def serve(
     err_console.print(f"kleinserve {url}", highlight=False)
     for m in served:
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+    if offered:
+        err_console.print(f"  LoRA adapters: {', '.join(sorted(offered))}", highlight=False, markup=False)
     for line in memory.lines():
         err_console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     if memory.fits is False:
@@ -532,9 +562,28 @@ def make_tiny_command(
         str,
         typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
     ] = "tiny",
+    classifier: Annotated[
+        Optional[str],
+        typer.Option(
+            "--classifier",
+            help="Write a tiny safety-checker classifier instead, that always says nsfw or normal.",
+        ),
+    ] = None,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
+    ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
-    from kleinserve.engine.tiny import PRESETS, make_tiny
+    from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
+
+    if classifier is not None:
+        from kleinserve.engine.tiny_classifier import make_tiny_classifier
+
+        if classifier not in ("nsfw", "normal"):
+            _fail(f"--classifier must be nsfw or normal, not {classifier!r}")
+        make_tiny_classifier(directory, classifier, seed)  # type: ignore[arg-type]
+        out_console.print(f"wrote a tiny {classifier} image classifier to {directory}", highlight=False)
+        return
 
     if variant not in ("distilled", "base", "kv"):
         _fail(f"--variant must be distilled, base or kv, not {variant!r}")
@@ -543,6 +592,9 @@ def make_tiny_command(
     make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     out_console.print(f"wrote a {preset} {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+    if lora:
+        path = make_tiny_lora(directory, directory / "lora" / "tiny.safetensors", seed)
+        out_console.print(f"wrote a tiny LoRA to {path} (serve it with --lora {path.parent})", highlight=False)
 
 
 @app.command()

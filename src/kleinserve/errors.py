@@ -12,6 +12,7 @@ and to each dialect's error body in one table, and the CLI prints ``message`` an
     │   ├── InvalidImageError               a reference image cannot be fetched, decoded or accepted
     │   ├── UnknownModelError               the model id names no known or served variant
     │   ├── NotFoundError                   a job, file or other resource does not exist
+    │   ├── ContentPolicyError              the safety checker refused the output (policy "refuse")
     │   └── PayloadTooLargeError            the request body is over the configured cap
     ├── AuthenticationError                 no API key, or one that is unknown or revoked
     ├── InsufficientCreditsError            the key's credits do not cover the request
@@ -84,6 +85,12 @@ class NotFoundError(InvalidRequestError):
     """A job, file or other named resource does not exist (or is not the caller's)."""
 
     code = "not_found"
+
+
+class ContentPolicyError(InvalidRequestError):
+    """The safety checker flagged an output and the operator's policy is to refuse it."""
+
+    code = "content_policy_violation"  # OpenAI's code for the same refusal
 
 
 class PayloadTooLargeError(InvalidRequestError):

@@ -78,6 +78,10 @@ def run_request(
     if len(references) != len(request.images):
         raise InvalidParameterError("images", "references were not loaded for this request")
     timings: dict[str, float] = {}
+    if request.loras and engine.adapters is None:
+        raise InvalidParameterError("loras", "this server offers no LoRA adapters")
+    if engine.adapters is not None:
+        engine.adapters.activate(request.loras)  # exactly this job's adapters, or none
     output = engine.generate(
         EngineInputs(
             prompt=request.prompt,

@@ -118,6 +118,15 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter a request applies, at a scale (0 leaves the base model's pixels exactly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, max_length=100, description="An adapter the server offers (GET /v1/loras).")
+    scale: float = Field(1.0, ge=-8, le=8, allow_inf_nan=False, description="Strength; 1.0 is the trained one.")
+
+
 class GenerationRequest(BaseModel):
     """One text-to-image or reference-editing request, in kleinserve's own terms.
 
@@ -148,6 +157,12 @@ class GenerationRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="How many images to generate.")
     output_format: OutputFormat = Field(OutputFormat.PNG, description="png, jpeg (or jpg) or webp.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP encoder quality, 1-100.")
+    safety_check: bool = Field(
+        True, description="False asks to skip the safety checker (honoured only if the operator allows it)."
+    )
+    loras: list[LoraChoice] = Field(
+        default_factory=list, description="LoRA adapters to apply, with scales (see GET /v1/loras)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -197,6 +212,17 @@ class GenerationRequest(BaseModel):
             raise ValueError("reference images must not be empty strings")
         for item in value:
             _check_unicode(item)
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_within_limit(cls, value: list[LoraChoice], info: ValidationInfo) -> list[LoraChoice]:
+        settings = _settings_from(info)
+        if settings is not None and len(value) > settings.max_loras:
+            raise ValueError(f"at most {settings.max_loras} LoRA adapters per request; got {len(value)}")
+        names = [choice.name for choice in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter may be named once")
         return value
 
     @field_validator("num_images")

@@ -30,7 +30,9 @@ from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.base import JobStore, WorkerInfo
 from kleinserve.keys import ApiKeyStore
+from kleinserve.loras import LoraSource, parse_lora_options
 from kleinserve.quotas import Quotas
+from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
@@ -119,11 +121,13 @@ class Runtime:
     # Built by roles that load models (hits/misses: prompt_cache.stats(), for /metrics).
     prompt_cache: PromptCache | None = field(default=None, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
+    safety: SafetyChecker | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
     memory: MemoryPlan | None = field(default=None, init=False)
+    loras: dict[str, LoraSource] = field(default_factory=dict, init=False)  # offered LoRA adapters
     started_at: float = field(default_factory=time.time, init=False)
     advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
 
@@ -177,25 +181,33 @@ class Runtime:
             return
         from kleinserve.engine.cache import PromptCache
         from kleinserve.engine.catalog import load_engines, plan_models
+        from kleinserve.engine.classifier import safety_checker_from_settings
         from kleinserve.engine.device import dtype_name
         from kleinserve.engine.loading import warm_up
+        from kleinserve.engine.lora import check_sources
         from kleinserve.jobs.worker import Worker
 
         try:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
+            self.loras = parse_lora_options(self.settings.loras)
+            check_sources(self.loras)
+            self.service.served_loras = list(self.loras)
             device, options = load_options_for(self.settings)
             self.device, self.dtype = str(device), dtype_name(options.dtype)
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            self.engines = await asyncio.to_thread(
+                load_engines, self.served, device, options.dtype, options, self.loras, self.settings.lora_cache
+            )
             self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
             for engine in self.engines.values():
                 engine.prompt_cache = self.prompt_cache
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)
+            self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -212,6 +224,7 @@ class Runtime:
             on_succeeded=self.charge,
             info={"device": self.device, "dtype": self.dtype, "demo": [m.variant.id for m in self.served if m.demo]},
             claim_any=self.role == "serve",
+            safety=self.safety,
         )
         self.workers.append(worker)
         await asyncio.to_thread(worker.start)

@@ -135,6 +135,7 @@ def test_generate_shows_progress_then_the_image(page: Any) -> None:
     assert any(re.fullmatch(r"Step [1-4] of 4", status) for status in log), log
     assert re.fullmatch(r"waited \d+\.\d s, ran \d+\.\d s", log[-1]), log
     expect(card.locator(".params")).to_contain_text("64×64")
+    expect(card.locator(".params")).to_contain_text(re.compile(r"Safety\s*passed, nsfw score 0\.000"))
     assert Image.open(io.BytesIO(card_image(card))).size == (64, 64)
 
 

@@ -30,6 +30,8 @@ from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 if TYPE_CHECKING:
     from diffusers import Flux2KleinPipeline
 
+    from kleinserve.engine.lora import Adapters
+
 Stage = Literal["encode_prompt", "encode_references", "denoise", "decode"]
 DEFAULT_SIZE = 1024
 REFERENCE_MAX_PIXELS = 1024 * 1024  # diffusers shrinks larger references to this area
@@ -104,6 +106,7 @@ class Engine:
         self.variant = variant
         self._device = device
         self._text_encoder_device = text_encoder_device
+        self.adapters: Adapters | None = None  # LoRA adapters offered on this pipeline (engine/lora.py)
         self.layers = tuple(variant.text_encoder_layers)
         n_layers = pipeline.text_encoder.config.num_hidden_layers
         if max(self.layers) >= n_layers:

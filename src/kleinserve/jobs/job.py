@@ -34,6 +34,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from kleinserve.request import GenerationRequest
+from kleinserve.safety import SafetyReport
 
 
 class JobStatus(StrEnum):
@@ -120,6 +121,7 @@ class Job(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     result: JobResult | None = None
+    safety: SafetyReport | None = Field(None, description="The safety checker's verdict, when one ran.")
     worker_id: str | None = Field(None, description="The worker holding (or that last held) the job.")
     lease_until: float | None = Field(None, description="When the running job's lease runs out.")
     cancel_requested: bool = Field(False, description="A client asked to cancel the running job.")

@@ -33,6 +33,7 @@ from kleinserve.generation import run_request
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
 from kleinserve.jobs.store.base import JobStore
+from kleinserve.safety import SafetyChecker, SafetyRefusal
 from kleinserve.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Worker:
         on_succeeded: Callable[[Job], None] | None = None,
         info: dict[str, Any] | None = None,
         claim_any: bool = False,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -84,6 +86,7 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self.idle_poll = idle_poll
         self.on_succeeded = on_succeeded  # e.g. charging the job to its API key
+        self.safety = safety  # the operator's safety checker, if any (kleinserve/safety.py)
         self.info = {**process_info(), **(info or {})}
         # ``serve`` (all in one) takes every queued job and fails those for models it lacks, so no
         # job waits forever; a ``worker`` takes only jobs for its own models.
@@ -207,6 +210,7 @@ class Worker:
                 should_cancel=lambda: self._should_stop(job),
             )
             metrics.job_ran(job, result.timings, result.steps)
+            safety = self.safety.review(job.request, result) if self.safety else None  # may blur or refuse
             outputs = []
             for index, encoded in enumerate(result.images):
                 key = f"{prefix}{index}.{_EXTENSIONS[encoded.media_type]}"
@@ -227,6 +231,9 @@ class Worker:
         except (GenerationCancelledError, _LostLease):
             self._stopped(job)
             return
+        except SafetyRefusal as err:
+            self._complete(job, JobStatus.FAILED, error_code=err.code, error_message=err.message, safety=err.report)
+            return
         except KleinserveError as err:
             self._complete(job, JobStatus.FAILED, error_code=err.code, error_message=err.message)
             return
@@ -239,7 +246,7 @@ class Worker:
                 error_message="internal error while generating; see the server log",
             )
             return
-        done = self._complete(job, JobStatus.SUCCEEDED, result=job_result)
+        done = self._complete(job, JobStatus.SUCCEEDED, result=job_result, safety=safety)
         if done is None:  # the lease was lost meanwhile; the files belong to the newer attempt
             return
         if self.on_succeeded is not None:

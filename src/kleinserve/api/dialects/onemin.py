@@ -15,8 +15,8 @@ done, as an ``aiRecord`` whose ``resultObject`` lists storage keys (``<job-id>/0
 - ``output_quality`` is the JPEG/WebP encoder quality; 0 is sent as 1, the encoder's lowest;
   ``jpeg`` is accepted next to ``jpg``; ``megapixels`` may also be sent as a number;
 - ``go_fast`` is accepted and echoed but changes nothing: kleinserve has one code path;
-- ``disable_safety_checker`` is accepted and echoed; kleinserve ships no NSFW classifier, so
-  nothing is ever filtered, whatever its value;
+- ``disable_safety_checker`` is echoed, and honoured when the operator runs a safety checker and
+  allows clients to skip it (``--safety-allow-disable``); the verdict is in ``aiRecord.kleinserve.safety``;
 - ``imageUrl`` is a key from ``/api/assets``, a ``resultObject`` path, an http(s) URL or a data URI;
 - the random seed of a request without one is reported in ``aiRecord.kleinserve`` (with the size);
 - errors are ``{"message", "code", "statusCode"}`` with the statuses of ``api/errors.py``;
@@ -90,7 +90,9 @@ class _Prompt(BaseModel):
     output_format: Literal["webp", "jpg", "jpeg", "png"] = Field("webp", description="Image format.")
     output_quality: int = Field(80, ge=0, le=100, description="JPEG/WebP quality 0-100 (0 is sent as 1).")
     megapixels: Literal["0.25", "1"] = Field("1", description="Output size with an explicit aspect_ratio.")
-    disable_safety_checker: bool = Field(False, description="Echoed only: kleinserve has no safety checker.")
+    disable_safety_checker: bool = Field(
+        False, description="Skip the safety checker, if the operator runs one and lets clients skip it."
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible results; default random.")
 
     @field_validator("megapixels", mode="before")
@@ -193,6 +195,7 @@ def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[Gener
             "seed": prompt.seed,
             "output_format": prompt.output_format,
             "quality": max(1, prompt.output_quality),  # the encoders' scale starts at 1
+            "safety_check": not prompt.disable_safety_checker,
         },
         runtime.settings,
         NAMES,
@@ -215,7 +218,12 @@ def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, 
             "createdAt": _iso(job.created_at),
             "aiRecordDetail": {"promptObject": echo, "resultObject": [o.key for o in outputs]},
             "temporaryUrl": result_url(runtime, first),
-            "kleinserve": {"seed": first.seed, "width": first.width, "height": first.height},
+            "kleinserve": {
+                "seed": first.seed,
+                "width": first.width,
+                "height": first.height,
+                **({"safety": job.safety.model_dump(mode="json")} if job.safety else {}),
+            },
         }
     }
 

@@ -44,7 +44,14 @@ from kleinserve.errors import (
 )
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE
-from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
+from kleinserve.request import (
+    ASPECT_RATIOS,
+    MAX_SEED,
+    MEGAPIXELS,
+    GenerationRequest,
+    LoraChoice,
+    size_for_aspect_ratio,
+)
 from kleinserve.runtime import Runtime
 
 PREFIX = "/v1"
@@ -107,6 +114,7 @@ class ImageParams(BaseModel):
         None, description="kleinserve extension, instead of size."
     )
     megapixels: float | None = Field(None, description=f"With aspect_ratio: one of {list(MEGAPIXELS)}.")
+    loras: list[LoraChoice] | None = Field(None, description="kleinserve extension (extra_body): LoRA adapters.")
 
 
 class EditParams(ImageParams):
@@ -175,6 +183,7 @@ def to_generation_request(
             "num_images": params.n,
             "output_format": params.output_format,
             "quality": max(1, params.output_compression),
+            "loras": params.loras or [],
         },
         runtime.settings,
         NAMES,

@@ -30,12 +30,13 @@ from kleinserve.api.jobs_http import (
     result_b64,
     result_url,
     runtime_of,
+    with_lora_header,
 )
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
-from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, size_for_aspect_ratio
+from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
 
 PREFIX = "/api"
@@ -115,6 +116,9 @@ class OxenImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = Field("url", description="Return URLs or base64.")
     target_namespace: str | None = Field(None, description="Accepted for compatibility; results stay here.")
     num_generations: int = Field(1, ge=1, le=4, description="Generations to run (queue), or images (sync).")
+    loras: list[LoraChoice] | None = Field(
+        None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
+    )
 
     def references(self) -> list[str]:
         source = self.input_image if self.input_image is not None else self.image
@@ -156,6 +160,7 @@ def to_generation_request(
             "num_images": num_images,
             "output_format": body.output_format,
             "quality": QUALITY[body.output_quality],
+            "loras": body.loras or [],
         },
         runtime.settings,
         NAMES,
@@ -233,8 +238,9 @@ async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, 
 
 
 @router.post("/ai/queue", summary="Queue 1-4 generations.")
-async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+async def enqueue(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
     requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
+    requests = with_lora_header(request, requests, runtime.settings)
     jobs = await asyncio.to_thread(
         runtime.service.submit, requests, key=caller.key, dialect=NAME, extra={"model": body.model, **_echo(body)}
     )
@@ -383,6 +389,8 @@ def generation_object(runtime: Runtime, job: Job, queue_position: int | None = N
         item["queue_position"] = queue_position or 0
     if outputs:
         item["width"], item["height"] = outputs[0].width, outputs[0].height
+    if job.safety is not None:  # kleinserve's extension: the safety checker's verdict and scores
+        item["safety"] = job.safety.model_dump(mode="json")
     return item
 
 

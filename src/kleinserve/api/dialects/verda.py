@@ -12,10 +12,13 @@ synchronous: the raw image with ``X-Seed`` and ``X-Has-Nsfw-Content`` headers, o
   (Verda states no "match the input" rule); a client that wants the input's size sends it.
 - ``input_images``: at most 4, each an http(s) URL, bare base64 or a ``data:image/...;base64,`` URI.
 - ``output_format`` also takes ``jpg`` (reported as ``jpeg``); ``output_quality`` is ignored for png.
-- Safety: kleinserve ships no NSFW classifier (none can be loaded offline), so nothing is checked
-  and nothing is filtered. ``enable_safety_checker`` is accepted; every response carries
-  ``X-Has-Nsfw-Content: false`` only together with ``X-Kleinserve-Safety-Checker: unavailable``,
-  so a client can tell "not checked" from "checked and clean".
+- Safety: with a safety checker (``--safety-checker``), ``X-Has-Nsfw-Content`` and
+  ``has_nsfw_content`` carry its verdict on the image (with the ``blur`` policy a flagged image is
+  returned blurred and reported ``true``; with ``refuse`` the answer is a 400
+  ``content_policy_violation``). ``enable_safety_checker: false`` skips it only when the operator
+  allows clients to (``--safety-allow-disable``). When no checker ran, ``false`` is only ever sent
+  together with ``X-Kleinserve-Safety-Checker: unavailable``, so a client can tell "not checked"
+  from "checked and clean".
 - Provisional, because Verda's examples were lost from our copy of its page (and no other public
   copy was found): the base64 JSON is ``{"image", "seed", "has_nsfw_content", "output_format",
   "width", "height"}``, and errors are FastAPI-style ``{"detail": "<message>", "code": "<code>"}``.
@@ -43,7 +46,7 @@ from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of
 from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError, KleinserveError, UnknownModelError
-from kleinserve.jobs.job import JobOutput
+from kleinserve.jobs.job import Job, JobOutput
 from kleinserve.request import MAX_SEED, GenerationRequest
 from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
@@ -95,7 +98,9 @@ class VerdaGenerateRequest(BaseModel):
     input_images: list[str] | None = Field(
         None, description="Up to 4 images: http(s) URLs, base64 strings or data URIs."
     )
-    enable_safety_checker: bool = Field(True, description="Accepted; kleinserve has no NSFW classifier.")
+    enable_safety_checker: bool = Field(
+        True, description="False skips the safety checker, if the operator runs one and lets clients skip it."
+    )
     output_format: Literal["jpeg", "jpg", "png", "webp"] = Field("jpeg", description="Image format.")
     output_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality; ignored for png.")
     enable_base64_output: bool = Field(False, description="true: JSON with base64; false: raw image bytes.")
@@ -141,6 +146,7 @@ def to_generation_request(body: VerdaGenerateRequest, variant: Variant, settings
             "seed": body.seed,
             "output_format": body.output_format,
             "quality": body.output_quality,
+            "safety_check": body.enable_safety_checker,
         },
         settings,
         NAMES,
@@ -164,7 +170,14 @@ class ServedVariant:
             raise UnknownModelError(self.slug, served_slugs(runtime)) from None
 
 
-def _headers(output: JobOutput) -> dict[str, str]:
+def has_nsfw(job: Job) -> bool:
+    """The safety checker's verdict on the job's (one) image; False when no checker ran."""
+    return job.safety is not None and job.safety.any_flagged
+
+
+def _headers(job: Job, output: JobOutput) -> dict[str, str]:
+    if job.safety is not None:
+        return {"X-Seed": str(output.seed), "X-Has-Nsfw-Content": str(has_nsfw(job)).lower()}
     # "false" is only ever sent beside SAFETY_HEADER: nothing was checked (see the module docstring).
     return {"X-Seed": str(output.seed), "X-Has-Nsfw-Content": "false", SAFETY_HEADER: "unavailable"}
 
@@ -211,16 +224,16 @@ async def generate(
     (output,) = outputs_of(job)
     data = await asyncio.to_thread(runtime.read_asset, output.key)
     if not body.enable_base64_output:
-        return Response(data, media_type=output.media_type, headers=_headers(output))
+        return Response(data, media_type=output.media_type, headers=_headers(job, output))
     content = {
         "image": base64.b64encode(data).decode(),
         "seed": output.seed,
-        "has_nsfw_content": False,
+        "has_nsfw_content": has_nsfw(job),
         "output_format": job.request.output_format.value,
         "width": output.width,
         "height": output.height,
     }
-    return JSONResponse(content, headers=_headers(output))
+    return JSONResponse(content, headers=_headers(job, output))
 
 
 def _generate_route(slug: str) -> Callable[..., Awaitable[Response]]:

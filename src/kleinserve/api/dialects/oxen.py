@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,13 +33,15 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     with_lora_header,
 )
-from kleinserve.engine.catalog import ServedModel
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
-from kleinserve.runtime import Runtime
+from kleinserve.runtime import AdvertisedModel, Runtime
+
+if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
+    from kleinserve.engine.catalog import ServedModel
 
 PREFIX = "/api"
 COMPLETED = "media_generation_completed"
@@ -375,7 +377,7 @@ def _write_favorites(runtime: Runtime, caller: Caller, ids: list[str]) -> None:
     runtime.storage.put(_favorites_key(caller), json.dumps(ids).encode(), "application/json")
 
 
-def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel:
+def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel | AdvertisedModel:
     served = runtime.served_model(model_id)
     if served is None:
         raise NotFoundError(f"Model not found: {model_id}")

@@ -360,6 +360,108 @@ def serve(
     )
 
 
+@app.command()
+def api(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
+    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
+    ] = False,
+    fetch_allow: Annotated[
+        Optional[str],
+        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
+    ] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
+) -> None:
+    """Run the HTTP API only (no models, no torch): jobs go to `kleinserve worker` processes sharing
+    the database (KLEINSERVE_DATABASE_URL) and the results storage."""
+    import uvicorn
+
+    from kleinserve.access import is_loopback
+    from kleinserve.api.app import create_app
+
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        public_url=public_url,
+        insecure_no_auth=insecure_no_auth or None,
+        fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not _key_store(settings).any_active() and not is_loopback(settings.host) and not settings.insecure_no_auth:
+            _fail(
+                f"refusing to serve {settings.host} without API keys: create a key first (kleinserve keys create "
+                "--name NAME), bind to 127.0.0.1, or pass --insecure-no-auth if something in front checks access."
+            )
+    except KleinserveError as err:
+        _fail(err.message)
+    err_console.print(f"kleinserve api http://{settings.host}:{settings.port} (models: those of live workers)")
+    uvicorn.run(
+        create_app(settings, role="api"),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option("--model", "-m", help="ID or ID=PATH, repeatable; 'auto' (default) falls back to demo weights."),
+    ] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    fetch_allow: Annotated[
+        Optional[str],
+        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
+    ] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Serve this worker's Prometheus metrics on this port.")
+    ] = None,
+) -> None:
+    """Run a worker (no HTTP): load the models and run queued jobs for them until SIGTERM, which
+    hands the running job back to the queue."""
+    import asyncio
+
+    from kleinserve.engine.catalog import plan_models
+    from kleinserve.runtime import run_worker
+
+    settings = _settings(
+        models=model,
+        data_dir=data_dir,
+        device=device,
+        dtype=dtype,
+        fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+        metrics_port=metrics_port,
+    )
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        served = plan_models(settings.models, settings.data_dir)
+    except KleinserveError as err:
+        _fail(err.message)
+    for m in served:
+        err_console.print(f"kleinserve worker: model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}")
+    raise typer.Exit(asyncio.run(run_worker(settings, served)))
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; read their usage.")
 app.add_typer(keys_app, name="keys")
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server's data directory.")]
@@ -510,6 +612,15 @@ def bench(
     cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
     repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    offload: Annotated[str, typer.Option(help="Memory mode to measure: none, model, sequential or group.")] = "none",
+    quantize: Annotated[str, typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = "none",
+    quantize_text_encoder: Annotated[
+        str, typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = "none",
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks.")] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend.")
+    ] = None,
 ) -> None:
     """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
     from kleinserve.engine.bench.cases import CASES
@@ -517,6 +628,8 @@ def bench(
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
     from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.loading import LoadOptions
+    from kleinserve.engine.memory import MemoryMode
     from kleinserve.engine.weights import ModelSpec, load_engine
 
     settings = _settings(device=device, dtype=dtype)
@@ -531,17 +644,31 @@ def bench(
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
-        engine = load_engine(spec, torch_device, torch_dtype)
+        mode = MemoryMode(offload, quantize, quantize_text_encoder)
+        load = LoadOptions(torch_dtype, mode, compile_blocks, attention_backend)
+        err_console.print(f"memory mode: {load.describe()}", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype, options=load)
         engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:
         _fail(err.message)
-    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    flags = {
+        "--device": device,
+        "--dtype": dtype,
+        "--steps": steps,
+        "--json": json_path,
+        "--offload": None if offload == "none" else offload,
+        "--quantize": None if quantize == "none" else quantize,
+        "--quantize-text-encoder": None if quantize_text_encoder == "none" else quantize_text_encoder,
+        "--attention-backend": attention_backend,
+    }
+    report["mode"] = load.describe()
     report["command"] = " ".join(
         [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
         + [f"--cases {','.join(chosen)}"]
         + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+        + (["--compile"] if compile_blocks else [])
     )
     width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
     out_console.print(summary_table(report), width=width)

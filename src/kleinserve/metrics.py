@@ -36,6 +36,7 @@ from kleinserve.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
     from kleinserve.api.access_log import FinishedRequest
+    from kleinserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,40 @@ def watch(collector: Collector) -> Callable[[], None]:
     """Register ``collector``; returns the function that unregisters it."""
     REGISTRY.register(collector)
     return lambda: REGISTRY.unregister(collector)
+
+
+def watch_runtime(runtime: Runtime, *, queue: bool = True) -> Callable[[], None]:
+    """Register the scrape-time collectors of ``runtime`` (the queue unless ``queue=False``: a worker
+    leaves it to the API processes; device memory; the prompt cache); returns the undo."""
+
+    def queue_state() -> tuple[int, int, float | None]:
+        store = runtime.store
+        queued = store.list(statuses=[JobStatus.QUEUED], any_owner=True, limit=runtime.settings.max_queue + 1)
+        oldest = min((job.created_at for job in queued), default=None)
+        return store.count([JobStatus.QUEUED]), store.count([JobStatus.PROCESSING]), oldest
+
+    def device_memory() -> list[tuple[str, str, int]]:
+        if not runtime.device:  # models not loaded (or an API-only process): nothing to report
+            return []
+        from kleinserve.engine.device import memory_rows  # torch is loaded once a device is chosen
+
+        return memory_rows(runtime.device)
+
+    def prompt_cache() -> tuple[int, int, int, int]:
+        if runtime.prompt_cache is None:  # an API process: the workers hold the cache
+            return 0, 0, 0, 0
+        stats = runtime.prompt_cache.stats()
+        return stats.hits, stats.misses, stats.entries, stats.bytes
+
+    undo = [watch(DeviceMemoryCollector(device_memory)), watch(PromptCacheCollector(prompt_cache))]
+    if queue:
+        undo.append(watch(QueueCollector(queue_state)))
+
+    def unwatch() -> None:
+        for step in undo:
+            step()
+
+    return unwatch
 
 
 def serve_port(port: int, host: str = "127.0.0.1") -> None:

@@ -334,6 +334,7 @@ def test_full_request_round_trips() -> None:
         "negative_prompt": None,
         "safety_check": True,
         "cache": None,
+        "safety_tolerance": None,
     }
     again = GenerationRequest.parse(dumped)
     assert again == request

@@ -130,12 +130,6 @@ class ApiKeyStore(Protocol):
     def revoked_since(self, since: float) -> builtins.list[tuple[str, float]]:
         """``(id, revoked_at)`` of the keys revoked at or after ``since``, oldest first."""
 
-    def any_key(self) -> bool:
-        """Whether any key was ever created here (revoked ones count: see kleinserve.access)."""
-
-    def revoked_since(self, since: float) -> builtins.list[tuple[str, float]]:
-        """``(id, revoked_at)`` of the keys revoked at or after ``since`` (oldest first)."""
-
     def authenticate(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, or ``None``."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -208,10 +209,9 @@ def serve(
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
 
-    import uvicorn
-
     from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
+    from kleinserve.api.server import run as run_http
     from kleinserve.engine.catalog import plan_models
     from kleinserve.runtime import memory_plan_for
 
@@ -228,6 +228,7 @@ def serve(
         fetch_allow=fetch_allow,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)  # everything the server writes (jobs, keys, results, uploads, secret.key) is owner-only
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_store = _key_store(settings)
@@ -262,13 +263,7 @@ def serve(
     access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
-    uvicorn.run(
-        create_app(settings, served),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=30,
-    )
+    run_http(create_app(settings, served), settings, log_level)
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; read their usage.")

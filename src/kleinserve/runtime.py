@@ -20,6 +20,7 @@ from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.memory import MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
+from kleinserve.inputs import InputStager
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
@@ -62,6 +63,7 @@ class Runtime:
     store: SQLiteJobStore = field(init=False)
     keys: KeyStore = field(init=False)
     access: Access = field(init=False)
+    inputs: InputStager = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: LocalStorage = field(init=False)
@@ -91,6 +93,9 @@ class Runtime:
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
+        # References are checked, fetched and stored before a job is queued (inputs.py).
+        self.inputs = InputStager(self.settings, self.storage, self.store, self.keys)
+        self.service.prepare = self.inputs.stage
 
     def served_ids(self) -> list[str]:
         return [m.variant.id for m in self.served or []]

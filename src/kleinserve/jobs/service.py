@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kleinserve.engine.variants import find_variant
@@ -46,6 +46,10 @@ class JobService:
         self.retry_after = retry_after
         self.workers: builtins.list[Worker] = []
         self.quotas: Quotas | None = None
+        # Called first by submit: stores the requests' references (kleinserve.inputs.InputStager).
+        self.prepare: (
+            Callable[[Sequence[GenerationRequest], ApiKey | None], builtins.list[GenerationRequest]] | None
+        ) = None
         # Admission (quota checks) and enqueueing happen together, so one key's concurrent
         # requests cannot all pass a check that only one of them should.
         self._admission = threading.Lock()
@@ -76,6 +80,10 @@ class JobService:
         With an API ``key`` the jobs are that key's (``owner`` is its id), priced, and admitted by
         its quotas; without one, ``owner`` (if any) is recorded as given.
         """
+        for request in requests:
+            self.check_model(request.model)
+        if self.prepare is not None:
+            requests = self.prepare(requests, key)
         jobs = []
         for request in requests:
             model = self.check_model(request.model)

@@ -14,6 +14,8 @@ class Dialect(Protocol):
 
     name: str
     prefixes: tuple[str, ...]
+    # Optional ``upload_paths``: routes that take multipart/form-data; every other body must be
+    # JSON (api/guard.py answers 415 otherwise).
 
     def router(self) -> APIRouter:
         """The dialect's routes."""

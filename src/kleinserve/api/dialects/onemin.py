@@ -49,7 +49,6 @@ from kleinserve.errors import (
     InvalidParameterError,
     InvalidRequestError,
     KleinserveError,
-    NotFoundError,
 )
 from kleinserve.jobs.job import Job
 from kleinserve.request import MAX_SEED, GenerationRequest, size_for_aspect_ratio
@@ -151,14 +150,9 @@ def image_reference(runtime: Runtime, image_url: str) -> str:
     text = image_url.strip()
     if text.startswith(("http://", "https://", "data:")):
         return text
-    key = text.removeprefix(ASSET_PREFIX)
-    try:
-        runtime.storage.open(key)
-    except NotFoundError:
-        raise _param(
-            "imageUrl", f"no such asset {text!r}; use a key from /api/assets, a resultObject path or an http(s) URL"
-        ) from None
-    return ASSET_PREFIX + key
+    # Whether the asset exists, and is the caller's, is checked when the job is submitted
+    # (kleinserve.inputs): another key's asset gets the very answer a missing one does.
+    return ASSET_PREFIX + text.removeprefix(ASSET_PREFIX)
 
 
 def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[GenerationRequest, dict[str, Any]]:
@@ -226,6 +220,7 @@ class OneMinDialect:
 
     name = "onemin"
     prefixes: tuple[str, ...] = ("/api/features", "/api/assets")
+    upload_paths: tuple[str, ...] = ("/api/assets",)  # multipart/form-data accepted here
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         # 1min documents no error body; this one carries a readable and a stable machine field.
@@ -240,10 +235,10 @@ class OneMinDialect:
         ) -> dict[str, Any]:
             gen, echo = to_generation_request(body, runtime)
             extra = {"model": body.model, "type": body.type, "promptObject": echo}
-            jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-            )
             try:
+                jobs = await asyncio.to_thread(
+                    runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
+                )
                 (job,) = await wait_for_jobs(request, runtime, jobs)
             except InvalidRequestError as err:
                 raise _with_client_names(err) from None
@@ -253,6 +248,7 @@ class OneMinDialect:
         async def assets(
             request: Request,
             asset: Annotated[UploadFile, File(description="The image file.")],
+            caller: CallerDep,
             api_key: ApiKey = None,
         ) -> dict[str, Any]:
             runtime = runtime_of(request)
@@ -260,7 +256,7 @@ class OneMinDialect:
             if asset.size is not None and asset.size > limit:
                 raise InvalidImageError(None, f"is {asset.size} bytes, over the limit of {limit} bytes", field="asset")
             data = await asset.read()
-            key = (await store_upload(runtime, data, None, "asset")).removeprefix(ASSET_PREFIX)
+            key = (await store_upload(runtime, data, None, "asset", caller.key)).removeprefix(ASSET_PREFIX)
             name = key.rsplit("/", 1)[-1]
             stored = await asyncio.to_thread(runtime.storage.open, key)
             location = public_base_url(request) + runtime.storage.signed_path(key)

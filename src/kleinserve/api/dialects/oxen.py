@@ -73,8 +73,10 @@ _ERROR_TYPES = {
     402: ("insufficient_credits", "Insufficient credits for this request."),
     403: ("forbidden", "Access to this resource is forbidden."),
     404: ("resource_not_found", "The requested resource could not be found"),
+    408: ("request_timeout", "The request took too long to arrive."),
     409: ("conflict", "The request conflicts with the state of the resource."),
     413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "The request body must be application/json."),
     429: ("rate_limited", "Too many requests, please retry later."),
     503: ("service_unavailable", "The service is temporarily unavailable, please retry later."),
 }
@@ -286,7 +288,7 @@ class OxenDialect:
             runtime = runtime_of(request)
             if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
                 # Beyond SQLite's integers nothing can follow: resume after everything stored.
-                after = min(int(last_event_id), 2**63 - 1)
+                after = min(int(last_event_id), 2**63 - 1) if len(last_event_id) <= 19 else 2**63 - 1
             else:
                 # Oxen's own examples enqueue first and connect after, so a fast job could finish
                 # in between; a short replay window closes that race (clients filter by id).

@@ -21,6 +21,7 @@ from kleinserve.engine.weights import load_pipeline
 # Services the backend tests run against (real servers on 127.0.0.1). Append; do not replace.
 pytest_plugins = [
     "tests.services.postgres",
+    "tests.services.seaweed",
 ]
 
 
@@ -124,3 +125,9 @@ def image_server() -> Iterator[ImageServer]:
     server = ImageServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_kv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny klein 9B-KV checkpoint (saved as Flux2KleinKVPipeline)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-kv"), "kv", seed=2)

@@ -222,7 +222,7 @@ def test_make_tiny_and_models(tmp_path: Path) -> None:
     assert code == 0 and "tiny base checkpoint" in stdout
     assert json.loads((tmp_path / "tiny" / "model_index.json").read_text())["is_distilled"] is False
     code, _, stderr = run("make-tiny", str(tmp_path / "t2"), "--variant", "turbo")
-    assert code == 1 and "--variant must be distilled or base" in stderr
+    assert code == 1 and "--variant must be distilled, base or kv" in stderr
     code, stdout, _ = run("models")
     assert code == 0 and "flux-2-klein-base-9b" in stdout
 

@@ -127,3 +127,28 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert bad_rate.exit_code == 1 and "rate:" in bad_rate.stderr
     missing = runner.invoke(app, ["keys", "usage", "nobody", "--data-dir", str(tmp_path)])
     assert missing.exit_code == 1 and "no API key named 'nobody'" in missing.stderr
+
+
+def test_keys_commands_against_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KLEINSERVE_DATABASE_URL=postgresql://... puts keys in PostgreSQL, where every api process sees them."""
+    monkeypatch.setenv("KLEINSERVE_DATABASE_URL", pg_url)
+    created = runner.invoke(app, ["keys", "create", "--name", "erin", "--rate", "4/hour", "--data-dir", str(tmp_path)])
+    assert created.exit_code == 0, created.stderr
+    secret = created.stdout.strip()
+    store = PgKeyStore(pg_url)
+    try:
+        key = store.authenticate(secret)
+        assert key is not None and key.name == "erin" and key.requests_per_minute == pytest.approx(4 / 60)
+        listed = runner.invoke(app, ["keys", "list", "--data-dir", str(tmp_path)])
+        assert "erin" in listed.stdout and secret not in listed.stdout
+        assert runner.invoke(app, ["keys", "revoke", "erin", "--data-dir", str(tmp_path)]).exit_code == 0
+        assert store.authenticate(secret) is None
+    finally:
+        store.close()
+    assert not list(tmp_path.glob("*.sqlite3"))  # nothing went to SQLite
+
+
+def test_database_url_must_name_a_known_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLEINSERVE_DATABASE_URL", "mysql://db/x")
+    bad = runner.invoke(app, ["keys", "list"])
+    assert bad.exit_code == 1 and "postgresql://" in bad.stderr

@@ -32,7 +32,8 @@ def test_sweep_removes_only_what_outlived_retention(tmp_path: Path) -> None:
         runtime.storage.put(f"{UPLOADS}/old/image.png", b"old", "image/png")
         runtime.storage.put(f"{UPLOADS}/new/image.png", b"new", "image/png")
         stale = time.time() - 7200
-        os.utime(tmp_path / "files" / UPLOADS / "old", (stale, stale))
+        for path in (tmp_path / "files" / UPLOADS / "old" / "image.png", tmp_path / "files" / UPLOADS / "old"):
+            os.utime(path, (stale, stale))
 
         assert runtime.sweep() == 1
 

@@ -48,6 +48,7 @@ def test_scripts_serve_starts_generates_and_stops(tmp_path: Path) -> None:
             "flux-2-klein-9b",
             "flux-2-klein-base-4b",
             "flux-2-klein-base-9b",
+            "flux-2-klein-9b-kv",
         ]
         response = httpx.post(
             f"{url}/api/ai/images/generate",

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kleinserve.errors import InvalidParameterError, KleinserveError
+from kleinserve.logs import configure_logging
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
 from kleinserve.settings import Settings
 
@@ -35,6 +36,7 @@ _STAGE_LABELS = {
 
 
 def _fail(message: str) -> NoReturn:
+    err_console.quiet = False  # muted only for the banner when logs are JSON
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -196,6 +198,22 @@ def serve(
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
     ] = None,
+    offload: Annotated[
+        Optional[str], typer.Option(help="CPU offloading on a GPU: none, model, sequential or group.")
+    ] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = None,
+    quantize_text_encoder: Annotated[
+        Optional[str], typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = None,
+    text_encoder_device: Annotated[
+        Optional[str], typer.Option("--text-encoder-device", help="Run the text encoder elsewhere, e.g. cpu.")
+    ] = None,
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the transformer blocks (warmed up before ready).")
+    ] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -204,7 +222,19 @@ def serve(
         Optional[str],
         typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        Optional[str], typer.Option("--log-format", help="text (default) or json: one JSON object per line.")
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+    ] = False,
+    metrics: Annotated[
+        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
+    ] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
+    ] = None,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -223,11 +253,25 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        offload=offload,
+        quantize=quantize,
+        quantize_text_encoder=quantize_text_encoder,
+        text_encoder_device=text_encoder_device,
+        compile=compile_blocks or None,
+        attention_backend=attention_backend,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+        log_prompts=log_prompts or None,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
+    # print) and one "serving" log line says the same.
+    err_console.quiet = settings.log_format == "json"
     os.umask(0o077)  # everything the server writes (jobs, keys, results, uploads, secret.key) is owner-only
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +307,16 @@ def serve(
     access = "API keys required" if required else "open (no API keys configured)"
     err_console.print(f"  access: {access}", highlight=False)
     err_console.print(f"  API docs: {url}/docs   readiness: {url}/readyz", highlight=False)
-    run_http(create_app(settings, served), settings, log_level)
+    logging.getLogger("kleinserve").info(
+        "serving %s",
+        url,
+        extra={"models": {m.variant.id: str(m.directory) for m in served}, "demo": any(m.demo for m in served)},
+    )
+    if settings.metrics_port is not None:
+        from kleinserve.metrics import serve_port
+
+        serve_port(settings.metrics_port, settings.metrics_host)
+    run_http(create_app(settings, served), settings)
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; read their usage.")
@@ -272,9 +325,16 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server'
 
 
 def _key_store(settings: Settings) -> Any:
-    from kleinserve.keys import KeyStore
+    from kleinserve.backends import key_store
 
-    return KeyStore(settings.data_dir / "jobs.sqlite3")
+    return key_store(settings)  # KLEINSERVE_DATABASE_URL: SQLite in the data dir, or PostgreSQL
+
+
+def _keys(data_dir: Path | None) -> Any:
+    """The key store of the settings, as a context that closes it (a PostgreSQL pool ends cleanly)."""
+    from kleinserve.backends import opened_key_store
+
+    return opened_key_store(_settings(data_dir=data_dir))
 
 
 @keys_app.command("create")
@@ -291,15 +351,15 @@ def keys_create(
     """Create a key. Its secret is printed once, on stdout, and stored only as a hash."""
     from kleinserve.keys import parse_rate
 
-    settings = _settings(data_dir=data_dir)
     try:
-        key, secret = _key_store(settings).create(
-            name,
-            requests_per_minute=parse_rate(rate, "rate") if rate else None,
-            images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
-            concurrency=concurrency,
-            credits=credits,
-        )
+        with _keys(data_dir) as store:
+            key, secret = store.create(
+                name,
+                requests_per_minute=parse_rate(rate, "rate") if rate else None,
+                images_per_minute=parse_rate(image_rate, "image_rate") if image_rate else None,
+                concurrency=concurrency,
+                credits=credits,
+            )
     except KleinserveError as err:
         _fail(err.message)
     err_console.print(f"created key {key.name!r}; keep the secret now, it is not shown again:", highlight=False)
@@ -309,8 +369,9 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None) -> None:
     """List keys (names, prefixes, limits; never secrets)."""
-    store = _key_store(_settings(data_dir=data_dir))
-    for key in store.list():
+    with _keys(data_dir) as store:
+        keys = store.list()
+    for key in keys:
         state = "revoked" if not key.active else "active"
         limits = ", ".join(
             f"{label} {value:g}"
@@ -329,7 +390,8 @@ def keys_list(data_dir: DataDir = None) -> None:
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """Revoke a key: it stops working at once."""
     try:
-        _key_store(_settings(data_dir=data_dir)).revoke(name)
+        with _keys(data_dir) as store:
+            store.revoke(name)
     except KleinserveError as err:
         _fail(err.message)
     out_console.print(f"revoked {name}", highlight=False)
@@ -338,12 +400,12 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], da
 @keys_app.command("usage")
 def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
     """What a key has generated and spent."""
-    store = _key_store(_settings(data_dir=data_dir))
     try:
-        key = store.get(name)
+        with _keys(data_dir) as store:
+            key = store.get(name)
+            usage = store.usage(key.id)
     except KleinserveError as err:
         _fail(err.message)
-    usage = store.usage(key.id)
     left = "unlimited" if key.credits is None else f"{key.credits - usage.spent:g} of {key.credits:g}"
     out_console.print(f"{name}: {usage.images} images in {usage.jobs} jobs, spent {usage.spent:g}; credits {left}")
     for model, row in sorted(usage.by_model.items()):
@@ -353,19 +415,77 @@ def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], dat
 @app.command("make-tiny")
 def make_tiny_command(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
-    variant: Annotated[str, typer.Option(help="distilled (like klein 4B/9B) or base (like Base 4B/9B).")] = (
-        "distilled"
-    ),
+    variant: Annotated[
+        str, typer.Option(help="distilled (like klein 4B/9B), base (like Base 4B/9B) or kv (like klein 9B-KV).")
+    ] = "distilled",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    preset: Annotated[
+        str,
+        typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
+    ] = "tiny",
 ) -> None:
-    """Write a tiny random-weight klein checkpoint (real architecture, a few MB) for tests and demos."""
-    from kleinserve.engine.tiny import make_tiny
+    """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
+    from kleinserve.engine.tiny import PRESETS, make_tiny
 
-    if variant not in ("distilled", "base"):
-        _fail(f"--variant must be distilled or base, not {variant!r}")
-    make_tiny(directory, variant, seed)  # type: ignore[arg-type]
+    if variant not in ("distilled", "base", "kv"):
+        _fail(f"--variant must be distilled, base or kv, not {variant!r}")
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    out_console.print(f"wrote a tiny {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+    out_console.print(f"wrote a {preset} {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="ID=PATH (or ID) of the weights to measure.")],
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    size: Annotated[int, typer.Option(help="Output width and height, a multiple of 16.")] = 512,
+    steps: Annotated[Optional[int], typer.Option(help="Steps of the distilled cases (default: the variant's).")] = None,
+    base_steps: Annotated[int, typer.Option("--base-steps", help="Steps of the Base (CFG) cases.")] = 50,
+    cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
+    repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
+    from kleinserve.engine.bench.cases import CASES
+    from kleinserve.engine.bench.report import stage_table, summary_table, write_json
+    from kleinserve.engine.bench.runner import BenchOptions, run_bench
+    from kleinserve.engine.cache import PromptCache
+    from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.weights import ModelSpec, load_engine
+
+    settings = _settings(device=device, dtype=dtype)
+    chosen = [c.strip() for c in cases.split(",") if c.strip()] or list(CASES)
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        _fail(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    if size % 16 or size < 64 or repeats < 1 or base_steps < 1 or (steps is not None and steps < 1):
+        _fail("--size must be a multiple of 16 (at least 64); --repeats, --steps and --base-steps at least 1")
+    try:
+        spec = ModelSpec.parse(model)
+        torch_device = pick_device(settings.device)
+        torch_dtype = pick_dtype(torch_device, settings.dtype)
+        err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype)
+        engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
+        options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
+        report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
+    except KleinserveError as err:
+        _fail(err.message)
+    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    report["command"] = " ".join(
+        [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
+        + [f"--cases {','.join(chosen)}"]
+        + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+    )
+    width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
+    out_console.print(summary_table(report), width=width)
+    out_console.print(stage_table(report), width=width)
+    if json_path is not None:
+        write_json(report, json_path)
+        err_console.print(f"wrote {json_path}", highlight=False)
 
 
 @app.command()

@@ -57,6 +57,7 @@ class InvalidParameterError(InvalidRequestError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+        self.detail = message  # the message without the field, for renaming the field (api/dialects/base.py)
 
 
 class InvalidImageError(InvalidRequestError):

@@ -47,7 +47,7 @@ from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKey, ApiKeyStore
 from kleinserve.request import GenerationRequest, OutputFormat
 from kleinserve.settings import Settings
-from kleinserve.storage.local import LocalStorage
+from kleinserve.storage.base import Storage
 
 UPLOADS = "uploads"  # storage folder of images clients upload or send inline
 OPEN_OWNER = "open"  # the owner tag of uploads on an open server
@@ -68,7 +68,7 @@ def upload_key(owner: str | None, name: str) -> str:
 class InputStager:
     """Turns a request's references into owner-scoped stored assets (see the module docstring)."""
 
-    def __init__(self, settings: Settings, storage: LocalStorage, store: JobStore, keys: ApiKeyStore) -> None:
+    def __init__(self, settings: Settings, storage: Storage, store: JobStore, keys: ApiKeyStore) -> None:
         self.settings = settings
         self.storage = storage
         self.store = store
@@ -190,12 +190,8 @@ class InputStager:
             if job is None or job.owner != owner:
                 return False
         try:
-            exists = getattr(self.storage, "exists", None)
-            if exists is not None:
-                return bool(exists(key))
-            self.storage.open(key)
-            return True
-        except (KleinserveError, ValueError):
+            return self.storage.exists(key)
+        except (KleinserveError, ValueError):  # not even a well-formed key
             return False
 
     def check_asset(self, key: str, index: int | None, owner: str | None, field: str = "images") -> None:

@@ -11,13 +11,17 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from kleinserve import metrics
 from kleinserve.access import Access
+from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
-from kleinserve.engine.memory import MemoryPlan, plan_served
+from kleinserve.engine.loading import LoadOptions, check_options, warm_up
+from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.inputs import InputStager
@@ -29,7 +33,11 @@ from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
 from kleinserve.quotas import Quotas
 from kleinserve.settings import Settings
-from kleinserve.storage.local import LocalStorage
+from kleinserve.storage.base import Storage
+from kleinserve.storage.factory import storage_from_settings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +56,19 @@ class ModelInfo:
         return self.served.variant.id
 
 
-def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
-    """The memory plan of ``served`` on the settings' device, dtype and memory limit."""
+def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
+    """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
     device = pick_device(settings.device)
-    return plan_served(served, device, pick_dtype(device, settings.dtype), device_memory_gb=settings.device_memory)
+    mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
+    options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
+    check_options(device, options)
+    return device, options
+
+
+def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
+    """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
+    device, options = load_options_for(settings)
+    return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
 
 
 @dataclass
@@ -66,10 +83,11 @@ class Runtime:
     inputs: InputStager = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
-    storage: LocalStorage = field(init=False)
+    storage: Storage = field(init=False)
     cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
+    prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
@@ -83,8 +101,9 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
         self.bus = EventBus(self.store)
-        self.storage = LocalStorage.in_data_dir(data_dir, default_expiry=self.settings.url_expiry)
+        self.storage = storage_from_settings(self.settings)
         self.cancels = CancelRequests()
+        self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
         self.service = JobService(
             self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
         )
@@ -121,12 +140,16 @@ class Runtime:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
-            device = pick_device(self.settings.device)
-            dtype = pick_dtype(device, self.settings.dtype)
-            self.device, self.dtype = str(device), dtype_name(dtype)
+            device, options = load_options_for(self.settings)
+            self.device, self.dtype = str(device), dtype_name(options.dtype)
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, dtype)
+            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            for engine in self.engines.values():
+                engine.prompt_cache = self.prompt_cache
+            if options.compile:  # compile now, not in the first request
+                for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
+                    await asyncio.to_thread(warm_up, engine)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -151,6 +174,7 @@ class Runtime:
         """Jobs a crash left running go back to the queue, or fail once out of attempts."""
         requeued, failed = self.store.recover(self.settings.max_attempts)
         for job in failed:
+            metrics.job_finished(job)
             self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
         # Queued jobs for a model this start does not serve fail in the worker, with that reason.
         if requeued or failed:
@@ -163,8 +187,7 @@ class Runtime:
 
     def read_asset(self, key: str) -> bytes:
         """The bytes of a stored file (an uploaded reference image, or an earlier result)."""
-        stored = self.storage.open(key)
-        return stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
+        return self.storage.read(key)
 
     def stop(self) -> None:
         """Stop the workers (the running job is requeued) and close the store."""
@@ -179,7 +202,7 @@ class Runtime:
         removed = self.store.remove_finished_before(cutoff)
         for job in removed:
             self.storage.delete_prefix(f"{job.id}/")
-        self.storage.remove_stale(UPLOADS, cutoff)
+        self.storage.delete_older_than(f"{UPLOADS}/", cutoff)
         return len(removed)
 
     def enforce_revocations(self) -> int:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+OffloadName = Literal["none", "model", "sequential", "group"]
+QuantizationName = Literal["none", "int8", "fp8", "int4"]
 
 
 class Settings(BaseSettings):
@@ -24,13 +26,39 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEINSERVE_", env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Where jobs, results and built checkpoints live.")
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Where jobs, events, keys and limits live: postgresql://user:password@host:5432/db, shared by "
+            "several api and worker processes; default (unset): SQLite in the data dir (sqlite:///PATH names "
+            "another file)."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    prompt_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Bytes of prompt embeddings kept for reuse (LRU by model and prompt); 0 turns the cache off.",
+    )
     device_memory: float | None = Field(
         None,
         gt=0,
         description="GB the device may use for the models (default: what it has free at start); the memory "
         "plan refuses to start when the models need more.",
+    )
+    # How the models are loaded (engine/loading.py; README "Memory modes").
+    offload: OffloadName = Field("none", description="CPU offloading: none, model, sequential or group.")
+    quantize: QuantizationName = Field("none", description="Transformer weights: none, int8, fp8 or int4 (torchao).")
+    quantize_text_encoder: QuantizationName = Field(
+        "none", description="Text encoder weights: none, int8, fp8 or int4 (torchao)."
+    )
+    text_encoder_device: str | None = Field(
+        None, description="Device of the text encoder when not the main one (e.g. cpu); left out of offloading."
+    )
+    compile: bool = Field(False, description="Compile the transformer blocks (warmed up before /readyz is 200).")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (native, flash, sage, ...); default: native SDPA."
     )
 
     # Server.
@@ -40,17 +68,50 @@ class Settings(BaseSettings):
         default_factory=lambda: ["auto"],
         description="Models to serve: ID or ID=PATH, repeatable; 'auto' falls back to tiny demo weights.",
     )
-    public_url: str | None = Field(None, description="Base URL for result links (default: from the request).")
+    public_url: str | None = Field(
+        None, description="Base URL for result links (default: http://HOST:PORT of the bind address)."
+    )
     max_queue: int = Field(100, ge=1, description="Most queued + running jobs; past it new work gets 503.")
     max_attempts: int = Field(3, ge=1, description="Runs a job gets before an interruption fails it.")
     retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
     cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
     url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")
+
+    # Result storage (storage/factory.py chooses the backend).
+    storage_url: str | None = Field(
+        None,
+        description=(
+            "Where results and uploads live: unset for DATA_DIR/files on local disk, or s3://BUCKET[/PREFIX] "
+            "for S3-compatible object storage (credentials from the usual AWS_* variables or files)."
+        ),
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for non-AWS stores (SeaweedFS, MinIO, R2...), e.g. http://10.0.0.5:8333."
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: the AWS configuration's, else us-east-1).")
+    s3_path_style: bool = Field(
+        False, description="Address buckets as ENDPOINT/BUCKET (most self-hosted stores) instead of BUCKET.ENDPOINT."
+    )
     sync_timeout: float = Field(600, gt=0, description="Longest a sync request waits for its job.")
     sse_replay_seconds: float = Field(
         60, ge=0, description="A new SSE connection first gets the events of this many past seconds."
     )
     keepalive_interval: float = Field(15, gt=0, description="Seconds between SSE keep-alive comments.")
+
+    # Logs (logs.py formats them).
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_prompts: bool = Field(False, description="Include prompts in job log lines (never, unless set).")
+
+    # Metrics (metrics.py counts, api/metrics_http.py serves them).
+    metrics: Literal["off", "open", "admin"] = Field(
+        "off", description="GET /metrics: off (404), open to anyone, or admin (Bearer KLEINSERVE_ADMIN_TOKEN)."
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints such as /metrics.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Also expose metrics on this port (no auth; for worker processes)."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the --metrics-port listener binds to.")
 
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
@@ -122,9 +183,22 @@ class Settings(BaseSettings):
             "flux-2-klein-9b": 0.04,
             "flux-2-klein-base-4b": 0.04,
             "flux-2-klein-base-9b": 0.04,
+            "flux-2-klein-9b-kv": 0.04,
         },
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
+
+    @field_validator("log_level", "log_format", "metrics", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
+        return value or None
 
     @field_validator("fetch_allow", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
@@ -141,6 +215,47 @@ class Settings(BaseSettings):
 
         parse_fetch_allow(value)
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("public_url must start with http:// or https://")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value:
+            bucket = value.removeprefix("s3://").split("/", 1)[0]
+            if not value.startswith("s3://") or not bucket:
+                raise ValueError("storage_url must be s3://BUCKET or s3://BUCKET/PREFIX (or unset for local disk)")
+        return value or None
+
+    def s3_location(self) -> tuple[str, str] | None:
+        """``(bucket, prefix)`` when results go to S3, else ``None`` (local disk)."""
+        if not self.storage_url:
+            return None
+        bucket, _, prefix = self.storage_url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
+
+    def link_base_url(self) -> str:
+        """The base of every link the server hands out: ``public_url``, else the bind address.
+
+        Never a request's ``Host`` header, so a client cannot make links point at a host of its
+        choosing. A wildcard bind (0.0.0.0, ::) gives a link only the server's own host can follow:
+        set ``public_url`` when clients reach the server by another name.
+        """
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @model_validator(mode="after")
+    def _admin_needs_token(self) -> Settings:
+        if self.metrics == "admin" and not (self.admin_token and self.admin_token.get_secret_value()):
+            raise ValueError("KLEINSERVE_METRICS=admin needs KLEINSERVE_ADMIN_TOKEN")
+        return self
 
     def size_bounds_text(self) -> str:
         """The size rule in words, for error messages and help."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -89,7 +90,45 @@ def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempP
         "--device",
         "cpu",
         # The tests' reference images come from the loopback image server, refused unless allowed.
-        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1", "KLEINSERVE_FETCH_ALLOW": "127.0.0.1"},
+        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1", "KLEINSERVE_FETCH_ALLOW": "127.0.0.1", "KLEINSERVE_METRICS": "open"},
     ).start()
     yield process
     process.stop()
+
+
+ADMIN_TOKEN = "admin-token-for-tests"
+
+
+@dataclass
+class OpsServer:
+    """The operations server: JSON logs with prompts, one API key, metrics behind the admin token
+    and on a port of their own."""
+
+    server: ServerProcess
+    secret: str
+    metrics_port: int
+
+
+@pytest.fixture(scope="session")
+def ops_server(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsServer]:
+    from kleinserve.keys import KeyStore
+
+    data_dir = tmp_path_factory.mktemp("ops")
+    _, secret = KeyStore(data_dir / "jobs.sqlite3").create("logger")
+    metrics_port = free_port()
+    server = ServerProcess(
+        data_dir,
+        [f"flux-2-klein-4b={tiny_distilled}"],
+        "--dtype",
+        "float32",
+        "--log-format",
+        "json",
+        "--log-prompts",
+        "--metrics",
+        "admin",
+        "--metrics-port",
+        str(metrics_port),
+        env={"KLEINSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
+    ).start()
+    yield OpsServer(server, secret, metrics_port)
+    server.stop()

@@ -5,6 +5,9 @@ SSE, each minimal, basic and with all parameters. They run as written against a 
 only edits are the base URL and, since this machine has no internet, the one hosted example image
 (Oxen's bloxy asset), which a loopback server provides at the same size. Seed 000 (klein 9B) is a
 text extraction whose shell lines are mangled, so its request bodies are sent as-is instead.
+
+The seeds are the project's spec folder, beside the repository (``../shared``); a clone on its own
+has no such folder, and then these tests are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ OXEN_HOST = "https://hub.oxen.ai"
 BLOXY = "https://hub.oxen.ai/api/repos/elau/assets/file/main/bloxy/bloxy_cropped_512x512.png"
 TABS = ("Sync", "Async", "Async with SSE")
 LEVELS = ("Minimal", "Basic parameters", "All parameters")
+HAVE_SEEDS = SEEDS.is_dir()
+pytestmark = pytest.mark.skipif(
+    not HAVE_SEEDS, reason=f"Oxen's example seeds are not beside this checkout ({SEEDS} is absent)"
+)
 
 
 def seed_text(prefix: str) -> str:
@@ -42,7 +49,9 @@ def seed_text(prefix: str) -> str:
 
 
 def seed_examples() -> list[tuple[str, str, str]]:
-    """(id, language, code) of every example in seed 001, in document order."""
+    """(id, language, code) of every example in seed 001, in document order (none without seeds)."""
+    if not HAVE_SEEDS:
+        return []
     blocks = re.findall(r"```(python|bash) (?:Python|cURL) theme=\{null\}\n(.*?)```", seed_text("001"), re.S)
     assert len(blocks) == 18, f"expected 18 examples in seed 001, found {len(blocks)}"
     examples = []
@@ -111,6 +120,8 @@ def test_seed_001_example_yields_an_image(name: str, results: dict[str, subproce
 
 def seed_000_bodies() -> list[tuple[str, dict[str, Any]]]:
     """The JSON bodies of seed 000's cURL examples (sync edit and queue), decoded as sent."""
+    if not HAVE_SEEDS:
+        return []
     text = seed_text("000")
     found = []
     for match in re.finditer(
@@ -142,7 +153,7 @@ def test_seed_000_request_bodies(
     assert image.size == expected
 
 
-def wait_for_result(server: ServerProcess, generation_id: str, timeout: float = 60) -> str:
+def wait_for_result(server: ServerProcess, generation_id: str, timeout: float = 300) -> str:
     import time
 
     deadline = time.monotonic() + timeout

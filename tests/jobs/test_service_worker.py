@@ -88,7 +88,7 @@ def system(tmp_path: Path, distilled_engine: Engine) -> Iterator[System]:
         engine=distilled_engine,
         store=store,
         bus=bus,
-        storage=LocalStorage(tmp_path / "files", secret=b"x" * 32),
+        storage=LocalStorage(tmp_path / "files", secret=b"x" * 32, base_url="http://127.0.0.1:8000"),
         cancels=cancels,
         service=JobService(store, bus, cancels, [MODEL], max_queue=10, retry_after=7),
     )
@@ -248,10 +248,9 @@ def test_worker_runs_job_to_success(system: System) -> None:
     [output] = done.result.outputs
     assert output.key == f"{job.id}/0.png" and output.media_type == "image/png"
     assert (output.seed, output.width, output.height) == (77, 64, 64)
-    stored = system.storage.open(output.key)
-    assert stored.size == output.size_bytes
-    assert stored.path is not None
-    with Image.open(io.BytesIO(stored.path.read_bytes())) as image:
+    stored = system.storage.read(output.key)
+    assert len(stored) == output.size_bytes
+    with Image.open(io.BytesIO(stored)) as image:
         assert image.size == (64, 64)
     assert system.store.get(job.id) == done
 
@@ -382,7 +381,7 @@ def test_cancel_finished_job_changes_nothing(system: System) -> None:
     assert system.store.get(job.id) == done
     assert system.store.events_after(0) == events_before
     assert done.result is not None
-    assert system.storage.open(done.result.outputs[0].key).size == done.result.outputs[0].size_bytes
+    assert len(system.storage.read(done.result.outputs[0].key)) == done.result.outputs[0].size_bytes
     assert not system.cancels.requested(job.id)
 
 

@@ -1,4 +1,7 @@
-"""LocalStorage: files on disk, key rules, signed URLs and the persisted secret."""
+"""LocalStorage specifics: files on disk, key rules, signed links, the persisted secret, the /files route.
+
+What every backend must do is in test_contract.py; this file holds what only local disk has.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from kleinserve.errors import NotFoundError
-from kleinserve.storage import LocalStorage, SignatureError, Storage, StoredFile, validate_key
+from kleinserve.settings import Settings
+from kleinserve.storage import LocalStorage, SignatureError, validate_key
+
+from .conftest import local_backend
 
 SECRET = b"k" * 32
 
@@ -34,75 +40,50 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> LocalStorage:
-    return LocalStorage(tmp_path / "files", SECRET, default_expiry=600.0, clock=clock)
+    return LocalStorage(tmp_path / "files", SECRET, "http://127.0.0.1:8000", default_expiry=600.0, clock=clock)
 
 
-def query(path: str) -> tuple[str, str, str]:
-    """(url path, expires, sig) of a signed path."""
-    parts = urlsplit(path)
+def query(url: str) -> tuple[str, str, str]:
+    """(url path, expires, sig) of a signed link."""
+    parts = urlsplit(url)
     values = parse_qs(parts.query, strict_parsing=True)
     return parts.path, values["expires"][0], values["sig"][0]
 
 
-def test_is_a_storage(store: LocalStorage) -> None:
-    assert isinstance(store, Storage)
-
-
-def test_put_open_round_trip(store: LocalStorage) -> None:
+def test_files_on_disk_and_no_temp_files_left(store: LocalStorage) -> None:
+    store.put("job-1/0.png", b"first", "image/png")
     store.put("job-1/0.png", b"png bytes", "image/png")
-    store.put("job-1/1.jpg", b"jpeg!", "image/jpeg")
-    store.put("job-1/2.webp", b"webp", "image/webp")
-
-    png = store.open("job-1/0.png")
-    assert isinstance(png, StoredFile)
-    assert png.media_type == "image/png"
-    assert png.size == len(b"png bytes")
-    assert png.path is not None and png.path.read_bytes() == b"png bytes"
-    assert png.path == store.root / "job-1" / "0.png"
-    assert store.open("job-1/1.jpg").media_type == "image/jpeg"
-    assert store.open("job-1/2.webp").media_type == "image/webp"
-
-
-def test_put_replaces_and_leaves_no_temp_files(store: LocalStorage) -> None:
-    store.put("job/0.png", b"first", "image/png")
-    store.put("job/0.png", b"second", "image/png")
-    assert store.open("job/0.png").size == len(b"second")
-    assert sorted(p.name for p in (store.root / "job").iterdir()) == ["0.png"]
-
-
-def test_put_refuses_media_type_the_extension_cannot_keep(store: LocalStorage) -> None:
-    with pytest.raises(ValueError):
-        store.put("job/0.png", b"x", "image/jpeg")
-    with pytest.raises(ValueError):
-        store.put("job/0.bin", b"x", "application/octet-stream")
-    assert not (store.root / "job" / "0.png").exists()
-
-
-def test_open_missing_key(store: LocalStorage) -> None:
+    assert store.path("job-1/0.png") == store.root / "job-1" / "0.png"
+    assert (store.root / "job-1" / "0.png").read_bytes() == b"png bytes"
+    assert sorted(p.name for p in (store.root / "job-1").iterdir()) == ["0.png"]
     with pytest.raises(NotFoundError):
-        store.open("nope/0.png")
-    store.put("job/0.png", b"x", "image/png")
+        store.path("job-1")  # a directory is not a file
     with pytest.raises(NotFoundError):
-        store.open("job/1.png")
-    with pytest.raises(NotFoundError):
-        store.open("job")  # a directory is not a file
+        store.path("job-1/1.png")
 
 
-def test_delete_prefix_removes_only_that_prefix(store: LocalStorage) -> None:
-    for i in range(3):
-        store.put(f"job1/{i}.png", b"a", "image/png")
+def test_delete_prefix_removes_the_directory(store: LocalStorage) -> None:
+    store.put("job1/0.png", b"a", "image/png")
     store.put("job10/0.png", b"b", "image/png")
-    store.put("job2/0.png", b"c", "image/png")
-
-    assert store.delete_prefix("job1/") == 3
-    for i in range(3):
-        with pytest.raises(NotFoundError):
-            store.open(f"job1/{i}.png")
+    assert store.delete_prefix("job1/") == 1
     assert not (store.root / "job1").exists()
-    assert store.open("job10/0.png").size == 1
-    assert store.open("job2/0.png").size == 1
-    assert store.delete_prefix("job1/") == 0
-    assert store.delete_prefix("job2") == 1
+    assert (store.root / "job10" / "0.png").is_file()
+
+
+def test_delete_older_than_goes_by_each_file_and_keeps_young_directories(store: LocalStorage) -> None:
+    store.put("uploads/old/image.png", b"old", "image/png")
+    store.put("uploads/mixed/a.png", b"old", "image/png")
+    store.put("uploads/mixed/b.png", b"new", "image/png")
+    (store.root / "uploads" / "fresh").mkdir()  # as a concurrent put makes it, before its file lands
+    stale = 1_000_000.0
+    for path in ("uploads/old/image.png", "uploads/old", "uploads/mixed/a.png", "uploads/mixed"):
+        os.utime(store.root / path, (stale, stale))
+
+    assert store.delete_older_than("uploads", stale + 1) == 2
+    assert not (store.root / "uploads" / "old").exists()
+    assert sorted(p.name for p in (store.root / "uploads" / "mixed").iterdir()) == ["b.png"]
+    assert (store.root / "uploads" / "fresh").is_dir()
+    assert store.delete_older_than("nothing-here/", stale + 1) == 0
 
 
 def test_delete_prefix_does_not_follow_symlinks(store: LocalStorage, tmp_path: Path) -> None:
@@ -117,27 +98,59 @@ def test_delete_prefix_does_not_follow_symlinks(store: LocalStorage, tmp_path: P
     assert not (store.root / "job").exists()
 
 
-def test_signed_path_form_and_verify(store: LocalStorage, clock: Clock) -> None:
-    signed = store.signed_path("job-1/0.png")
+def test_url_form_and_verify(store: LocalStorage, clock: Clock) -> None:
+    signed = store.url("job-1/0.png")
     path, expires, sig = query(signed)
-    assert signed == f"/files/job-1/0.png?expires={expires}&sig={sig}"
+    assert signed == f"http://127.0.0.1:8000/files/job-1/0.png?expires={expires}&sig={sig}"
     assert path == "/files/job-1/0.png"
     assert int(expires) == int(clock.now + 600)
     assert len(sig) == 64 and all(c in "0123456789abcdef" for c in sig)
-    store.verify("job-1/0.png", expires, sig)
+    assert store.verify("job-1/0.png", expires, sig) == 600
 
-    _, expires, sig = query(store.signed_path("job-1/0.png", expires_in=5))
+    _, expires, sig = query(store.url("job-1/0.png", expires_in=5))
     assert int(expires) == int(clock.now + 5)
-    store.verify("job-1/0.png", expires, sig)
+    clock.now += 2.5
+    assert store.verify("job-1/0.png", expires, sig) == 2  # whole seconds left, for Cache-Control
 
 
-def test_url_prefix_is_used(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path, SECRET, url_prefix="/v1/results/")
-    assert store.signed_path("a/0.png").startswith("/v1/results/a/0.png?expires=")
+def test_url_prefix_and_base_url_are_used(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path, SECRET, "https://img.example.com/base/", url_prefix="/v1/results/")
+    assert store.url("a/0.png").startswith("https://img.example.com/base/v1/results/a/0.png?expires=")
+    with pytest.raises(ValueError):
+        LocalStorage(tmp_path, SECRET, "/relative")
+
+
+@pytest.mark.parametrize(
+    ("settings", "base"),
+    [
+        (Settings(), "http://127.0.0.1:8000"),
+        (Settings(host="0.0.0.0", port=9000), "http://0.0.0.0:9000"),
+        (Settings(host="::1", port=81), "http://[::1]:81"),
+        (Settings(host="0.0.0.0", public_url="https://img.example.com/k/"), "https://img.example.com/k"),
+    ],
+)
+def test_link_base_url_is_the_public_url_or_the_bind_address(settings: Settings, base: str) -> None:
+    assert settings.link_base_url() == base
+
+
+def test_public_url_must_be_absolute() -> None:
+    with pytest.raises(ValueError):
+        Settings(public_url="img.example.com")
+
+
+def test_files_route_caches_only_while_the_link_is_valid(tmp_path: Path) -> None:
+    for backend in local_backend(tmp_path):
+        backend.storage.put("job/0.png", b"png", "image/png")
+        long = backend.get(backend.storage.url("job/0.png", expires_in=600))
+        assert long.status_code == 200
+        age = int(long.headers["cache-control"].removeprefix("private, max-age="))
+        assert 590 <= age <= 600
+        short = backend.get(backend.storage.url("job/0.png", expires_in=30))
+        assert 20 <= int(short.headers["cache-control"].removeprefix("private, max-age=")) <= 30
 
 
 def test_tampered_signature(store: LocalStorage) -> None:
-    _, expires, sig = query(store.signed_path("job/0.png"))
+    _, expires, sig = query(store.url("job/0.png"))
     flipped = ("0" if sig[0] != "0" else "1") + sig[1:]
     with pytest.raises(SignatureError) as caught:
         store.verify("job/0.png", expires, flipped)
@@ -151,13 +164,13 @@ def test_tampered_signature(store: LocalStorage) -> None:
 
 
 def test_signature_of_another_key(store: LocalStorage) -> None:
-    _, expires, sig = query(store.signed_path("job/1.png"))
+    _, expires, sig = query(store.url("job/1.png"))
     with pytest.raises(SignatureError):
         store.verify("job/0.png", expires, sig)
 
 
 def test_tampered_expires(store: LocalStorage) -> None:
-    _, expires, sig = query(store.signed_path("job/0.png"))
+    _, expires, sig = query(store.url("job/0.png"))
     with pytest.raises(SignatureError):
         store.verify("job/0.png", str(int(expires) + 3600), sig)
     with pytest.raises(SignatureError):
@@ -169,7 +182,7 @@ def test_tampered_expires(store: LocalStorage) -> None:
     [(None, "valid"), ("valid", None), (None, None), ("", "valid"), ("valid", "")],
 )
 def test_missing_signature_parts(store: LocalStorage, expires: str | None, sig: str | None) -> None:
-    _, good_expires, good_sig = query(store.signed_path("job/0.png"))
+    _, good_expires, good_sig = query(store.url("job/0.png"))
     with pytest.raises(SignatureError):
         store.verify(
             "job/0.png",
@@ -180,13 +193,13 @@ def test_missing_signature_parts(store: LocalStorage, expires: str | None, sig: 
 
 @pytest.mark.parametrize("bad", ["soon", "1.5e9", "-1", " 1700000600", "+1700000600", "١٧", "9" * 40])
 def test_non_integer_expires(store: LocalStorage, bad: str) -> None:
-    _, _, sig = query(store.signed_path("job/0.png"))
+    _, _, sig = query(store.url("job/0.png"))
     with pytest.raises(SignatureError):
         store.verify("job/0.png", bad, sig)
 
 
 def test_expiry(store: LocalStorage, clock: Clock) -> None:
-    _, expires, sig = query(store.signed_path("job/0.png", expires_in=60))
+    _, expires, sig = query(store.url("job/0.png", expires_in=60))
     clock.now = float(expires)
     store.verify("job/0.png", expires, sig)  # valid up to and including the expiry second
     clock.now = float(expires) + 0.001
@@ -196,9 +209,9 @@ def test_expiry(store: LocalStorage, clock: Clock) -> None:
 
 def test_bad_expiry_argument(store: LocalStorage) -> None:
     with pytest.raises(ValueError):
-        store.signed_path("job/0.png", expires_in=0)
+        store.url("job/0.png", expires_in=0)
     with pytest.raises(ValueError):
-        store.signed_path("job/0.png", expires_in=float("inf"))
+        store.url("job/0.png", expires_in=float("inf"))
 
 
 BAD_KEYS = [
@@ -229,11 +242,11 @@ def test_traversal_refused(store: LocalStorage, key: str, tmp_path: Path) -> Non
     with pytest.raises(NotFoundError):
         validate_key(key)
     with pytest.raises(NotFoundError):
-        store.open(key)
+        store.read(key)
     with pytest.raises(NotFoundError):
         store.put(key, b"evil", "image/png")
     with pytest.raises(NotFoundError):
-        store.signed_path(key)
+        store.url(key)
     with pytest.raises(NotFoundError):
         store.verify(key, "1", "0" * 64)
     if key != "a/":  # "a/" is a well-formed prefix (the directory "a"), just not a key
@@ -255,9 +268,9 @@ def test_symlink_escaping_root_refused(store: LocalStorage, tmp_path: Path) -> N
     (store.root / "evil").symlink_to(tmp_path, target_is_directory=True)
 
     with pytest.raises(NotFoundError):
-        store.open("job/0.png")
+        store.read("job/0.png")
     with pytest.raises(NotFoundError):
-        store.open("evil/secret.png")
+        store.read("evil/secret.png")
     with pytest.raises(NotFoundError):
         store.put("evil/new.png", b"x", "image/png")
     assert not (tmp_path / "new.png").exists()
@@ -265,18 +278,18 @@ def test_symlink_escaping_root_refused(store: LocalStorage, tmp_path: Path) -> N
 
 
 def test_secret_file_created_private_and_reused(tmp_path: Path) -> None:
-    first = LocalStorage.in_data_dir(tmp_path / "data")
+    first = LocalStorage.in_data_dir(tmp_path / "data", "http://127.0.0.1:8000")
     secret_file = tmp_path / "data" / "secret.key"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     assert len(secret_file.read_bytes()) == 32
     assert first.root == (tmp_path / "data" / "files").resolve()
 
-    _, expires, sig = query(first.signed_path("job/0.png"))
-    second = LocalStorage.in_data_dir(tmp_path / "data")
+    _, expires, sig = query(first.url("job/0.png"))
+    second = LocalStorage.in_data_dir(tmp_path / "data", "http://127.0.0.1:8000")
     second.verify("job/0.png", expires, sig)
     assert sorted(os.listdir(tmp_path / "data")) == ["files", "secret.key"]
 
-    other = LocalStorage.in_data_dir(tmp_path / "other")
+    other = LocalStorage.in_data_dir(tmp_path / "other", "http://127.0.0.1:8000")
     assert (tmp_path / "other" / "secret.key").read_bytes() != secret_file.read_bytes()
     with pytest.raises(SignatureError):
         other.verify("job/0.png", expires, sig)
@@ -300,10 +313,9 @@ def test_concurrent_puts_leave_a_complete_file(store: LocalStorage) -> None:
         barrier.wait()
         while writing.is_set():
             try:
-                path = store.open("job/0.png").path
+                data = store.read("job/0.png")
             except NotFoundError:  # before the first put lands
                 continue
-            data = path.read_bytes() if path is not None else b""
             if data not in payloads:
                 torn.append(len(data))
 
@@ -317,8 +329,5 @@ def test_concurrent_puts_leave_a_complete_file(store: LocalStorage) -> None:
     for future in futures:
         future.result()  # re-raises anything a writer raised
     assert torn == []
-    stored = store.open("job/0.png")
-    assert stored.path is not None
-    assert stored.path.read_bytes() in payloads
-    assert stored.size == size
+    assert store.read("job/0.png") in payloads
     assert sorted(p.name for p in (store.root / "job").iterdir()) == ["0.png"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kleinserve import __version__
+from kleinserve import __version__, metrics
+from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.onemin import OneMinDialect
@@ -30,10 +30,14 @@ from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import ErrorRenderer, install_error_handlers
 from kleinserve.api.guard import RequestGuard
 from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
 from kleinserve.engine.catalog import ServedModel
+from kleinserve.errors import NotFoundError
 from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
+from kleinserve.storage.base import media_type_for
+from kleinserve.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        unwatch = watch_runtime(runtime)  # queue and device gauges, read at scrape time
         tasks = [
             asyncio.create_task(runtime.start()),
             asyncio.create_task(runtime.sweep_forever()),
@@ -121,6 +126,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(runtime.stop)
+            unwatch()
 
     app = FastAPI(
         title="kleinserve",
@@ -144,6 +150,8 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
             allow_headers=["*"],
             expose_headers=["Retry-After", DEMO_HEADER],
         )
+    # Outermost of ours: request id, access log and HTTP metrics around everything.
+    app.add_middleware(AccessMiddleware, observers=[metrics.observe_request])
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
@@ -174,13 +182,14 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         },
     )
     async def files(key: str, expires: str | None = None, sig: str | None = None) -> FileResponse:
-        runtime.storage.verify(key, expires, sig)
-        stored = runtime.storage.open(key)
-        assert stored.path is not None
-        # Cached no longer than the link is valid (verify() has checked that expires is a number).
-        left = max(0, min(3600, int(expires or 0) - int(time.time())))
+        storage = runtime.storage
+        if not isinstance(storage, LocalStorage):  # other backends hand out their own URLs
+            raise NotFoundError("no such file")
+        remaining = storage.verify(key, expires, sig)
+        path = await asyncio.to_thread(storage.path, key)
+        # Cacheable for exactly as long as the link is valid, so no cache serves it after expiry.
         return FileResponse(
-            stored.path, media_type=stored.media_type, headers={"Cache-Control": f"private, max-age={left}"}
+            path, media_type=media_type_for(key), headers={"Cache-Control": f"private, max-age={remaining}"}
         )
 
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
@@ -191,4 +200,5 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
     app.include_router(workbench_router())
+    app.include_router(metrics_router())
     return app

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from starlette.datastructures import Headers
 
+from kleinserve import logs
 from kleinserve.api.jobs_http import runtime_of
 from kleinserve.errors import AuthenticationError
 from kleinserve.keys import ApiKey
@@ -81,6 +82,7 @@ async def caller_for(runtime: Runtime, headers: Headers) -> Caller:
     key = await asyncio.to_thread(runtime.keys.authenticate, secret)
     if key is None:
         raise AuthenticationError("the API key is not valid (unknown or revoked)")
+    logs.current().key_id = key.id  # the key's id (never its secret) on this request's log lines
     runtime.quotas.check_request(key)
     return Caller(key)
 

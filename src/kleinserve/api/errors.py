@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kleinserve.api.dialects.base import Dialect
+from kleinserve.api.access_log import REQUEST_ID_HEADER, SCOPE_KEY
+from kleinserve.api.dialects.base import Dialect, parameter_error
 from kleinserve.errors import (
     AuthenticationError,
     ForbiddenError,
@@ -140,16 +141,7 @@ def install_error_handlers(app: FastAPI, renderer: ErrorRenderer) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        if first.get("type") == "json_invalid":
-            loc, message = ["body"], "request body is not valid JSON"  # its loc is a character offset
-        elif first.get("type") == "missing":
-            message = "is required"
-        elif first.get("type") == "extra_forbidden":
-            message = "is not a known parameter"
-        return respond(request, InvalidParameterError(".".join(loc) or "body", message), 400)
+        return respond(request, parameter_error(error.errors(), from_request=True), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -159,4 +151,8 @@ def install_error_handlers(app: FastAPI, renderer: ErrorRenderer) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(request, KleinserveError("internal server error"), 500)
+        response = respond(request, KleinserveError("internal server error"), 500)
+        # Rendered outside AccessMiddleware (Starlette's ServerErrorMiddleware), so the id is added here.
+        if SCOPE_KEY in request.scope:
+            response.headers[REQUEST_ID_HEADER] = request.scope[SCOPE_KEY]
+        return response

@@ -39,12 +39,6 @@ def ready_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def public_base_url(request: Request) -> str:
-    """Base URL for links in responses: the configured public URL, else the one the client used."""
-    configured = runtime_of(request).settings.public_url
-    return (configured or str(request.base_url)).rstrip("/")
-
-
 ReadyRuntime = Annotated[Runtime, Depends(ready_runtime)]
 
 
@@ -114,13 +108,12 @@ def outputs_of(job: Job) -> list[JobOutput]:
     return list(job.result.outputs) if job.result else []
 
 
-def result_url(runtime: Runtime, base_url: str, output: JobOutput) -> str:
-    """An absolute, signed and expiring URL of one result file."""
-    return base_url + runtime.storage.signed_path(output.key)
+def result_url(runtime: Runtime, output: JobOutput) -> str:
+    """An absolute, expiring URL of one result file, made by the storage backend (never from the
+    request's Host header)."""
+    return runtime.storage.url(output.key)
 
 
 def result_b64(runtime: Runtime, output: JobOutput) -> str:
-    """One result file's bytes, base64-encoded."""
-    stored = runtime.storage.open(output.key)
-    data = stored.data if stored.data is not None else stored.path.read_bytes()  # type: ignore[union-attr]
-    return base64.b64encode(data).decode()
+    """One result file's bytes, base64-encoded (blocking, maybe on the network: call it in a thread)."""
+    return base64.b64encode(runtime.storage.read(output.key)).decode()

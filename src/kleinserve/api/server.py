@@ -68,13 +68,15 @@ def protocol_for(settings: Settings) -> type[HeadDeadlineProtocol]:
     return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout": settings.request_head_timeout})
 
 
-def run(app: Any, settings: Settings, log_level: str = "info") -> None:
+def run(app: Any, settings: Settings) -> None:
     """Serve ``app`` on the settings' host and port until interrupted."""
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
+        access_log=False,  # api/access_log.py writes the access lines (with request ids and durations)
         http=protocol_for(settings),
         timeout_keep_alive=int(max(1, settings.keep_alive_timeout)),
         limit_concurrency=settings.limit_concurrency,

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from kleinserve.engine.engine import Engine
+from kleinserve.engine.loading import LoadOptions, load_placed, make_engine
 from kleinserve.engine.tiny import make_tiny
 from kleinserve.engine.variants import DEFAULT_VARIANT_ID, VARIANTS, Variant
-from kleinserve.engine.weights import ModelSpec, load_pipeline, resolve_weights
+from kleinserve.engine.weights import ModelSpec, resolve_weights
 from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,18 @@ class ServedModel:
 
 
 def demo_models(data_dir: Path) -> list[ServedModel]:
-    """All four variants on tiny checkpoints kept in ``data_dir/demo`` (built once)."""
+    """Every variant on tiny checkpoints kept in ``data_dir/demo`` (built once); 9B-KV on its own kind."""
     served = []
-    for kind in ("distilled", "base"):
+    for kind in ("distilled", "base", "kv"):
         directory = data_dir / "demo" / f"tiny-{kind}"
         if not (directory / "model_index.json").is_file():
             make_tiny(directory, kind)
-        served += [ServedModel(v, directory, demo=True) for v in VARIANTS if v.distilled == (kind == "distilled")]
+        served += [ServedModel(v, directory, demo=True) for v in VARIANTS if _demo_kind(v) == kind]
     return served
+
+
+def _demo_kind(variant: Variant) -> str:
+    return "kv" if variant.kv_cache else "distilled" if variant.distilled else "base"
 
 
 def plan_models(names: list[str], data_dir: Path, *, allow_download: bool = True) -> list[ServedModel]:
@@ -70,12 +75,18 @@ def plan_models(names: list[str], data_dir: Path, *, allow_download: bool = True
     return served
 
 
-def load_engines(served: list[ServedModel], device: torch.device, dtype: torch.dtype) -> dict[str, Engine]:
-    """An engine per served variant; variants sharing a directory share one loaded pipeline."""
-    pipelines = {}
+def load_engines(
+    served: list[ServedModel], device: torch.device, dtype: torch.dtype, options: LoadOptions | None = None
+) -> dict[str, Engine]:
+    """An engine per served variant; variants sharing a directory share one loaded pipeline.
+
+    ``options`` (quantisation, offloading, attention backend, compilation) default to none of them.
+    """
+    options = options or LoadOptions(dtype=dtype)
+    loaded = {}
     engines = {}
     for model in served:
-        if model.directory not in pipelines:
-            pipelines[model.directory] = load_pipeline(model.directory, device, dtype)
-        engines[model.variant.id] = Engine(pipelines[model.directory], model.variant)
+        if model.directory not in loaded:
+            loaded[model.directory] = load_placed(model.directory, device, options)
+        engines[model.variant.id] = make_engine(*loaded[model.directory], model.variant)
     return engines

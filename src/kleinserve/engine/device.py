@@ -57,3 +57,23 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a dtype (``torch.bfloat16`` -> ``bfloat16``)."""
     return str(dtype).removeprefix("torch.")
+
+
+def memory_rows(name: str) -> list[tuple[str, str, int]]:
+    """``(device, kind, bytes)`` for the metrics: allocated, reserved and peak on CUDA, allocated and
+    driver-reserved on MPS, nothing on the CPU (its memory is the process RSS)."""
+    device = torch.device(name)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        label = f"cuda:{index}"
+        return [
+            (label, "allocated", torch.cuda.memory_allocated(index)),
+            (label, "reserved", torch.cuda.memory_reserved(index)),
+            (label, "peak", torch.cuda.max_memory_allocated(index)),
+        ]
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return [
+            ("mps", "allocated", torch.mps.current_allocated_memory()),
+            ("mps", "reserved", torch.mps.driver_allocated_memory()),
+        ]
+    return []

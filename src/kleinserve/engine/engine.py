@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kleinserve.engine.cache import PromptCache
+from kleinserve.engine.kv import ReferenceKV, use_kv_processors
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -84,19 +86,34 @@ class Engine:
     Not thread-safe: a worker owns an engine and runs one generation at a time.
     """
 
-    def __init__(self, pipeline: Flux2KleinPipeline, variant: Variant) -> None:
+    def __init__(
+        self,
+        pipeline: Flux2KleinPipeline,
+        variant: Variant,
+        device: torch.device | None = None,
+        text_encoder_device: torch.device | None = None,
+    ) -> None:
+        """``device`` is where the pipeline computes and ``text_encoder_device`` where the text
+        encoder's inputs go; both default to where the weights are, and differ from it under
+        offloading (engine/loading.py)."""
         self.pipeline = pipeline
         self.variant = variant
+        self._device = device
+        self._text_encoder_device = text_encoder_device
         self.layers = tuple(variant.text_encoder_layers)
         n_layers = pipeline.text_encoder.config.num_hidden_layers
         if max(self.layers) >= n_layers:
             # hidden_states[n_layers] would be the final-norm output, which klein never taps.
             raise ValueError(f"text encoder has {n_layers} layers; cannot tap layer {max(self.layers)}")
         self._empty_embedding: torch.Tensor | None = None
+        if variant.kv_cache:
+            use_kv_processors(pipeline.transformer)
+        # Shared by the engines of a process (engine/cache.py); None: every prompt is encoded.
+        self.prompt_cache: PromptCache | None = None
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = self.pipeline.transformer.device
+        device: torch.device = self._device or self.pipeline.transformer.device
         return device
 
     @property
@@ -127,7 +144,7 @@ class Engine:
             max_length=MAX_SEQUENCE_LENGTH,
         )
         encoder = pipe.text_encoder
-        device = encoder.device
+        device = self._text_encoder_device or encoder.device
         captured: dict[int, torch.Tensor] = {}
         deepest = max(self.layers)
 
@@ -143,7 +160,8 @@ class Engine:
         modules = {k: encoder.model.layers[k - 1] if k > 0 else encoder.model.embed_tokens for k in self.layers}
         handles = [modules[k].register_forward_hook(capture(k)) for k in self.layers]
         try:
-            encoder.model(
+            # The whole model is called (not encoder.model) so offloading hooks on it run.
+            encoder(
                 input_ids=tokens["input_ids"].to(device),
                 attention_mask=tokens["attention_mask"].to(device),
                 use_cache=False,
@@ -157,8 +175,16 @@ class Engine:
         batch, channels, seq_len, hidden = stacked.shape
         return stacked.permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden).to(self.device)
 
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """:meth:`encode_prompt` through the prompt cache, when the engine has one."""
+        if self.prompt_cache is None:
+            return self.encode_prompt(prompt)
+        return self.prompt_cache.get_or_compute(self.variant.id, prompt, lambda: self.encode_prompt(prompt))
+
     def empty_prompt_embedding(self) -> torch.Tensor:
-        """The embedding of the empty prompt (the CFG negative), computed once per loaded model."""
+        """The embedding of the empty prompt (the CFG negative): from the cache, else computed once."""
+        if self.prompt_cache is not None:
+            return self.prompt_embedding("")
         if self._empty_embedding is None:
             self._empty_embedding = self.encode_prompt("")
         return self._empty_embedding
@@ -238,7 +264,7 @@ class Engine:
 
         started = time.perf_counter()
         report(Progress("encode_prompt", 0, 1))
-        embedding = prompt_embedding if prompt_embedding is not None else self.encode_prompt(inputs.prompt)
+        embedding = prompt_embedding if prompt_embedding is not None else self.prompt_embedding(inputs.prompt)
         prompt_embeds = embedding.expand(n, -1, -1)
         text_ids = pipe._prepare_text_ids(prompt_embeds).to(self.device)
         negative_embeds = negative_ids = None
@@ -284,9 +310,18 @@ class Engine:
 
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
+        # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
+        kv = None
+        if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:
+            kv = ReferenceKV(ref_latents, ref_ids)
         for i, t in enumerate(timesteps):
             self._check_cancel(cancelled)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            if kv is not None:
+                noise = kv.predict(transformer, latents, latent_ids, timestep / 1000, prompt_embeds, text_ids)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                report(Progress("denoise", i + 1, len(timesteps)))
+                continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
             model_input = model_input.to(transformer.dtype)
             noise = transformer(
@@ -311,6 +346,8 @@ class Engine:
                 noise = negative + inputs.guidance * (noise - negative)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             report(Progress("denoise", i + 1, len(timesteps)))
+        if kv is not None:
+            kv.clear()  # the references' K/V are this request's; never kept past it
         timings["denoise"] = time.perf_counter() - started
         self._check_cancel(cancelled)
 
@@ -341,7 +378,7 @@ class Engine:
             latents.device, latents.dtype
         )
         latents = pipe._unpatchify_latents(latents * std + mean)
-        decoded = vae.decode(latents.to(vae.device), return_dict=False)[0]
+        decoded = vae.decode(latents.to(self.device), return_dict=False)[0]
         images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
         return images
 

@@ -72,6 +72,17 @@ class MemoryMode:
             parts.append(f"text encoder on {self.text_encoder_device}")
         return ", ".join(parts)
 
+    def flags(self) -> str:
+        """The command-line flags that choose this mode."""
+        parts = [f"--offload {self.offload}"] if self.offload != "none" else []
+        if self.quantize != "none":
+            parts.append(f"--quantize {self.quantize}")
+        if self.quantize_text_encoder != "none":
+            parts.append(f"--quantize-text-encoder {self.quantize_text_encoder}")
+        if self.text_encoder_device:
+            parts.append(f"--text-encoder-device {self.text_encoder_device}")
+        return " ".join(parts) or "--offload none"
+
     def quantization(self, component: str) -> str:
         if component == "transformer":
             return self.quantize
@@ -83,15 +94,18 @@ class MemoryMode:
 def weight_bytes(shape: ComponentShape, dtype_bytes: int, quantization: str) -> int:
     """Bytes of a component's weights; quantisation replaces ``nn.Linear`` weights only.
 
-    int8 and fp8 keep one byte per weight plus a per-output-channel scale; int4 keeps half a byte
-    plus a scale and a zero point per group of 128 weights (torchao's layouts).
+    int8 keeps one byte per weight plus a scale (model dtype) and a one-byte zero point per output
+    channel; fp8 one byte per weight plus a float32 scale per output channel; int4 half a byte plus a
+    scale and a zero point per group of 128 weights (torchao's layouts).
     """
     if quantization == "none":
         return shape.parameters * dtype_bytes
     linear = shape.linear_parameters
     rest = (shape.parameters - linear) * dtype_bytes
-    if quantization in ("int8", "fp8"):
-        return rest + sum(lin.numel + lin.out_features * dtype_bytes for lin in shape.linears)
+    if quantization == "int8":
+        return rest + sum(lin.numel + lin.out_features * (dtype_bytes + 1) for lin in shape.linears)
+    if quantization == "fp8":
+        return rest + sum(lin.numel + lin.out_features * 4 for lin in shape.linears)
     return rest + sum(lin.numel // 2 + (lin.numel // INT4_GROUP_SIZE) * 2 * dtype_bytes for lin in shape.linears)
 
 
@@ -271,9 +285,9 @@ class MemoryPlan:
                 f"{models} need {gigabytes(self.host_bytes)} of host RAM for offloaded weights, but only "
                 f"{gigabytes(self.host_capacity_bytes or 0)} is available"
             )
-        fitting = [m.label() for m in self.alternatives[:4]]
+        fitting = [m.flags() for m in self.alternatives[:4]]
         if fitting:
-            advice = "these modes would fit: " + " | ".join(fitting)
+            advice = "these would fit: " + " | ".join(fitting)
         else:
             advice = "no offload/quantisation mode fits either; serve fewer or smaller models"
         return f"{why}. {advice}. (--device-memory GB overrides the detected capacity.)"

@@ -7,17 +7,25 @@ FlowMatchEulerDiscreteScheduler and a Qwen2-style byte-level BPE tokenizer with 
 shrunk to a few MB. It keeps what the engine depends on: a 36-layer text encoder so the real layer
 taps (9, 18, 27) exist, a VAE with the real 16-pixel latent grid, and ``is_distilled`` in
 ``model_index.json``. The same ``seed`` always writes the same weights.
+
+Two presets: ``tiny`` (the default; a few MB, for tests and demos) and ``bench`` (klein 4B's real
+widths with only a few transformer blocks and the 28 text-encoder layers the deepest tap needs, written
+in bfloat16, about 7 GB), so ``kleinserve bench`` measures matmuls of the real shapes on any machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-TinyKind = Literal["distilled", "base"]
+TinyKind = Literal["distilled", "base", "kv"]
+TinyPresetName = Literal["tiny", "bench"]
 
 # Text the tiny tokenizer's BPE merges are learned from; any fixed text gives a fixed vocabulary.
 _CORPUS = (
@@ -47,6 +55,89 @@ _QWEN2_SPLIT = (
 )
 TEXT_HIDDEN = 32
 TEXT_LAYERS = 36
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    """The sizes of a random-weight checkpoint (everything else is the published architecture)."""
+
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_head_dim: int
+    heads: int
+    head_dim: int
+    double_blocks: int
+    single_blocks: int
+    latent_channels: int
+    rope_axes: tuple[int, ...]
+    timestep_channels: int
+    vae_widths: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_groups: int
+    vae_mid_attention: bool
+    dtype: torch.dtype
+
+
+PRESETS: dict[str, TinyPreset] = {
+    # A few MB: one block of each kind, 36 text layers of width 32, 4-channel latents.
+    "tiny": TinyPreset(
+        text_hidden=TEXT_HIDDEN,
+        text_intermediate=64,
+        text_layers=TEXT_LAYERS,
+        text_heads=2,
+        text_kv_heads=1,
+        text_head_dim=16,
+        heads=2,
+        head_dim=16,
+        double_blocks=1,
+        single_blocks=1,
+        latent_channels=4,
+        rope_axes=(4, 4, 4, 4),
+        timestep_channels=32,
+        vae_widths=(4, 4, 4, 4),
+        vae_layers_per_block=0,
+        vae_groups=2,
+        vae_mid_attention=False,
+        dtype=torch.float32,
+    ),
+    # klein 4B's widths (Qwen3-4B text encoder cut to the 28 layers the 9/18/27 taps need; a 3072-wide
+    # transformer of 24 x 128 heads with one double-stream and two single-stream blocks instead of 5 + 20;
+    # the real VAE), in bfloat16.
+    "bench": TinyPreset(
+        text_hidden=2560,
+        text_intermediate=9728,
+        text_layers=28,
+        text_heads=32,
+        text_kv_heads=8,
+        text_head_dim=128,
+        heads=24,
+        head_dim=128,
+        double_blocks=1,
+        single_blocks=2,
+        latent_channels=32,
+        rope_axes=(32, 32, 32, 32),
+        timestep_channels=256,
+        vae_widths=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_groups=32,
+        vae_mid_attention=True,
+        dtype=torch.bfloat16,
+    ),
+}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in ``dtype`` (a 4B-wide text encoder in float32 would need 11 GB)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_tokenizer(directory: Path) -> None:
@@ -92,11 +183,13 @@ def _set_tokenizer_class(directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> Path:
-    """Write a tiny random-weight klein checkpoint to ``directory`` and return it.
+def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0, preset: TinyPresetName = "tiny") -> Path:
+    """Write a random-weight klein checkpoint of ``preset``'s sizes to ``directory`` and return it.
 
-    ``kind`` chooses ``is_distilled`` (``distilled`` like klein 4B/9B, ``base`` like Base 4B/9B).
-    The directory loads with ``Flux2KleinPipeline.from_pretrained(directory)``.
+    ``kind`` chooses ``is_distilled`` (``distilled`` like klein 4B/9B, ``base`` like Base 4B/9B), or
+    ``kv``: a distilled checkpoint saved as ``Flux2KleinKVPipeline``, as klein 9B-KV is published.
+    The directory loads with ``Flux2KleinPipeline.from_pretrained(directory)`` (``kv``: with
+    ``Flux2KleinKVPipeline``).
     """
     from diffusers import (
         AutoencoderKLFlux2,
@@ -106,8 +199,11 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> P
     )
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    if kind not in ("distilled", "base"):
-        raise ValueError(f"kind must be 'distilled' or 'base', not {kind!r}")
+    if kind not in ("distilled", "base", "kv"):
+        raise ValueError(f"kind must be 'distilled', 'base' or 'kv', not {kind!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    size = PRESETS[preset]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -117,50 +213,52 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> P
     vocab_size = len(tokenizer)
 
     # Each component gets its own seed offset so changing one size never reshuffles the others.
-    torch.manual_seed(seed)
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=vocab_size,
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=TEXT_LAYERS,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+    with _default_dtype(size.dtype):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=vocab_size,
+                hidden_size=size.text_hidden,
+                intermediate_size=size.text_intermediate,
+                num_hidden_layers=size.text_layers,
+                num_attention_heads=size.text_heads,
+                num_key_value_heads=size.text_kv_heads,
+                head_dim=size.text_head_dim,
+                max_position_embeddings=1024,
+                tie_word_embeddings=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         )
-    )
 
-    torch.manual_seed(seed + 1)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels, patchified 2 x 2
-        num_layers=1,  # one double-stream and one single-stream block: both kinds run
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * TEXT_HIDDEN,  # three stacked text-encoder layers
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    )
+        torch.manual_seed(seed + 1)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=4 * size.latent_channels,  # latent channels, patchified 2 x 2
+            num_layers=size.double_blocks,  # every preset has both kinds of block, so both run
+            num_single_layers=size.single_blocks,
+            attention_head_dim=size.head_dim,
+            num_attention_heads=size.heads,
+            joint_attention_dim=3 * size.text_hidden,  # three stacked text-encoder layers
+            timestep_guidance_channels=size.timestep_channels,
+            axes_dims_rope=size.rope_axes,
+            guidance_embeds=False,
+        )
 
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels: the real 8x spatial factor
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 4, 4),
-        layers_per_block=0,  # the decoder still gets one resnet per level; encoder levels only downsample
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=64,
-        mid_block_add_attention=False,
-    )
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKLFlux2(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels: the real 8x spatial factor
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=size.vae_widths,
+            # tiny: 0, so the decoder still gets one resnet per level and encoder levels only downsample
+            layers_per_block=size.vae_layers_per_block,
+            latent_channels=size.latent_channels,
+            norm_num_groups=size.vae_groups,
+            sample_size=64 if preset == "tiny" else 1024,
+            mid_block_add_attention=size.vae_mid_attention,
+        )
     # Non-trivial latent statistics, so the batch-norm (de)normalisation is exercised.
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.1)
@@ -169,14 +267,19 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0) -> P
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
     )
-    pipeline = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=(kind == "distilled"),
-    )
+    components = {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+    }
+    if kind == "kv":
+        from diffusers import Flux2KleinKVPipeline
+
+        pipeline: Flux2KleinPipeline | Flux2KleinKVPipeline = Flux2KleinKVPipeline(**components)
+    else:
+        pipeline = Flux2KleinPipeline(**components, is_distilled=(kind == "distilled"))
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Writing model shards" would interleave with our output

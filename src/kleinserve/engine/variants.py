@@ -30,6 +30,8 @@ class Variant:
     # Hidden-state layers of the text encoder that make the prompt embedding (klein taps 9, 18, 27).
     text_encoder_layers: tuple[int, ...] = (9, 18, 27)
     aliases: tuple[str, ...] = field(default=())
+    # Reference tokens' keys/values computed at step 0 and reused (only klein 9B-KV was trained for it).
+    kv_cache: bool = False
 
     @property
     def uses_cfg(self) -> bool:
@@ -48,11 +50,11 @@ _NONCOMMERCIAL = (
 )
 
 
-def _aliases(size: str, base: bool) -> tuple[str, ...]:
+def _aliases(size: str, base: bool, suffix: str = "") -> tuple[str, ...]:
     """Every provider spelling of one variant (Oxen, 1min.ai/AIgateway, Verda, the hub repo)."""
-    stem = f"flux-2-klein-{'base-' if base else ''}{size.lower()}"
-    verda = f"flux2-klein-{'base-' if base else ''}{size.lower()}"
-    repo = f"black-forest-labs/FLUX.2-klein-{'base-' if base else ''}{size}"
+    stem = f"flux-2-klein-{'base-' if base else ''}{size.lower()}{suffix}"
+    verda = f"flux2-klein-{'base-' if base else ''}{size.lower()}{suffix}"
+    repo = f"black-forest-labs/FLUX.2-klein-{'base-' if base else ''}{size}{suffix}"
     return (f"black-forest-labs-{stem}", f"black-forest-labs/{stem}", verda, repo)
 
 
@@ -116,6 +118,23 @@ VARIANTS: tuple[Variant, ...] = (
         gated=True,
         vram_note="about 36.3 GB in bf16 (computed); CFG doubles the transformer work per step",
         aliases=_aliases("9B", base=True),
+    ),
+    Variant(
+        id="flux-2-klein-9b-kv",
+        display_name="FLUX.2 [klein] 9B-KV",
+        repo_id="black-forest-labs/FLUX.2-klein-9b-kv",
+        distilled=True,
+        default_steps=4,
+        default_guidance=1.0,
+        parameters="9B",
+        text_encoder="Qwen3-8B",
+        license=_NONCOMMERCIAL[0],
+        license_url=_NONCOMMERCIAL[1].replace("klein-9B", "klein-9b-kv"),
+        gated=True,
+        vram_note="about 29 GB in bf16, plus the cached reference keys/values; less with CPU offload",
+        # The hub spells this repo in lower case; lookups ignore case, so FLUX.2-klein-9B-KV works too.
+        aliases=tuple(alias.replace("9B-kv", "9b-kv") for alias in _aliases("9B", base=False, suffix="-kv")),
+        kv_cache=True,
     ),
 )
 

@@ -22,6 +22,8 @@ from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
 if TYPE_CHECKING:
     from diffusers import Flux2KleinPipeline
 
+KLEIN_PIPELINE = "Flux2KleinPipeline"
+KV_PIPELINE = "Flux2KleinKVPipeline"
 # Everything a Flux2KleinPipeline loads; the hub repos also hold single-file checkpoints we skip.
 _ALLOW_PATTERNS = [
     "model_index.json",
@@ -65,10 +67,15 @@ def read_model_index(directory: Path) -> dict[str, Any]:
         data = json.loads(index.read_text())
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(f"cannot read {index}: {err}") from None
-    if not isinstance(data, dict) or data.get("_class_name") != "Flux2KleinPipeline":
+    if not isinstance(data, dict) or data.get("_class_name") not in (KLEIN_PIPELINE, KV_PIPELINE):
         found = data.get("_class_name") if isinstance(data, dict) else None
-        raise WeightsUnavailableError(f"{directory} holds a {found!r} model, not a Flux2KleinPipeline")
+        raise WeightsUnavailableError(f"{directory} holds a {found!r} model, not a {KLEIN_PIPELINE}")
     return data
+
+
+def is_kv_checkpoint(index: dict[str, Any]) -> bool:
+    """Whether a model index is klein 9B-KV's (saved as Flux2KleinKVPipeline: distilled, K/V-cached)."""
+    return index.get("_class_name") == KV_PIPELINE
 
 
 def check_local_directory(spec: ModelSpec) -> Path:
@@ -78,7 +85,13 @@ def check_local_directory(spec: ModelSpec) -> Path:
     if not directory.is_dir():
         raise WeightsUnavailableError(f"model directory {directory} does not exist")
     index = read_model_index(directory)
-    distilled = bool(index.get("is_distilled", False))
+    if is_kv_checkpoint(index) != spec.variant.kv_cache:
+        raise WeightsUnavailableError(
+            f"{directory} holds a klein 9B-KV checkpoint; serve it as flux-2-klein-9b-kv"
+            if is_kv_checkpoint(index)
+            else f"{directory} is not a klein 9B-KV checkpoint ({KV_PIPELINE}); {spec.variant.id} needs one"
+        )
+    distilled = bool(index.get("is_distilled", False)) or is_kv_checkpoint(index)
     if distilled != spec.variant.distilled:
         want = "distilled" if spec.variant.distilled else "undistilled (base)"
         have = "distilled" if distilled else "undistilled (base)"
@@ -148,8 +161,9 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
-    """Load a Flux2KleinPipeline's components from ``directory`` onto ``device`` in ``dtype``."""
+def read_pipeline(directory: Path, dtype: torch.dtype, quantization_config: Any = None) -> Flux2KleinPipeline:
+    """Load a Flux2KleinPipeline's components from ``directory`` in ``dtype`` (on the CPU, or
+    quantised as ``quantization_config`` says); placing it is the caller's business."""
     from diffusers import Flux2KleinPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -157,11 +171,20 @@ def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> 
     # Our callers show their own progress; the libraries' per-component bars would interleave with it.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if is_kv_checkpoint(read_model_index(directory)):
+        extra["is_distilled"] = True  # the same components; the engine adds the K/V-cached path
     try:
-        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype})
+        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype}, **extra)
     except Exception as err:
         raise WeightsUnavailableError(f"cannot load the model in {directory}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
+    """Load a Flux2KleinPipeline's components from ``directory`` onto ``device`` in ``dtype``."""
+    pipeline = read_pipeline(directory, dtype)
     try:
         return pipeline.to(device)
     except torch.OutOfMemoryError:

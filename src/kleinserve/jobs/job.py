@@ -89,6 +89,7 @@ class Job(BaseModel):
     id: str = Field(default_factory=new_job_id)
     owner: str | None = Field(None, description="Id of the API key that submitted the job.")
     dialect: str = Field("kleinserve", description="API the job came through.")
+    request_id: str | None = Field(None, description="X-Request-ID of the HTTP request that submitted the job.")
     request: GenerationRequest
     extra: dict[str, object] = Field(
         default_factory=dict, description="Dialect-specific fields echoed back (e.g. Oxen's aspect_ratio)."

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from kleinserve import logs, metrics
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
 from kleinserve.jobs.events import Event, EventBus, EventType
@@ -23,6 +25,7 @@ from kleinserve.quotas import Quotas
 from kleinserve.request import GenerationRequest, random_seed
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
+log = logging.getLogger(__name__)
 
 
 class JobService:
@@ -85,6 +88,7 @@ class JobService:
         if self.prepare is not None:
             requests = self.prepare(requests, key)
         jobs = []
+        context = logs.current()  # the HTTP request's log context: its id goes onto the jobs
         for request in requests:
             model = self.check_model(request.model)
             seed = request.seed if request.seed is not None else random_seed()
@@ -92,13 +96,23 @@ class JobService:
             cost = self.quotas.price(model, request.num_images) if self.quotas and key else 0.0
             jobs.append(
                 Job(
-                    request=request, owner=key.id if key else owner, dialect=dialect, extra=dict(extra or {}), cost=cost
+                    request=request,
+                    owner=key.id if key else owner,
+                    dialect=dialect,
+                    extra=dict(extra or {}),
+                    cost=cost,
+                    request_id=context.request_id,
                 )
             )
         with self._admission:
             if key is not None and self.quotas is not None:
                 self.quotas.admit(key, jobs)
-            return self._enqueue(jobs)
+            queued = self._enqueue(jobs)
+        context.job_id = ",".join(job.id for job in queued)
+        for job in queued:
+            metrics.job_submitted(job)
+            log.info("job queued", extra={"job_id": job.id, "model": job.request.model, "dialect": job.dialect})
+        return queued
 
     def _enqueue(self, jobs: builtins.list[Job]) -> builtins.list[Job]:
         # Jobs and their queued events are stored together, under the bound, in one transaction:
@@ -151,6 +165,7 @@ class JobService:
         if job.status is JobStatus.QUEUED:
             cancelled = self.store.transition(job_id, JobStatus.CANCELLED, expect=[JobStatus.QUEUED])
             if cancelled is not None:
+                metrics.job_finished(cancelled)
                 self.bus.publish(Event.for_job(EventType.CANCELLED, cancelled))
                 return cancelled
             job = self.get(job_id)  # a worker claimed it meanwhile

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
+from kleinserve import logs, metrics
 from kleinserve.engine.engine import Engine, Progress
 from kleinserve.engine.images import InputPolicy, load_references
 from kleinserve.errors import GenerationCancelledError, KleinserveError
@@ -102,7 +103,8 @@ class Worker:
                 continue
             self.current_job_id = job.id
             try:
-                self._process(job)
+                with logs.log_context(request_id=job.request_id, job_id=job.id, key_id=job.owner):
+                    self._process(job)
             finally:
                 self.current_job_id = None
                 self.cancels.discard(job.id)
@@ -111,6 +113,11 @@ class Worker:
         return self._stopping.is_set() or self.cancels.requested(job_id)
 
     def _process(self, job: Job) -> None:
+        metrics.job_started(job)
+        log.info(
+            "job started",
+            extra={"model": job.request.model, "attempt": job.attempts, **logs.prompt_fields(job.request.prompt)},
+        )
         self.bus.publish(Event.for_job(EventType.STARTED, job, model=job.request.model, attempt=job.attempts))
         engine = self.engines.get(job.request.model)
         try:
@@ -134,6 +141,7 @@ class Worker:
                 on_progress=on_progress,
                 should_cancel=lambda: self._should_stop(job.id),
             )
+            metrics.job_ran(job, result.timings, result.steps)
             outputs = []
             for index, encoded in enumerate(result.images):
                 key = f"{job.id}/{index}.{_EXTENSIONS[encoded.media_type]}"
@@ -170,12 +178,16 @@ class Worker:
                 self.on_succeeded(done)
             except Exception:
                 log.exception("%s: could not record usage of job %s", self.name, job.id)
+        metrics.job_finished(done)
+        log.info("job succeeded", extra={"images": len(outputs), "timings": result.timings})
         self.bus.publish(Event.for_job(EventType.SUCCEEDED, done, outputs=[o.key for o in outputs]))
 
     def _stopped(self, job: Job) -> None:
         if self.cancels.requested(job.id):
             cancelled = self.store.transition(job.id, JobStatus.CANCELLED, expect=[JobStatus.PROCESSING])
             if cancelled is not None:
+                metrics.job_finished(cancelled)
+                log.info("job cancelled")
                 self.bus.publish(Event.for_job(EventType.CANCELLED, cancelled))
             return
         # Shutting down: the job goes back to the queue, and this run does not count as an attempt.
@@ -190,4 +202,6 @@ class Worker:
             job.id, JobStatus.FAILED, expect=[JobStatus.PROCESSING], error_code=code, error_message=message
         )
         if failed is not None:
+            metrics.job_finished(failed)
+            log.info("job failed: %s", message, extra={"code": code})
             self.bus.publish(Event.for_job(EventType.FAILED, failed, error=message, code=code))

@@ -1,6 +1,6 @@
 """The 1min.ai dialect: ``POST /api/features`` (IMAGE_GENERATOR, IMAGE_EDITOR) and ``POST /api/assets``.
 
-Contract: ../shared/api/onemin.md. Both feature types are sync: the call returns when the image is
+Compatibility notes: docs/api/onemin.md. Both feature types are sync: the call returns when the image is
 done, as an ``aiRecord`` whose ``resultObject`` lists storage keys (``<job-id>/0.webp``) and whose
 ``temporaryUrl`` is a signed, expiring URL of the first result. Choices where 1min is silent
 (published in the README):
@@ -33,26 +33,25 @@ from fastapi import APIRouter, File, Header, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kleinserve.api.auth import CallerDep
+from kleinserve.api.dialects.base import Example, FieldNames, submit_and_wait, to_request
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_url,
     runtime_of,
     store_upload,
-    wait_for_jobs,
 )
 from kleinserve.engine.images import ASSET_PREFIX
-from kleinserve.engine.variants import find_variant
+from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import (
     InvalidImageError,
     InvalidParameterError,
-    InvalidRequestError,
     KleinserveError,
 )
 from kleinserve.jobs.job import Job
 from kleinserve.request import MAX_SEED, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
+from kleinserve.storage.base import media_type_for
 
 PREFIX = "/api"
 GENERATOR = "IMAGE_GENERATOR"
@@ -61,15 +60,19 @@ MATCH_INPUT: Final = "match_input_image"
 BUCKET = "kleinserve"
 AspectRatio = Literal["1:1", "16:9", "9:16", "3:2", "2:3", "4:5", "5:4"]
 DISTILLED_GENERATOR_MAX_STEPS = 4  # 1min's generator range for the 4-step distilled models
+NAME = "onemin"
 # Canonical field -> the promptObject name a client sent, for error messages.
-_FIELD_NAMES = {
-    "steps": "num_inference_steps",
-    "quality": "output_quality",
-    "images": "imageUrl",
-    "width": "aspect_ratio",
-    "height": "aspect_ratio",
-    "size": "aspect_ratio",
-}
+NAMES = FieldNames(
+    {
+        "steps": "num_inference_steps",
+        "quality": "output_quality",
+        "images": "imageUrl",
+        "width": "aspect_ratio",
+        "height": "aspect_ratio",
+        "size": "aspect_ratio",
+    },
+    prefix="promptObject.",
+)
 ApiKey = Annotated[str | None, Header(alias="API-KEY", description="1min API key (accepted, not yet checked).")]
 
 
@@ -166,30 +169,27 @@ def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[Gener
     ratio: str = prompt.aspect_ratio
     width, height = (None, None) if ratio == MATCH_INPUT else size_for_aspect_ratio(ratio, float(prompt.megapixels))
     images = [image_reference(runtime, prompt.imageUrl)] if isinstance(prompt, EditorPrompt) else []
-    try:
-        request = GenerationRequest.parse(
-            {
-                "model": variant.id,
-                "prompt": prompt.prompt,
-                "images": images,
-                "width": width,
-                "height": height,
-                "steps": steps,
-                "seed": prompt.seed,
-                "output_format": prompt.output_format,
-                "quality": max(1, prompt.output_quality),  # the encoders' scale starts at 1
-            },
-            runtime.settings,
-        )
-    except InvalidParameterError as err:
-        field = _FIELD_NAMES.get(err.field, err.field)
-        raise _param(field, err.message.split(": ", 1)[-1]) from None
+    request = to_request(
+        {
+            "model": variant.id,
+            "prompt": prompt.prompt,
+            "images": images,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "seed": prompt.seed,
+            "output_format": prompt.output_format,
+            "quality": max(1, prompt.output_quality),  # the encoders' scale starts at 1
+        },
+        runtime.settings,
+        NAMES,
+    )
     echo = prompt.model_dump(exclude_none=True)
     echo["num_inference_steps"] = steps
     return request, echo
 
 
-def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, Any], base_url: str) -> dict[str, Any]:
+def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, Any]) -> dict[str, Any]:
     """A finished job as 1min's ``aiRecord``, plus kleinserve's seed and size."""
     outputs = outputs_of(job)
     first = outputs[0]
@@ -201,78 +201,93 @@ def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, 
             "status": "SUCCESS",
             "createdAt": _iso(job.created_at),
             "aiRecordDetail": {"promptObject": echo, "resultObject": [o.key for o in outputs]},
-            "temporaryUrl": result_url(runtime, base_url, first),
+            "temporaryUrl": result_url(runtime, first),
             "kleinserve": {"seed": first.seed, "width": first.width, "height": first.height},
         }
     }
 
 
-def _with_client_names(error: InvalidRequestError) -> InvalidRequestError:
-    # The worker names the input "images[0]"; a 1min client sent it as promptObject.imageUrl.
-    message = error.message
-    if message.startswith("images[0]"):
-        message = "promptObject.imageUrl" + message.removeprefix("images[0]")
-    return InvalidRequestError(message, code=error.code)
+router = APIRouter(prefix=PREFIX, tags=["1min.ai"])
 
 
 class OneMinDialect:
     """The 1min.ai AI Feature API (klein image features) and Asset API under /api."""
 
-    name = "onemin"
+    name = NAME
     prefixes: tuple[str, ...] = ("/api/features", "/api/assets")
     upload_paths: tuple[str, ...] = ("/api/assets",)  # multipart/form-data accepted here
+
+    def router(self) -> APIRouter:
+        return router
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         # 1min documents no error body; this one carries a readable and a stable machine field.
         return {"message": error.message, "code": error.code, "statusCode": status}
 
-    def router(self) -> APIRouter:
-        router = APIRouter(prefix=PREFIX, tags=["1min.ai"])
+    def model_id(self, variant: Variant) -> str:
+        return f"black-forest-labs/{variant.id}"
 
-        @router.post("/features", summary="Run IMAGE_GENERATOR or IMAGE_EDITOR (sync).")
-        async def features(
-            request: Request, body: FeatureRequest, runtime: ReadyRuntime, caller: CallerDep, api_key: ApiKey = None
-        ) -> dict[str, Any]:
-            gen, echo = to_generation_request(body, runtime)
-            extra = {"model": body.model, "type": body.type, "promptObject": echo}
-            try:
-                jobs = await asyncio.to_thread(
-                    runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-                )
-                (job,) = await wait_for_jobs(request, runtime, jobs)
-            except InvalidRequestError as err:
-                raise _with_client_names(err) from None
-            return ai_record(runtime, job, body, echo, public_base_url(request))
+    def example(self, variant: Variant) -> Example:
+        return Example(
+            dialect=NAME,
+            title="1min.ai: IMAGE_GENERATOR",
+            method="POST",
+            path=f"{PREFIX}/features",
+            body={
+                "type": GENERATOR,
+                "model": self.model_id(variant),
+                "promptObject": {"prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"},
+            },
+            auth_header="API-KEY",
+            auth_scheme="",
+        )
 
-        @router.post("/assets", summary="Upload an image for promptObject.imageUrl.")
-        async def assets(
-            request: Request,
-            asset: Annotated[UploadFile, File(description="The image file.")],
-            caller: CallerDep,
-            api_key: ApiKey = None,
-        ) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            limit = runtime.settings.max_image_bytes
-            if asset.size is not None and asset.size > limit:
-                raise InvalidImageError(None, f"is {asset.size} bytes, over the limit of {limit} bytes", field="asset")
-            data = await asset.read()
-            key = (await store_upload(runtime, data, None, "asset", caller.key)).removeprefix(ASSET_PREFIX)
-            name = key.rsplit("/", 1)[-1]
-            stored = await asyncio.to_thread(runtime.storage.open, key)
-            location = public_base_url(request) + runtime.storage.signed_path(key)
-            return {
-                "asset": {
-                    "fieldname": "asset",
-                    "originalname": asset.filename or name,
-                    "mimetype": asset.content_type or "application/octet-stream",
-                    "size": len(data),
-                    "bucket": BUCKET,
-                    "key": key,
-                    "location": location,
-                    "contentType": stored.media_type,  # what is kept: the decoded pixels as PNG
-                },
-                # The upload's folder in storage is a fresh UUID: it serves as the asset's id.
-                "fileContent": {"uuid": key.split("/")[-2], "path": key, "type": name.rsplit(".", 1)[-1], "name": name},
-            }
 
-        return router
+@router.post("/features", summary="Run IMAGE_GENERATOR or IMAGE_EDITOR (sync).")
+async def features(
+    request: Request, body: FeatureRequest, runtime: ReadyRuntime, caller: CallerDep, api_key: ApiKey = None
+) -> dict[str, Any]:
+    gen, echo = await asyncio.to_thread(to_generation_request, body, runtime)
+    extra = {"model": body.model, "type": body.type, "promptObject": echo}
+    (job,) = await submit_and_wait(
+        request,
+        runtime,
+        caller,
+        [gen],
+        dialect=NAME,
+        extra=extra,
+        images_field="promptObject.imageUrl",
+        single_image=True,
+    )
+    return ai_record(runtime, job, body, echo)
+
+
+@router.post("/assets", summary="Upload an image for promptObject.imageUrl.")
+async def assets(
+    request: Request,
+    asset: Annotated[UploadFile, File(description="The image file.")],
+    caller: CallerDep,
+    api_key: ApiKey = None,
+) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    limit = runtime.settings.max_image_bytes
+    if asset.size is not None and asset.size > limit:
+        raise InvalidImageError(None, f"is {asset.size} bytes, over the limit of {limit} bytes", field="asset")
+    data = await asset.read()
+    key = (await store_upload(runtime, data, None, "asset", caller.key)).removeprefix(ASSET_PREFIX)
+    name = key.rsplit("/", 1)[-1]
+    location = await asyncio.to_thread(runtime.storage.url, key)
+    return {
+        "asset": {
+            "fieldname": "asset",
+            "originalname": asset.filename or name,
+            "mimetype": asset.content_type or "application/octet-stream",
+            "size": len(data),
+            "bucket": BUCKET,
+            "key": key,
+            "location": location,
+            "contentType": media_type_for(key),  # what is kept: the decoded pixels as PNG
+        },
+        # The upload's folder in storage is a fresh UUID: it serves as the asset's id.
+        "fileContent": {"uuid": key.split("/")[-2], "path": key, "type": name.rsplit(".", 1)[-1], "name": name},
+    }

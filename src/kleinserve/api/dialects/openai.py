@@ -1,6 +1,6 @@
 """The OpenAI-compatible images dialect (as AIgateway serves it): generations, edits and models.
 
-Contract: ../shared/api/openai-images.md. Choices where OpenAI's API has no klein meaning
+Compatibility notes: docs/api/openai.md. Choices where OpenAI's API has no klein meaning
 (published in the README):
 - ``size`` takes ``auto`` (1024x1024 for text-to-image, the first image's size for edits) or any
   ``WxH`` in multiples of 16; ``aspect_ratio`` (+ ``megapixels``) is our extension, as are ``seed``,
@@ -22,19 +22,18 @@ import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
+from kleinserve.api.dialects.base import Example, FieldNames, parse_body, submit_and_wait, to_request
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_b64,
     result_url,
     runtime_of,
     store_upload,
-    wait_for_jobs,
 )
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import (
@@ -62,15 +61,19 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-_FIELD_NAMES = {
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "images": "image",
-    "num_images": "n",
-    "quality": "output_compression",
-    "width": "size",
-    "height": "size",
-}
+NAME = "openai"
+# Canonical field -> the OpenAI name a client sent, for error messages.
+NAMES = FieldNames(
+    {
+        "steps": "num_inference_steps",
+        "guidance": "guidance_scale",
+        "images": "image",
+        "num_images": "n",
+        "quality": "output_compression",
+        "width": "size",
+        "height": "size",
+    }
+)
 
 
 def openai_id(variant: Variant) -> str:
@@ -162,35 +165,32 @@ def to_generation_request(
     if width is None and default_square:
         width = height = 1024
     model = params.model or runtime.served_ids()[0]
-    try:
-        return GenerationRequest.parse(
-            {
-                "model": runtime.service.check_model(model),
-                "prompt": params.prompt,
-                "images": references,
-                "width": width,
-                "height": height,
-                "steps": params.num_inference_steps,
-                "guidance": params.guidance_scale,
-                "seed": params.seed,
-                "num_images": params.n,
-                "output_format": params.output_format,
-                "quality": max(1, params.output_compression),
-            },
-            runtime.settings,
-        )
-    except InvalidParameterError as err:
-        field = _FIELD_NAMES.get(err.field, err.field)
-        raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
+    return to_request(
+        {
+            "model": runtime.service.check_model(model),
+            "prompt": params.prompt,
+            "images": references,
+            "width": width,
+            "height": height,
+            "steps": params.num_inference_steps,
+            "guidance": params.guidance_scale,
+            "seed": params.seed,
+            "num_images": params.n,
+            "output_format": params.output_format,
+            "quality": max(1, params.output_compression),
+        },
+        runtime.settings,
+        NAMES,
+    )
 
 
-def images_response(runtime: Runtime, job: Job, params: ImageParams, base_url: str) -> dict[str, Any]:
+def images_response(runtime: Runtime, job: Job, params: ImageParams) -> dict[str, Any]:
     """OpenAI's ImagesResponse, plus the seed of image 0."""
     outputs = outputs_of(job)
     data = [
         {"b64_json": result_b64(runtime, o)}
         if params.response_format == "b64_json"
-        else {"url": result_url(runtime, base_url, o)}
+        else {"url": result_url(runtime, o)}
         for o in outputs
     ]
     return {
@@ -223,7 +223,7 @@ async def _edit_params(request: Request, runtime: Runtime, caller: Caller) -> tu
                 raise InvalidParameterError(key, "is not a known file parameter")
             else:
                 fields[key] = value
-        params = _validate(EditParams, fields)
+        params = parse_body(EditParams, fields)
         if len(uploads) > runtime.settings.max_references:
             raise InvalidParameterError("image", f"at most {runtime.settings.max_references} images are allowed")
         # Priced with the default model when none is named: refusing (402/429) before decoding.
@@ -240,26 +240,22 @@ async def _edit_params(request: Request, runtime: Runtime, caller: Caller) -> tu
         raise InvalidParameterError("body", "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidParameterError("body", "must be a JSON object")
-    params = _validate(EditParams, body)
+    params = parse_body(EditParams, body)
     return params, params.references()
 
 
-def _validate(model: type[EditParams], data: dict[str, Any]) -> EditParams:
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        message = "is not a known parameter" if first["type"] == "extra_forbidden" else first["msg"]
-        raise InvalidParameterError(field, "is required" if first["type"] == "missing" else message) from None
+router = APIRouter(prefix=PREFIX, tags=["openai"])
 
 
 class OpenAIDialect:
     """The OpenAI images API under /v1."""
 
-    name = "openai"
+    name = NAME
     prefixes: tuple[str, ...] = (PREFIX,)
     upload_paths: tuple[str, ...] = (f"{PREFIX}/images/edits",)  # multipart/form-data accepted here
+
+    def router(self) -> APIRouter:
+        return router
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         param = getattr(error, "field", None)
@@ -274,68 +270,80 @@ class OpenAIDialect:
             }
         }
 
-    def router(self) -> APIRouter:
-        router = APIRouter(prefix=PREFIX, tags=["openai"])
+    def model_id(self, variant: Variant) -> str:
+        return openai_id(variant)
 
-        async def run(
-            request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
-        ) -> dict[str, Any]:
-            extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
-            jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-            )
-            (job,) = await wait_for_jobs(request, runtime, jobs)
-            return images_response(runtime, job, params, public_base_url(request))
-
-        @router.post("/images/generations", summary="Create images from a prompt.")
-        async def generations(
-            request: Request, params: ImageParams, runtime: ReadyRuntime, caller: CallerDep
-        ) -> dict[str, Any]:
-            gen = to_generation_request(params, runtime, [], default_square=True)
-            return await run(request, runtime, caller, gen, params)
-
-        @router.post(
-            "/images/edits",
-            summary="Edit or combine 1-4 images (multipart files, or JSON image URLs).",
-            openapi_extra={
-                "requestBody": {
-                    "content": {
-                        "application/json": {"schema": EditParams.model_json_schema()},
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"image": {"type": "string", "format": "binary"}},
-                            }
-                        },
-                    }
-                }
-            },
+    def example(self, variant: Variant) -> Example:
+        return Example(
+            dialect=NAME,
+            title="OpenAI: images.generate",
+            method="POST",
+            path=f"{PREFIX}/images/generations",
+            body={"model": openai_id(variant), "prompt": "a lighthouse at dusk, oil painting", "size": "1024x1024"},
+            notes=("The openai SDK: OpenAI(base_url=<server>/v1).images.generate(...).",),
         )
-        async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
-            params, references = await _edit_params(request, runtime, caller)
-            if not references:
-                raise InvalidParameterError("image", "at least one image is required")
-            gen = to_generation_request(params, runtime, references, default_square=False)
-            return await run(request, runtime, caller, gen, params)
 
-        @router.get("/usage", summary="The calling API key's usage, credits and limits.")
-        async def usage(request: Request, caller: CallerDep) -> dict[str, Any]:
-            return await asyncio.to_thread(usage_report, runtime_of(request), caller)
 
-        @router.get("/models", summary="Served models.")
-        async def models(request: Request) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in runtime.models()]}
+async def _run(
+    request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
+) -> dict[str, Any]:
+    extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
+    (job,) = await submit_and_wait(request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image")
+    # Off the event loop: reading results may be a network call (S3).
+    return await asyncio.to_thread(images_response, runtime, job, params)
 
-        @router.get("/models/{model_id:path}", summary="One served model.")
-        async def model(request: Request, model_id: str) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            served = runtime.served_model(model_id)
-            if served is None:
-                raise NotFoundError(f"The model '{model_id}' does not exist")
-            return model_object(runtime, served.variant, served.demo)
 
-        return router
+@router.post("/images/generations", summary="Create images from a prompt.")
+async def generations(
+    request: Request, params: ImageParams, runtime: ReadyRuntime, caller: CallerDep
+) -> dict[str, Any]:
+    gen = to_generation_request(params, runtime, [], default_square=True)
+    return await _run(request, runtime, caller, gen, params)
+
+
+@router.post(
+    "/images/edits",
+    summary="Edit or combine 1-4 images (multipart files, or JSON image URLs).",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": EditParams.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"image": {"type": "string", "format": "binary"}},
+                    }
+                },
+            }
+        }
+    },
+)
+async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+    params, references = await _edit_params(request, runtime, caller)
+    if not references:
+        raise InvalidParameterError("image", "at least one image is required")
+    gen = to_generation_request(params, runtime, references, default_square=False)
+    return await _run(request, runtime, caller, gen, params)
+
+
+@router.get("/usage", summary="The calling API key's usage, credits and limits.")
+async def usage(request: Request, caller: CallerDep) -> dict[str, Any]:
+    return await asyncio.to_thread(usage_report, runtime_of(request), caller)
+
+
+@router.get("/models", summary="Served models.")
+async def models(request: Request) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in runtime.models()]}
+
+
+@router.get("/models/{model_id:path}", summary="One served model.")
+async def model(request: Request, model_id: str) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    served = runtime.served_model(model_id)
+    if served is None:
+        raise NotFoundError(f"The model '{model_id}' does not exist")
+    return model_object(runtime, served.variant, served.demo)
 
 
 def usage_report(runtime: Runtime, caller: Caller) -> dict[str, Any]:

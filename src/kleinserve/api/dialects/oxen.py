@@ -1,6 +1,6 @@
 """The Oxen.ai dialect: sync generate/edit, the async queue, SSE events and the model catalogue.
 
-Contract: ../shared/api/oxen.md. Choices where Oxen is silent (published in the README):
+Compatibility notes: docs/api/oxen.md. Choices where Oxen is silent (published in the README):
 - parameters left out take the *variant's* defaults (klein 4B/9B: 4 steps, guidance 1.0), not the
   28 steps / 2.0 Oxen advertises for these 4-step distilled models; explicit values are honoured;
 - ``aspect_ratio`` maps through kleinserve's ~1 MP table; without it, text-to-image is 16:9 (as
@@ -23,21 +23,16 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.api.auth import Caller, CallerDep, while_allowed
+from kleinserve.api.dialects.base import Example, FieldNames, submit_and_wait, to_request
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
-    public_base_url,
     result_b64,
     result_url,
     runtime_of,
-    wait_for_jobs,
 )
 from kleinserve.engine.variants import Variant, find_variant
-from kleinserve.errors import (
-    InvalidParameterError,
-    KleinserveError,
-    NotFoundError,
-)
+from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, size_for_aspect_ratio
@@ -57,16 +52,18 @@ IMAGE_SIZE_PRESETS = {
     "landscape_16_9": (1024, 576),
 }
 # Canonical field -> the Oxen name a client sent, for error messages.
-_FIELD_NAMES = {
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "images": "input_image",
-    "num_images": "num_generations",
-    "quality": "output_quality",
-    "width": "aspect_ratio",
-    "height": "aspect_ratio",
-    "size": "aspect_ratio",
-}
+NAMES = FieldNames(
+    {
+        "steps": "num_inference_steps",
+        "guidance": "guidance_scale",
+        "images": "input_image",
+        "num_images": "num_generations",
+        "quality": "output_quality",
+        "width": "aspect_ratio",
+        "height": "aspect_ratio",
+        "size": "aspect_ratio",
+    }
+)
 _ERROR_TYPES = {
     400: ("invalid_params", "Invalid parameters supplied, please check your request and try again."),
     401: ("unauthenticated", "Authentication is required."),
@@ -144,26 +141,23 @@ def to_generation_request(
     """Translate an Oxen body to the canonical request (field errors keep Oxen's names)."""
     references = body.references()
     width, height = _size(body, bool(references))
-    try:
-        return GenerationRequest.parse(
-            {
-                "model": runtime.service.check_model(body.model),
-                "prompt": body.prompt,
-                "images": references,
-                "width": width,
-                "height": height,
-                "steps": body.num_inference_steps,
-                "guidance": body.guidance_scale,
-                "seed": None if body.seed is None else body.seed + seed_offset,
-                "num_images": num_images,
-                "output_format": body.output_format,
-                "quality": QUALITY[body.output_quality],
-            },
-            runtime.settings,
-        )
-    except InvalidParameterError as err:
-        field = _FIELD_NAMES.get(err.field, err.field)
-        raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
+    return to_request(
+        {
+            "model": runtime.service.check_model(body.model),
+            "prompt": body.prompt,
+            "images": references,
+            "width": width,
+            "height": height,
+            "steps": body.num_inference_steps,
+            "guidance": body.guidance_scale,
+            "seed": None if body.seed is None else body.seed + seed_offset,
+            "num_images": num_images,
+            "output_format": body.output_format,
+            "quality": QUALITY[body.output_quality],
+        },
+        runtime.settings,
+        NAMES,
+    )
 
 
 def _echo(body: OxenImageRequest) -> dict[str, Any]:
@@ -171,11 +165,18 @@ def _echo(body: OxenImageRequest) -> dict[str, Any]:
     return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace"})
 
 
+NAME = "oxen"
+router = APIRouter(prefix=PREFIX, tags=["oxen"])
+
+
 class OxenDialect:
     """The Oxen.ai inference API under /api."""
 
-    name = "oxen"
+    name = NAME
     prefixes: tuple[str, ...] = ("/api/ai", "/api/events")
+
+    def router(self) -> APIRouter:
+        return router
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         error_type, title = _ERROR_TYPES.get(status, ("unknown_error", "An unexpected error occurred."))
@@ -185,173 +186,180 @@ class OxenDialect:
             "status_message": error_type,
         }
 
-    def router(self) -> APIRouter:
-        router = APIRouter(prefix=PREFIX, tags=["oxen"])
+    def model_id(self, variant: Variant) -> str:
+        return oxen_id(variant)
 
-        async def run_sync(
-            request: Request, body: OxenImageRequest, runtime: Runtime, caller: Caller
-        ) -> dict[str, Any]:
-            gen = to_generation_request(body, runtime, num_images=body.num_generations)
-            jobs = await asyncio.to_thread(
-                runtime.service.submit,
-                [gen],
-                key=caller.key,
-                dialect=self.name,
-                extra={"model": body.model, **_echo(body)},
-            )
-            (job,) = await wait_for_jobs(request, runtime, jobs)
-            base = public_base_url(request)
-            images = [
-                {"b64_json": result_b64(runtime, o)}
-                if body.response_format == "b64_json"
-                else {"url": result_url(runtime, base, o)}
-                for o in outputs_of(job)
-            ]
-            return {"model": body.model, "created": int(job.created_at), "images": images}
-
-        @router.post("/ai/images/generate", summary="Generate images (sync).")
-        async def generate(
-            request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep
-        ) -> dict[str, Any]:
-            return await run_sync(request, body, runtime, caller)
-
-        @router.post("/ai/images/edit", summary="Edit or generate images from references (sync).")
-        async def edit(
-            request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep
-        ) -> dict[str, Any]:
-            return await run_sync(request, body, runtime, caller)
-
-        @router.post("/ai/queue", summary="Queue 1-4 generations.")
-        async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
-            requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
-            jobs = await asyncio.to_thread(
-                runtime.service.submit,
-                requests,
-                key=caller.key,
-                dialect=self.name,
-                extra={"model": body.model, **_echo(body)},
-            )
-            return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
-
-        @router.get("/ai/queue", summary="List generations (default: queued and processing).")
-        async def list_queue(
-            request: Request,
-            caller: CallerDep,
-            model: str | None = None,
-            status: Literal["queued", "processing", "succeeded", "failed", "cancelled"] | None = None,
-            media_type: Literal["image", "video"] | None = None,
-            namespace: str | None = None,
-            repo: str | None = None,
-            folder: str | None = None,
-        ) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            if media_type == "video":
-                return {"count": 0, "generations": []}
-            statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
-            model_id = find_variant(model).id if model else None
-            base = public_base_url(request)
-
-            def listed() -> list[dict[str, Any]]:
-                jobs = runtime.service.list(statuses=statuses, model=model_id, **caller.scope)
-                return generation_objects(runtime, jobs, base)
-
-            items = await run_in_threadpool(listed)
-            return {"count": len(items), "generations": items}
-
-        @router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
-        async def get_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            base = public_base_url(request)
-
-            def found() -> dict[str, Any]:
-                job = runtime.service.get(generation_id, **caller.scope)
-                return generation_objects(runtime, [job], base)[0]
-
-            return await run_in_threadpool(found)
-
-        @router.delete("/ai/queue/{generation_id}", summary="Cancel a queued or processing generation.")
-        async def cancel_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
-            job = await asyncio.to_thread(runtime_of(request).service.cancel, generation_id, **caller.scope)
-            return {"status": "success", "generation_id": generation_id, "generation_status": job.status.value}
-
-        @router.get(
-            "/events",
-            summary="Server-Sent Events: media_generation_completed and progress.",
-            response_class=EventSourceResponse,
-            responses={200: {"description": "An endless event stream.", "content": {"text/event-stream": {}}}},
+    def example(self, variant: Variant) -> Example:
+        return Example(
+            dialect=NAME,
+            title="Oxen.ai: queue a generation",
+            method="POST",
+            path=f"{PREFIX}/ai/queue",
+            body={"model": oxen_id(variant), "prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"},
+            notes=("Poll GET /api/ai/queue/{generation_id} or listen on GET /api/events.",),
         )
-        async def events(
-            request: Request,
-            caller: CallerDep,
-            last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-        ) -> EventSourceResponse:
-            runtime = runtime_of(request)
-            if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
-                # Beyond SQLite's integers nothing can follow: resume after everything stored.
-                after = min(int(last_event_id), 2**63 - 1) if len(last_event_id) <= 19 else 2**63 - 1
-            else:
-                # Oxen's own examples enqueue first and connect after, so a fast job could finish
-                # in between; a short replay window closes that race (clients filter by id).
-                since = time.time() - runtime.settings.sse_replay_seconds
-                after = await asyncio.to_thread(runtime.store.last_seq_before, since)
-            base = public_base_url(request)
 
-            async def stream() -> AsyncIterator[ServerSentEvent]:
-                async with runtime.bus.subscribe(
-                    after=after, owner=caller.owner, all_owners=caller.key is None
-                ) as subscription:
-                    # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
-                    async for event in while_allowed(runtime, caller, subscription):
-                        for sse in to_sse(runtime, event, base):
-                            yield sse
 
-            return EventSourceResponse(
-                stream(),
-                ping=runtime.settings.keepalive_interval,
-                ping_message_factory=lambda: _frame(comment="keep-alive"),
-                sep="\n",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+async def run_sync(request: Request, body: OxenImageRequest, runtime: Runtime, caller: Caller) -> dict[str, Any]:
+    """Sync generate/edit: one job of ``num_generations`` images."""
+    gen = to_generation_request(body, runtime, num_images=body.num_generations)
+    (job,) = await submit_and_wait(
+        request, runtime, caller, [gen], dialect=NAME, extra={"model": body.model, **_echo(body)}
+    )
+    # Off the event loop: reading results may be a network call (S3).
+    images = await asyncio.to_thread(
+        lambda: [
+            {"b64_json": result_b64(runtime, o)}
+            if body.response_format == "b64_json"
+            else {"url": result_url(runtime, o)}
+            for o in outputs_of(job)
+        ]
+    )
+    return {"model": body.model, "created": int(job.created_at), "images": images}
 
-        @router.get("/ai/models", summary="Served models.")
-        async def list_models(request: Request) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in runtime.models()]}
 
-        @router.get("/ai/models/search", summary="Served models whose id or name contains a text.")
-        async def search_models(request: Request, search: str = Query("", max_length=200)) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            text = search.lower()
-            found = [
-                model_object(runtime, m.variant, m.demo)
-                for m in runtime.models()
-                if text in oxen_id(m.variant) or text in m.variant.display_name.lower()
-            ]
-            return {"object": "list", "data": found}
+@router.post("/ai/images/generate", summary="Generate images (sync).")
+async def generate(
+    request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep
+) -> dict[str, Any]:
+    return await run_sync(request, body, runtime, caller)
 
-        @router.get("/ai/models/{model_id:path}", summary="One served model, with its request schema.")
-        async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-            runtime = runtime_of(request)
-            served = runtime.served_model(model_id)
-            if served is None:
-                raise NotFoundError(f"Model not found: {model_id}")
-            return model_object(runtime, served.variant, served.demo)
 
-        return router
+@router.post("/ai/images/edit", summary="Edit or generate images from references (sync).")
+async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+    return await run_sync(request, body, runtime, caller)
+
+
+@router.post("/ai/queue", summary="Queue 1-4 generations.")
+async def enqueue(body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+    requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
+    jobs = await asyncio.to_thread(
+        runtime.service.submit, requests, key=caller.key, dialect=NAME, extra={"model": body.model, **_echo(body)}
+    )
+    return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
+
+
+@router.get("/ai/queue", summary="List generations (default: queued and processing).")
+async def list_queue(
+    request: Request,
+    caller: CallerDep,
+    model: str | None = None,
+    status: Literal["queued", "processing", "succeeded", "failed", "cancelled"] | None = None,
+    media_type: Literal["image", "video"] | None = None,
+    namespace: str | None = None,
+    repo: str | None = None,
+    folder: str | None = None,
+) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    if media_type == "video":
+        return {"count": 0, "generations": []}
+    statuses = [JobStatus(status)] if status else [JobStatus.QUEUED, JobStatus.PROCESSING]
+    model_id = find_variant(model).id if model else None
+
+    def listed() -> list[dict[str, Any]]:
+        jobs = runtime.service.list(statuses=statuses, model=model_id, **caller.scope)
+        return generation_objects(runtime, jobs)
+
+    items = await run_in_threadpool(listed)
+    return {"count": len(items), "generations": items}
+
+
+@router.get("/ai/queue/{generation_id}", summary="One generation's status and result.")
+async def get_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
+    runtime = runtime_of(request)
+
+    def found() -> dict[str, Any]:
+        job = runtime.service.get(generation_id, **caller.scope)
+        return generation_objects(runtime, [job])[0]
+
+    return await run_in_threadpool(found)
+
+
+@router.delete("/ai/queue/{generation_id}", summary="Cancel a queued or processing generation.")
+async def cancel_generation(request: Request, generation_id: str, caller: CallerDep) -> dict[str, Any]:
+    job = await asyncio.to_thread(runtime_of(request).service.cancel, generation_id, **caller.scope)
+    return {"status": "success", "generation_id": generation_id, "generation_status": job.status.value}
+
+
+@router.get(
+    "/events",
+    summary="Server-Sent Events: media_generation_completed and progress.",
+    response_class=EventSourceResponse,
+    responses={200: {"description": "An endless event stream.", "content": {"text/event-stream": {}}}},
+)
+async def events(
+    request: Request,
+    caller: CallerDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    runtime = runtime_of(request)
+    if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
+        # Beyond SQLite's integers nothing can follow: resume after everything stored.
+        # Digits bounded before int(): past 4300 of them Python refuses to convert (a 500).
+        after = min(int(last_event_id), 2**63 - 1) if len(last_event_id) <= 19 else 2**63 - 1
+    else:
+        # Oxen's own examples enqueue first and connect after, so a fast job could finish
+        # in between; a short replay window closes that race (clients filter by id).
+        since = time.time() - runtime.settings.sse_replay_seconds
+        after = await asyncio.to_thread(runtime.store.last_seq_before, since)
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        async with runtime.bus.subscribe(
+            after=after, owner=caller.owner, all_owners=caller.key is None
+        ) as subscription:
+            # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
+            async for event in while_allowed(runtime, caller, subscription):
+                for sse in to_sse(runtime, event):
+                    yield sse
+
+    return EventSourceResponse(
+        stream(),
+        ping=runtime.settings.keepalive_interval,
+        ping_message_factory=lambda: _frame(comment="keep-alive"),
+        sep="\n",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/ai/models", summary="Served models.")
+async def list_models(request: Request) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in runtime.models()]}
+
+
+@router.get("/ai/models/search", summary="Served models whose id or name contains a text.")
+async def search_models(request: Request, search: str = Query("", max_length=200)) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    text = search.lower()
+    found = [
+        model_object(runtime, m.variant, m.demo)
+        for m in runtime.models()
+        if text in oxen_id(m.variant) or text in m.variant.display_name.lower()
+    ]
+    return {"object": "list", "data": found}
+
+
+@router.get("/ai/models/{model_id:path}", summary="One served model, with its request schema.")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    served = runtime.served_model(model_id)
+    if served is None:
+        raise NotFoundError(f"Model not found: {model_id}")
+    return model_object(runtime, served.variant, served.demo)
 
 
 def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def generation_objects(runtime: Runtime, jobs: list[Job], base_url: str) -> list[dict[str, Any]]:
+def generation_objects(runtime: Runtime, jobs: list[Job]) -> list[dict[str, Any]]:
     """Queue items for ``jobs``, with every queue position from one store query (blocking: call it
     from a worker thread, never on the event loop)."""
     positions = runtime.service.queue_positions(jobs)
-    return [generation_object(runtime, job, base_url, positions.get(job.id)) for job in jobs]
+    return [generation_object(runtime, job, positions.get(job.id)) for job in jobs]
 
 
-def generation_object(runtime: Runtime, job: Job, base_url: str, queue_position: int | None = None) -> dict[str, Any]:
+def generation_object(runtime: Runtime, job: Job, queue_position: int | None = None) -> dict[str, Any]:
     """A queue item as Oxen shapes it, plus kleinserve's extras (progress, queue position, size)."""
     outputs = outputs_of(job)
     item: dict[str, Any] = {
@@ -360,7 +368,7 @@ def generation_object(runtime: Runtime, job: Job, base_url: str, queue_position:
         "prompt": job.request.prompt,
         "media_type": "image",
         "status": job.status.value,
-        "result_url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+        "result_url": result_url(runtime, outputs[0]) if outputs else None,
         "error_message": job.error_message,
         "enqueued_at": _ts(job.created_at),
         "started_at": _ts(job.started_at),
@@ -396,7 +404,7 @@ _OWN_EVENTS = {
 }
 
 
-def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEvent]:
+def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     """The SSE frames for one job event: Oxen's completion event, then kleinserve's own."""
     frames: list[ServerSentEvent] = []
     job_id = event.job_id
@@ -408,7 +416,7 @@ def to_sse(runtime: Runtime, event: Event, base_url: str) -> list[ServerSentEven
             "status": "succeeded",
             "media_type": "image",
             "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
-            "url": result_url(runtime, base_url, outputs[0]) if outputs else None,
+            "url": result_url(runtime, outputs[0]) if outputs else None,
         }
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
     elif event.type is EventType.FAILED:

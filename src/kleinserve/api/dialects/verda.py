@@ -1,6 +1,6 @@
 """The Verda (formerly DataCrunch) dialect: ``POST /<slug>/generate``, one path per klein variant.
 
-Contract: ../shared/api/verda.md. The model is the path slug; the request is JSON; the answer is
+Compatibility notes: docs/api/verda.md. The model is the path slug; the request is JSON; the answer is
 synchronous: the raw image with ``X-Seed`` and ``X-Has-Nsfw-Content`` headers, or JSON with
 ``enable_base64_output``. Choices where Verda is silent (published in the README):
 
@@ -36,12 +36,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from kleinserve.api.auth import CallerDep
+from kleinserve.api.auth import Caller, CallerDep
+from kleinserve.api.dialects.base import Example, FieldNames, submit_and_wait, to_request
 from kleinserve.api.errors import status_for
-from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of, wait_for_jobs
+from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of
 from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.engine.variants import Variant, find_variant
-from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, UnknownModelError
+from kleinserve.errors import InvalidParameterError, KleinserveError, UnknownModelError
 from kleinserve.jobs.job import JobOutput
 from kleinserve.request import MAX_SEED, GenerationRequest
 from kleinserve.runtime import Runtime
@@ -51,8 +52,11 @@ SLUGS: tuple[str, ...] = ("flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
 MAX_INPUT_IMAGES = 4  # Verda's documented limit; KLEINSERVE_MAX_REFERENCES may only lower it.
 SAFETY_HEADER = "X-Kleinserve-Safety-Checker"
+NAME = "verda"
 # Canonical field -> the Verda name a client sent, for error messages.
-_FIELD_NAMES = {"steps": "num_steps", "images": "input_images", "quality": "output_quality", "size": "width/height"}
+NAMES = FieldNames(
+    {"steps": "num_steps", "images": "input_images", "quality": "output_quality", "size": "width/height"}
+)
 # Declared so the OpenAPI page shows Verda's bearer auth; auto_error=False: nothing is refused yet.
 _bearer = HTTPBearer(
     scheme_name="VerdaBearer", auto_error=False, description="Verda API key; accepted, not checked yet."
@@ -125,25 +129,22 @@ def to_generation_request(body: VerdaGenerateRequest, variant: Variant, settings
     _check_fixed(body, variant)
     images = body.input_images or []
     _check_inputs(images)
-    try:
-        return GenerationRequest.parse(
-            {
-                "model": variant.id,
-                "prompt": body.prompt,
-                "images": images,
-                "width": body.width,
-                "height": body.height,
-                "steps": body.num_steps,
-                "guidance": body.guidance,
-                "seed": body.seed,
-                "output_format": body.output_format,
-                "quality": body.output_quality,
-            },
-            settings,
-        )
-    except InvalidParameterError as err:
-        field = _FIELD_NAMES.get(err.field, err.field)
-        raise InvalidParameterError(field, err.message.split(": ", 1)[-1]) from None
+    return to_request(
+        {
+            "model": variant.id,
+            "prompt": body.prompt,
+            "images": images,
+            "width": body.width,
+            "height": body.height,
+            "steps": body.num_steps,
+            "guidance": body.guidance,
+            "seed": body.seed,
+            "output_format": body.output_format,
+            "quality": body.output_quality,
+        },
+        settings,
+        NAMES,
+    )
 
 
 class ServedVariant:
@@ -168,73 +169,92 @@ def _headers(output: JobOutput) -> dict[str, str]:
     return {"X-Seed": str(output.seed), "X-Has-Nsfw-Content": "false", SAFETY_HEADER: "unavailable"}
 
 
+router = APIRouter(tags=["verda"], dependencies=[Security(_bearer)])
+
+
 class VerdaDialect:
     """The Verda inference API for the four FLUX.2 [klein] variants."""
 
-    name = "verda"
+    name = NAME
     prefixes: tuple[str, ...] = tuple(f"/{slug}" for slug in SLUGS)
+
+    def router(self) -> APIRouter:
+        return router
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         """Provisional: Verda's error example was lost; FastAPI's ``detail`` plus our stable code."""
         return {"detail": error.message, "code": error.code}
 
-    def router(self) -> APIRouter:
-        router = APIRouter(tags=["verda"], dependencies=[Security(_bearer)])
-        for slug in SLUGS:
-            router.add_api_route(
-                f"/{slug}/generate",
-                self._generate_endpoint(slug),
-                methods=["POST"],
-                summary=f"Generate with {find_variant(slug).display_name} (sync).",
-                response_class=Response,
-                responses=_IMAGE_RESPONSES,
-            )
+    def model_id(self, variant: Variant) -> str:
+        return verda_slug(variant.id)
 
-        # Registered after the four: any other "/<slug>/generate" is a Verda client asking for a
-        # model kleinserve does not have. Its path is outside `prefixes`, so the body is rendered
-        # here, in Verda's shape, rather than by the app's error handler.
-        @router.post("/{slug}/generate", include_in_schema=False)
-        async def unknown_slug(request: Request, slug: str) -> JSONResponse:
-            error = UnknownModelError(slug, served_slugs(runtime_of(request)))
-            status = status_for(error)
-            return JSONResponse(self.error_body(error, status), status_code=status)
+    def example(self, variant: Variant) -> Example:
+        return Example(
+            dialect=NAME,
+            title="Verda: generate (raw image bytes back)",
+            method="POST",
+            path=f"/{verda_slug(variant.id)}/generate",
+            body={"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 768},
+            notes=("The model is the path; enable_base64_output: true answers JSON instead of bytes.",),
+        )
 
-        return router
 
-    def _generate_endpoint(self, slug: str) -> Callable[..., Awaitable[Response]]:
-        served = Depends(ServedVariant(slug))  # a closure's own dependency: one per slug
+async def generate(
+    request: Request, body: VerdaGenerateRequest, runtime: Runtime, caller: Caller, variant: Variant
+) -> Response:
+    """One sync generation for ``variant``: raw bytes with X-Seed, or base64 JSON."""
+    gen = to_generation_request(body, variant, runtime.settings)
+    extra = {"model": verda_slug(variant.id), "enable_safety_checker": body.enable_safety_checker}
+    (job,) = await submit_and_wait(
+        request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="input_images"
+    )
+    (output,) = outputs_of(job)
+    data = await asyncio.to_thread(runtime.read_asset, output.key)
+    if not body.enable_base64_output:
+        return Response(data, media_type=output.media_type, headers=_headers(output))
+    content = {
+        "image": base64.b64encode(data).decode(),
+        "seed": output.seed,
+        "has_nsfw_content": False,
+        "output_format": job.request.output_format.value,
+        "width": output.width,
+        "height": output.height,
+    }
+    return JSONResponse(content, headers=_headers(output))
 
-        async def generate(
-            request: Request,
-            body: VerdaGenerateRequest,
-            runtime: ReadyRuntime,
-            caller: CallerDep,
-            variant: Variant = served,
-        ) -> Response:
-            gen = to_generation_request(body, variant, runtime.settings)
-            extra = {"model": slug, "enable_safety_checker": body.enable_safety_checker}
-            jobs = await asyncio.to_thread(
-                runtime.service.submit, [gen], key=caller.key, dialect=self.name, extra=extra
-            )
-            try:
-                (job,) = await wait_for_jobs(request, runtime, jobs)
-            except InvalidRequestError as err:
-                # The worker names references by the canonical field; this client sent input_images.
-                if err.message.startswith("images["):
-                    raise InvalidRequestError("input_" + err.message, code=err.code) from None
-                raise
-            (output,) = outputs_of(job)
-            data = await asyncio.to_thread(runtime.read_asset, output.key)
-            if not body.enable_base64_output:
-                return Response(data, media_type=output.media_type, headers=_headers(output))
-            content = {
-                "image": base64.b64encode(data).decode(),
-                "seed": output.seed,
-                "has_nsfw_content": False,
-                "output_format": job.request.output_format.value,
-                "width": output.width,
-                "height": output.height,
-            }
-            return JSONResponse(content, headers=_headers(output))
 
-        return generate
+def _generate_route(slug: str) -> Callable[..., Awaitable[Response]]:
+    """The endpoint of one slug: FastAPI needs a function per path to resolve its own dependency."""
+    served = Depends(ServedVariant(slug))
+
+    async def endpoint(
+        request: Request,
+        body: VerdaGenerateRequest,
+        runtime: ReadyRuntime,
+        caller: CallerDep,
+        variant: Variant = served,
+    ) -> Response:
+        return await generate(request, body, runtime, caller, variant)
+
+    return endpoint
+
+
+for _slug in SLUGS:
+    router.add_api_route(
+        f"/{_slug}/generate",
+        _generate_route(_slug),
+        methods=["POST"],
+        summary=f"Generate with {find_variant(_slug).display_name} (sync).",
+        response_class=Response,
+        responses=_IMAGE_RESPONSES,
+    )
+
+
+# Registered after the four: any other "/<slug>/generate" is a Verda client asking for a model
+# kleinserve does not have. Its path is outside `prefixes`, so the body is rendered here, in
+# Verda's shape, rather than by the app's error handler.
+@router.post("/{slug}/generate", include_in_schema=False)
+async def unknown_slug(request: Request, slug: str) -> JSONResponse:
+    error = UnknownModelError(slug, served_slugs(runtime_of(request)))
+    status = status_for(error)
+    return JSONResponse(VerdaDialect().error_body(error, status), status_code=status)

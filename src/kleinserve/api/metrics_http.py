@@ -1,0 +1,71 @@
+"""``GET /metrics``: this process's Prometheus metrics, behind ``KLEINSERVE_METRICS``.
+
+``off`` (the default) answers 404 as if the route did not exist; ``open`` serves anyone who reaches
+the server (put it behind the proxy's own rules); ``admin`` needs ``Authorization: Bearer
+<KLEINSERVE_ADMIN_TOKEN>``, a secret of the operator's that is not an API key, so a key holder
+cannot read other keys' traffic. The token is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kleinserve import metrics
+from kleinserve.api.jobs_http import runtime_of
+from kleinserve.errors import AuthenticationError, NotFoundError
+from kleinserve.jobs.job import JobStatus
+from kleinserve.runtime import Runtime
+
+
+def metrics_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics of this process (KLEINSERVE_METRICS: off, open or admin).",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    )
+    async def read_metrics(request: Request) -> Response:
+        settings = runtime_of(request).settings
+        if settings.metrics == "off":
+            raise NotFoundError("metrics are off (KLEINSERVE_METRICS=open or admin turns them on)")
+        if settings.metrics == "admin":
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+            if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(token.strip(), expected):
+                raise AuthenticationError("metrics need the admin token: 'Authorization: Bearer <token>'")
+        body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)  # the queue collector reads the store
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def watch_runtime(runtime: Runtime) -> Callable[[], None]:
+    """Register the scrape-time collectors of ``runtime`` (queue, device memory); returns the undo."""
+
+    def queue() -> tuple[int, int, float | None]:
+        store = runtime.store
+        queued = store.list(statuses=[JobStatus.QUEUED], any_owner=True, limit=runtime.settings.max_queue + 1)
+        oldest = min((job.created_at for job in queued), default=None)
+        return store.count([JobStatus.QUEUED]), store.count([JobStatus.PROCESSING]), oldest
+
+    def device_memory() -> list[tuple[str, str, int]]:
+        if not runtime.device:  # models not loaded (or an API-only process): nothing to report
+            return []
+        from kleinserve.engine.device import memory_rows  # torch is loaded once a device is chosen
+
+        return memory_rows(runtime.device)
+
+    undo = [metrics.watch(metrics.QueueCollector(queue)), metrics.watch(metrics.DeviceMemoryCollector(device_memory))]
+
+    def unwatch() -> None:
+        for step in undo:
+            step()
+
+    return unwatch

@@ -1,0 +1,168 @@
+"""The bench's cases, and how each one runs on kleinserve and on diffusers over the same modules.
+
+A case is a workload (prompts, references, images per request, requests at once, CFG). Each run of a
+case gets its own prompts from a run counter, so "unique" prompts really are new to both sides, while
+"repeat" sends the same prompt every time (where kleinserve's prompt cache helps and diffusers' text
+encoder runs again). Outputs are PIL images encoded to PNG on both sides by the same encoder, as the
+server does; diffusers' side gets exactly the generators kleinserve documents (image i: seed + i).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kleinserve.engine.engine import Engine
+from kleinserve.engine.images import encode_image
+from kleinserve.generation import run_request
+from kleinserve.request import GenerationRequest, OutputFormat
+from kleinserve.settings import Settings
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workload of the bench."""
+
+    name: str
+    description: str
+    references: int = 0
+    num_images: int = 1
+    requests: int = 1  # > 1: that many compatible requests at once (a throughput case)
+    cfg: bool = False  # the Base twin of the model, with true classifier-free guidance
+    kv: bool = False  # the 9B-KV path (reference K/V cached) against Flux2KleinKVPipeline
+    unique_prompts: bool = True
+
+    @property
+    def images(self) -> int:
+        return self.num_images * self.requests
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in (
+        Case("unique", "text-to-image, a new prompt every run"),
+        Case("repeat", "text-to-image, the same prompt every run", unique_prompts=False),
+        Case("ref1", "edit with 1 reference image", references=1),
+        Case("ref4", "edit with 4 reference images", references=4),
+        Case("cfg", "Base with CFG (guidance 4), new prompts", cfg=True),
+        Case("n4", "4 images in one request (n=4)", num_images=4),
+        Case("queue4", "4 compatible requests at once (throughput)", requests=4),
+        Case("kv1", "9B-KV path, 1 reference, vs Flux2KleinKVPipeline", references=1, kv=True),
+        Case("kv4", "9B-KV path, 4 references, vs Flux2KleinKVPipeline", references=4, kv=True),
+    )
+}
+DEFAULT_CASES = tuple(CASES)
+BENCH_GUIDANCE = 4.0
+
+
+def prompts_for(case: Case, run: int) -> list[str]:
+    """The prompts of one run: new ones per run (and per request), or one fixed prompt."""
+    if not case.unique_prompts:
+        return ["a lighthouse on a cliff at dusk, oil painting"] * case.requests
+    return [f"a red fox number {run}-{i} in fresh snow, photo" for i in range(case.requests)]
+
+
+def reference_images(count: int, size: int) -> list[Image.Image]:
+    """Fixed, detailed reference images (a noisy colour gradient), the same on every run."""
+    rng = np.random.default_rng(1234)
+    images = []
+    for index in range(count):
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        planes = [ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 40.0 * index)]
+        base = np.stack(planes)
+        pixels = np.clip(base.transpose(1, 2, 0) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels, "RGB"))
+    return images
+
+
+StageAdd = Callable[[str, float], None]  # adds seconds to a stage of the bench's clock
+
+
+@dataclass
+class Setup:
+    """What every case runs on: engines and diffusers pipelines sharing one set of modules."""
+
+    engine: Engine  # the served (distilled) model
+    base_engine: Engine  # its undistilled twin on the same modules, for CFG
+    pipeline: Any  # diffusers Flux2KleinPipeline over engine's modules
+    base_pipeline: Any
+    kv_engine: Engine | None  # the 9B-KV twin over the same modules (built on first use)
+    kv_pipeline: Any
+    size: int
+    steps: int
+    base_steps: int
+    settings: Settings
+
+    def steps_for(self, case: Case) -> int:
+        return self.base_steps if case.cfg else self.steps
+
+
+def run_kleinserve(
+    setup: Setup, case: Case, run: int, seed: int, references: Sequence[Image.Image], clock_add: StageAdd
+) -> list[Image.Image]:
+    """One run through the path the server takes (``run_request``: engine, then PNG encoding)."""
+    engine = setup.base_engine if case.cfg else setup.kv_engine if case.kv else setup.engine
+    assert engine is not None
+    images: list[Image.Image] = []
+    for prompt in prompts_for(case, run):
+        request = GenerationRequest.parse(
+            {
+                "model": engine.variant.id,
+                "prompt": prompt,
+                # Names only: the images are passed loaded, as the worker passes them.
+                "images": [f"bench-reference-{i}" for i in range(len(references))],
+                "width": setup.size,
+                "height": setup.size,
+                "steps": setup.steps_for(case),
+                "guidance": BENCH_GUIDANCE if case.cfg else 1.0,
+                "seed": seed,
+                "num_images": case.num_images,
+            },
+            setup.settings,
+        )
+        result = run_request(request, engine, references)
+        clock_add("encode_image", result.timings.get("encode", 0.0))
+        images.extend(Image.open(io.BytesIO(encoded.data)) for encoded in result.images)
+    return images
+
+
+def run_diffusers(
+    setup: Setup, case: Case, run: int, seed: int, references: Sequence[Image.Image], clock_add: StageAdd
+) -> list[Image.Image]:
+    """The same run as a diffusers user writes it: one pipeline call per request, then PNG encoding."""
+    pipeline = setup.base_pipeline if case.cfg else setup.kv_pipeline if case.kv else setup.pipeline
+    images: list[Image.Image] = []
+    for prompt in prompts_for(case, run):
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(case.num_images)]
+        extra = {} if case.kv else {"guidance_scale": BENCH_GUIDANCE if case.cfg else 1.0}
+        output = pipeline(
+            **extra,
+            image=list(references) or None,
+            prompt=prompt,
+            height=setup.size,
+            width=setup.size,
+            num_inference_steps=setup.steps_for(case),
+            num_images_per_prompt=case.num_images,
+            generator=generators,
+        ).images
+        started = time.perf_counter()
+        encoded = [encode_image(image, OutputFormat.PNG, 95) for image in output]
+        clock_add("encode_image", time.perf_counter() - started)
+        images.extend(Image.open(io.BytesIO(item.data)) for item in encoded)
+    return images
+
+
+def max_pixel_difference(ours: Sequence[Image.Image], theirs: Sequence[Image.Image]) -> int:
+    """The largest difference of any uint8 pixel value between two runs' images."""
+    worst = 0
+    for a, b in zip(ours, theirs, strict=True):
+        diff = np.abs(np.asarray(a.convert("RGB"), dtype=np.int16) - np.asarray(b.convert("RGB"), dtype=np.int16))
+        worst = max(worst, int(diff.max()))
+    return worst

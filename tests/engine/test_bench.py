@@ -1,0 +1,60 @@
+"""`kleinserve bench` runs on tiny weights and writes the JSON it promises (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kleinserve.cli import app
+from kleinserve.engine.bench.measure import STAGES
+from kleinserve.engine.tiny import make_tiny
+
+
+def test_bench_writes_its_json(tmp_path: Path, tiny_distilled: Path) -> None:
+    target = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--dtype", "float32", "--size", "64",
+            "--steps", "1", "--base-steps", "1", "--cases", "ref1,cfg,kv1", "--repeats", "1", "--json", str(target),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "kleinserve vs diffusers" in result.stdout and "cfg" in result.stdout
+    report = json.loads(target.read_text())
+    assert report["model"] == "flux-2-klein-4b" and report["size"] == 64
+    assert report["command"].startswith("kleinserve bench --model")
+    assert report["matmul_peak_tflops"] > 0
+    assert {"cpu", "device", "dtype", "torch", "diffusers"} <= set(report["machine"])
+    assert [case["name"] for case in report["cases"]] == ["ref1", "cfg", "kv1"]
+    for case in report["cases"]:
+        # Same weights, prompts and seeds on both sides: the exact path gives diffusers' pixels.
+        assert case["max_pixel_diff"] == 0
+        assert case["ratio"] > 0
+        for side in ("kleinserve", "diffusers"):
+            numbers = case[side]
+            assert len(numbers["runs_seconds"]) == 1
+            assert set(numbers["stages_median_seconds"]) == {*STAGES, "other"}
+            assert numbers["transformer_tflop"] > 0 and numbers["denoise_tflops"] > 0
+            assert numbers["peak_fraction"] > 0
+            assert numbers["peak_memory_bytes"] > 0
+    ref1, cfg, kv1 = report["cases"]
+    assert ref1["kleinserve"]["stages_median_seconds"]["encode_references"] > 0
+    # One Base step with CFG: a conditional and an unconditional transformer pass on each side.
+    assert cfg["kleinserve"]["transformer_calls"] == cfg["diffusers"]["transformer_calls"] == 2
+    # The 9B-KV path against Flux2KleinKVPipeline: the reference tokens only at the first step.
+    assert kv1["vs_plain"] > 0
+    assert kv1["kleinserve"]["transformer_calls"] == kv1["diffusers"]["transformer_calls"] == 1
+
+
+def test_bench_rejects_unknown_cases(tiny_distilled: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--cases", "warp"])
+    assert result.exit_code == 1 and "unknown case(s) warp" in result.stderr
+
+
+def test_make_tiny_rejects_unknown_presets(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="preset"):
+        make_tiny(tmp_path, "distilled", preset="huge")  # type: ignore[arg-type]

@@ -164,7 +164,9 @@ def test_metrics_off_is_404(tmp_path: Any) -> None:
     from kleinserve.api.app import create_app
     from kleinserve.settings import Settings
 
-    client = TestClient(create_app(Settings(data_dir=tmp_path), served=[]))  # no lifespan: nothing loads
+    client = TestClient(
+        create_app(Settings(data_dir=tmp_path), served=[]), base_url="http://localhost"
+    )  # no lifespan: nothing loads
     response = client.get("/metrics")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert response.headers["x-request-id"]

@@ -290,6 +290,9 @@ def test_pages_and_files_cannot_be_framed_and_files_cache_no_longer_than_their_l
     image = httpx.get(link)
     assert image.status_code == 200 and image.headers["X-Frame-Options"] == "DENY"
     assert image.headers["Referrer-Policy"] == "no-referrer"
+    # The signed link's secret part never reaches the server's (access) log.
+    signature = httpx.URL(link).params["sig"]
+    assert until(lambda: "/files/" in server.log(), timeout=10) and signature not in server.log()
     expires = int(httpx.URL(link).params["expires"])
     max_age = int(image.headers["Cache-Control"].split("max-age=")[1])
     assert 0 <= max_age <= expires - time.time() + 1

@@ -288,6 +288,11 @@ async def assets(
             "location": location,
             "contentType": media_type_for(key),  # what is kept: the decoded pixels as PNG
         },
-        # The upload's folder in storage is a fresh UUID: it serves as the asset's id.
-        "fileContent": {"uuid": key.split("/")[-2], "path": key, "type": name.rsplit(".", 1)[-1], "name": name},
+        # The upload's folder in storage is "<owner>-<fresh UUID>": the UUID serves as the asset's id.
+        "fileContent": {
+            "uuid": key.split("/")[-2].partition("-")[2],
+            "path": key,
+            "type": name.rsplit(".", 1)[-1],
+            "name": name,
+        },
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,30 @@ def tiny_distilled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny undistilled checkpoint (like Base 4B/9B)."""
     return make_tiny(tmp_path_factory.mktemp("tiny-base"), "base", seed=1)
+
+
+@pytest.fixture(scope="session")
+def classifiers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny safety-checker classifiers that always say nsfw (written through the CLI) or normal."""
+    from kleinserve.engine.tiny_classifier import make_tiny_classifier
+
+    nsfw = tmp_path_factory.mktemp("classifier-nsfw")
+    done = subprocess.run(
+        [sys.executable, "-m", "kleinserve", "make-tiny", str(nsfw), "--classifier", "nsfw"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return {"nsfw": nsfw, "normal": make_tiny_classifier(tmp_path_factory.mktemp("classifier-normal"), "normal")}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_distilled: Path) -> Path:
+    """A random LoRA (rank 4, attention projections) for the tiny transformers."""
+    from kleinserve.engine.tiny import make_tiny_lora
+
+    return make_tiny_lora(tiny_distilled, tiny_distilled.parent / "tiny-lora" / "tiny.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -192,6 +192,29 @@ _PARSE_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("quality zero", {"prompt": "p", "quality": 0}, {}, "quality", "greater than or equal to 1"),
     ("quality 101", {"prompt": "p", "quality": 101}, {}, "quality", "less than or equal to 100"),
     ("model empty", {"prompt": "p", "model": ""}, {}, "model", "at least 1 character"),
+    ("negative on distilled", {"prompt": "p", "negative_prompt": "rain"}, {}, "negative_prompt", "guidance-distilled"),
+    (
+        "negative on 9B-KV",
+        {"prompt": "p", "model": "flux-2-klein-9b-kv", "negative_prompt": "rain"},
+        {},
+        "negative_prompt",
+        "negative prompts work on the Base variants",
+    ),
+    (
+        "negative without CFG",
+        {"prompt": "p", "model": "flux-2-klein-base-4b", "guidance": 1.0, "negative_prompt": "rain"},
+        {},
+        "negative_prompt",
+        "needs guidance above 1",
+    ),
+    (
+        "long negative",
+        {"prompt": "p", "model": "flux-2-klein-base-4b", "negative_prompt": "x" * 11},
+        {"max_prompt_chars": 10},
+        "negative_prompt",
+        "over the limit of 10",
+    ),
+    ("negative not text", {"prompt": "p", "negative_prompt": 3}, {}, "negative_prompt", "valid string"),
 ]
 
 
@@ -234,6 +257,17 @@ def test_parse_accepts_boundary_values(data: dict[str, Any], settings_kwargs: di
     request = GenerationRequest.parse(data, Settings(**settings_kwargs))
     for key, value in data.items():
         assert getattr(request, key) == value
+
+
+def test_negative_prompt_on_base_variants() -> None:
+    for model in ("flux-2-klein-base-4b", "black-forest-labs/FLUX.2-klein-base-9B"):
+        request = GenerationRequest.parse({"prompt": "p", "model": model, "negative_prompt": "rain"}, Settings())
+        assert request.negative_prompt == "rain"
+    # "" is the negative CFG always uses, so it is the same request as none, on every variant.
+    assert GenerationRequest.parse({"prompt": "p", "negative_prompt": ""}, Settings()).negative_prompt is None
+    # A stored request reads back without the settings context.
+    stored = GenerationRequest.parse({"prompt": "p", "model": "flux-2-klein-base-4b", "negative_prompt": "rain"})
+    assert GenerationRequest.model_validate(stored.model_dump()) == stored
 
 
 def test_parse_uses_settings_bounds() -> None:
@@ -287,13 +321,19 @@ _FULL_REQUEST: dict[str, Any] = {
     "num_images": 3,
     "output_format": "jpg",
     "quality": 80,
+    "loras": [{"name": "ink", "scale": 0.8}, {"name": "grain", "scale": -0.5}],
 }
 
 
 def test_full_request_round_trips() -> None:
     request = GenerationRequest.parse(_FULL_REQUEST)
     dumped = request.model_dump()
-    assert dumped == {**_FULL_REQUEST, "output_format": OutputFormat.JPEG}
+    assert dumped == {
+        **_FULL_REQUEST,
+        "output_format": OutputFormat.JPEG,
+        "negative_prompt": None,
+        "safety_check": True,
+    }
     again = GenerationRequest.parse(dumped)
     assert again == request
     # And through JSON-safe values, as a job file would store it.

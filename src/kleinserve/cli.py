@@ -106,6 +106,9 @@ def generate(
     ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the variant's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the variant's).")] = None,
+    negative_prompt: Annotated[
+        Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -134,6 +137,7 @@ def generate(
             {
                 "model": spec.variant.id,
                 "prompt": prompt,
+                "negative_prompt": negative_prompt,
                 "images": image or [],
                 "width": w,
                 "height": h,
@@ -214,6 +218,10 @@ def serve(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
     ] = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option("--lora", help="LoRA adapter to offer: NAME=PATH_OR_HUB_ID, a directory or a file; repeatable."),
+    ] = None,
     public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
@@ -235,6 +243,21 @@ def serve(
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
     ] = None,
+    safety_checker: Annotated[
+        Optional[str],
+        typer.Option(
+            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
+        ),
+    ] = None,
+    safety_policy: Annotated[
+        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
+    ] = None,
+    safety_threshold: Annotated[
+        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
+    ] = None,
+    safety_allow_disable: Annotated[
+        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
+    ] = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -243,6 +266,8 @@ def serve(
     from kleinserve.api.app import create_app
     from kleinserve.api.server import run as run_http
     from kleinserve.engine.catalog import plan_models
+    from kleinserve.engine.lora import check_sources
+    from kleinserve.loras import parse_lora_options
     from kleinserve.runtime import memory_plan_for
 
     settings = _settings(
@@ -259,6 +284,7 @@ def serve(
         text_encoder_device=text_encoder_device,
         compile=compile_blocks or None,
         attention_backend=attention_backend,
+        loras=lora,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
         fetch_allow=fetch_allow,
@@ -267,6 +293,10 @@ def serve(
         log_prompts=log_prompts or None,
         metrics=metrics,
         metrics_port=metrics_port,
+        safety_checker=safety_checker,
+        safety_policy=safety_policy,
+        safety_threshold=safety_threshold,
+        safety_allow_disable=safety_allow_disable or None,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
@@ -285,6 +315,8 @@ def serve(
             )
         served = plan_models(settings.models, settings.data_dir)
         memory = memory_plan_for(settings, served)
+        offered = parse_lora_options(settings.loras)
+        check_sources(offered)
     except KleinserveError as err:
         _fail(err.message)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -298,6 +330,8 @@ def serve(
     err_console.print(f"kleinserve {url}", highlight=False)
     for m in served:
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
+    if offered:
+        err_console.print(f"  LoRA adapters: {', '.join(sorted(offered))}", highlight=False, markup=False)
     for line in memory.lines():
         err_console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     if memory.fits is False:
@@ -423,9 +457,28 @@ def make_tiny_command(
         str,
         typer.Option(help="tiny (a few MB, the default) or bench (klein 4B's real widths, few blocks, ~7 GB)."),
     ] = "tiny",
+    classifier: Annotated[
+        Optional[str],
+        typer.Option(
+            "--classifier",
+            help="Write a tiny safety-checker classifier instead, that always says nsfw or normal.",
+        ),
+    ] = None,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
+    ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
-    from kleinserve.engine.tiny import PRESETS, make_tiny
+    from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
+
+    if classifier is not None:
+        from kleinserve.engine.tiny_classifier import make_tiny_classifier
+
+        if classifier not in ("nsfw", "normal"):
+            _fail(f"--classifier must be nsfw or normal, not {classifier!r}")
+        make_tiny_classifier(directory, classifier, seed)  # type: ignore[arg-type]
+        out_console.print(f"wrote a tiny {classifier} image classifier to {directory}", highlight=False)
+        return
 
     if variant not in ("distilled", "base", "kv"):
         _fail(f"--variant must be distilled, base or kv, not {variant!r}")
@@ -434,6 +487,9 @@ def make_tiny_command(
     make_tiny(directory, variant, seed, preset)  # type: ignore[arg-type]
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     out_console.print(f"wrote a {preset} {variant} checkpoint to {directory} ({size / 1e6:.1f} MB)", highlight=False)
+    if lora:
+        path = make_tiny_lora(directory, directory / "lora" / "tiny.safetensors", seed)
+        out_console.print(f"wrote a tiny LoRA to {path} (serve it with --lora {path.parent})", highlight=False)
 
 
 @app.command()
@@ -447,6 +503,15 @@ def bench(
     cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
     repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    offload: Annotated[str, typer.Option(help="Memory mode to measure: none, model, sequential or group.")] = "none",
+    quantize: Annotated[str, typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = "none",
+    quantize_text_encoder: Annotated[
+        str, typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = "none",
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks.")] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend.")
+    ] = None,
 ) -> None:
     """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
     from kleinserve.engine.bench.cases import CASES
@@ -454,6 +519,8 @@ def bench(
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
     from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.loading import LoadOptions
+    from kleinserve.engine.memory import MemoryMode
     from kleinserve.engine.weights import ModelSpec, load_engine
 
     settings = _settings(device=device, dtype=dtype)
@@ -468,17 +535,31 @@ def bench(
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
-        engine = load_engine(spec, torch_device, torch_dtype)
+        mode = MemoryMode(offload, quantize, quantize_text_encoder)
+        load = LoadOptions(torch_dtype, mode, compile_blocks, attention_backend)
+        err_console.print(f"memory mode: {load.describe()}", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype, options=load)
         engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:
         _fail(err.message)
-    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    flags = {
+        "--device": device,
+        "--dtype": dtype,
+        "--steps": steps,
+        "--json": json_path,
+        "--offload": None if offload == "none" else offload,
+        "--quantize": None if quantize == "none" else quantize,
+        "--quantize-text-encoder": None if quantize_text_encoder == "none" else quantize_text_encoder,
+        "--attention-backend": attention_backend,
+    }
+    report["mode"] = load.describe()
     report["command"] = " ".join(
         [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
         + [f"--cases {','.join(chosen)}"]
         + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+        + (["--compile"] if compile_blocks else [])
     )
     width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
     out_console.print(summary_table(report), width=width)

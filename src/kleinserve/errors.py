@@ -12,6 +12,7 @@ and to each dialect's error body in one table, and the CLI prints ``message`` an
     │   ├── InvalidImageError               a reference image cannot be fetched, decoded or accepted
     │   ├── UnknownModelError               the model id names no known or served variant
     │   ├── NotFoundError                   a job, file or other resource does not exist
+    │   ├── ContentPolicyError              the safety checker refused the output (policy "refuse")
     │   ├── PayloadTooLargeError            the request body is over the configured cap
     │   ├── UnsupportedMediaTypeError       the body's Content-Type is not one the route reads
     │   └── RequestTimeoutError             the request body did not arrive in time
@@ -87,6 +88,12 @@ class NotFoundError(InvalidRequestError):
     """A job, file or other named resource does not exist (or is not the caller's)."""
 
     code = "not_found"
+
+
+class ContentPolicyError(InvalidRequestError):
+    """The safety checker flagged an output and the operator's policy is to refuse it."""
+
+    code = "content_policy_violation"  # OpenAI's code for the same refusal
 
 
 class PayloadTooLargeError(InvalidRequestError):

@@ -34,8 +34,9 @@ class GenerationResult:
     guidance: float
     timings: dict[str, float] = field(default_factory=dict)
 
-    def metadata(self, index: int, prompt: str) -> dict[str, Any]:
+    def metadata(self, index: int, prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
         """The parameters of image ``index``, as embedded in its file."""
+        extra = {"negative_prompt": negative_prompt} if negative_prompt else {}
         return {
             "generator": "kleinserve",
             "model": self.model,
@@ -45,6 +46,7 @@ class GenerationResult:
             "guidance": self.guidance,
             "width": self.width,
             "height": self.height,
+            **extra,
         }
 
 
@@ -76,6 +78,10 @@ def run_request(
     if len(references) != len(request.images):
         raise InvalidParameterError("images", "references were not loaded for this request")
     timings: dict[str, float] = {}
+    if request.loras and engine.adapters is None:
+        raise InvalidParameterError("loras", "this server offers no LoRA adapters")
+    if engine.adapters is not None:
+        engine.adapters.activate(request.loras)  # exactly this job's adapters, or none
     output = engine.generate(
         EngineInputs(
             prompt=request.prompt,
@@ -86,6 +92,7 @@ def run_request(
             references=references,
             width=request.width,
             height=request.height,
+            negative_prompt=request.negative_prompt or "",
         ),
         on_progress=on_progress,
         should_cancel=should_cancel,
@@ -103,7 +110,9 @@ def run_request(
     )
     started = time.perf_counter()
     result.images = [
-        encode_image(image, request.output_format, request.quality, result.metadata(i, request.prompt))
+        encode_image(
+            image, request.output_format, request.quality, result.metadata(i, request.prompt, request.negative_prompt)
+        )
         for i, image in enumerate(output.images)
     ]
     timings["encode"] = time.perf_counter() - started

@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from kleinserve.engine.variants import DEFAULT_VARIANT_ID
-from kleinserve.errors import InvalidParameterError
+from kleinserve.engine.variants import DEFAULT_VARIANT_ID, find_variant
+from kleinserve.errors import InvalidParameterError, UnknownModelError
 from kleinserve.settings import Settings
 
 SIZE_MULTIPLE = 16
@@ -118,6 +118,15 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter a request applies, at a scale (0 leaves the base model's pixels exactly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, max_length=100, description="An adapter the server offers (GET /v1/loras).")
+    scale: float = Field(1.0, ge=-8, le=8, allow_inf_nan=False, description="Strength; 1.0 is the trained one.")
+
+
 class GenerationRequest(BaseModel):
     """One text-to-image or reference-editing request, in kleinserve's own terms.
 
@@ -130,6 +139,10 @@ class GenerationRequest(BaseModel):
 
     model: str = Field(DEFAULT_VARIANT_ID, min_length=1, max_length=200)
     prompt: str = Field(..., description="What to draw, or how to change the reference images.")
+    negative_prompt: str | None = Field(
+        None,
+        description='What to steer away from (Base variants only: true CFG against this text instead of "").',
+    )
     images: list[str] = Field(
         default_factory=list,
         description="Reference images: URL, data URI or base64 (a file path only from the CLI).",
@@ -144,6 +157,12 @@ class GenerationRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="How many images to generate.")
     output_format: OutputFormat = Field(OutputFormat.PNG, description="png, jpeg (or jpg) or webp.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP encoder quality, 1-100.")
+    safety_check: bool = Field(
+        True, description="False asks to skip the safety checker (honoured only if the operator allows it)."
+    )
+    loras: list[LoraChoice] = Field(
+        default_factory=list, description="LoRA adapters to apply, with scales (see GET /v1/loras)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -157,6 +176,20 @@ class GenerationRequest(BaseModel):
         if settings is not None and len(value) > settings.max_prompt_chars:
             raise ValueError(f"is {len(value)} characters, over the limit of {settings.max_prompt_chars}")
         return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        _check_unicode(value)
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        settings = _settings_from(info)
+        if settings is not None and len(value) > settings.max_prompt_chars:
+            raise ValueError(f"is {len(value)} characters, over the limit of {settings.max_prompt_chars}")
+        # "" is the negative CFG always uses: the same request as no negative prompt at all.
+        return value or None
 
     @field_validator("model")
     @classmethod
@@ -179,6 +212,17 @@ class GenerationRequest(BaseModel):
             raise ValueError("reference images must not be empty strings")
         for item in value:
             _check_unicode(item)
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_within_limit(cls, value: list[LoraChoice], info: ValidationInfo) -> list[LoraChoice]:
+        settings = _settings_from(info)
+        if settings is not None and len(value) > settings.max_loras:
+            raise ValueError(f"at most {settings.max_loras} LoRA adapters per request; got {len(value)}")
+        names = [choice.name for choice in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter may be named once")
         return value
 
     @field_validator("num_images")
@@ -226,6 +270,8 @@ class GenerationRequest(BaseModel):
             and (problem := _area_problem(self.width, self.height, settings))
         ):
             raise ValueError(problem)
+        if self.negative_prompt is not None:
+            _check_negative_prompt(self)
         return self
 
     @classmethod
@@ -239,6 +285,29 @@ class GenerationRequest(BaseModel):
             return cls.model_validate(dict(data), context={"settings": settings or Settings()})
         except ValidationError as err:
             raise _to_parameter_error(err) from None
+
+
+def _check_negative_prompt(request: GenerationRequest) -> None:
+    """A negative prompt needs true CFG: a Base variant with guidance above 1 (diffusers' condition).
+
+    Refused (never silently dropped) on the guidance-distilled variants, which run one transformer
+    pass per step and have no negative branch, and on a Base request that turns CFG off. An unknown
+    model is left to the model check, which names it.
+    """
+    try:
+        variant = find_variant(request.model)
+    except UnknownModelError:
+        return
+    if not variant.uses_cfg:
+        raise InvalidParameterError(
+            "negative_prompt",
+            f"{variant.id} is guidance-distilled and has no classifier-free guidance; "
+            "negative prompts work on the Base variants",
+        )
+    if request.guidance is not None and request.guidance <= 1.0:
+        raise InvalidParameterError(
+            "negative_prompt", f"needs guidance above 1 (true CFG); got guidance {request.guidance:g}"
+        )
 
 
 def _check_unicode(text: str) -> None:

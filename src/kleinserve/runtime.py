@@ -17,10 +17,12 @@ from kleinserve import metrics
 from kleinserve.access import Access
 from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
+from kleinserve.engine.classifier import safety_checker_from_settings
 from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.loading import LoadOptions, check_options, warm_up
+from kleinserve.engine.lora import check_sources
 from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
@@ -31,7 +33,9 @@ from kleinserve.jobs.service import ACTIVE, JobService
 from kleinserve.jobs.store.sqlite import SQLiteJobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import KeyStore
+from kleinserve.loras import LoraSource, parse_lora_options
 from kleinserve.quotas import Quotas
+from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
@@ -89,11 +93,13 @@ class Runtime:
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
     prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
+    safety: SafetyChecker | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
     memory: MemoryPlan | None = field(default=None, init=False)
+    loras: dict[str, LoraSource] = field(default_factory=dict, init=False)  # offered LoRA adapters
     started_at: float = field(default_factory=time.time, init=False)
 
     def __post_init__(self) -> None:
@@ -140,16 +146,22 @@ class Runtime:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
             self.service.served_models = self.served_ids()
+            self.loras = parse_lora_options(self.settings.loras)
+            check_sources(self.loras)
+            self.service.served_loras = list(self.loras)
             device, options = load_options_for(self.settings)
             self.device, self.dtype = str(device), dtype_name(options.dtype)
             self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
             self.memory.check()
-            self.engines = await asyncio.to_thread(load_engines, self.served, device, options.dtype, options)
+            self.engines = await asyncio.to_thread(
+                load_engines, self.served, device, options.dtype, options, self.loras, self.settings.lora_cache
+            )
             for engine in self.engines.values():
                 engine.prompt_cache = self.prompt_cache
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)
+            self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)
@@ -163,6 +175,7 @@ class Runtime:
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
             self.cancels,
             on_succeeded=self.charge,
+            safety=self.safety,
         )
         worker.start()
         self.workers.append(worker)

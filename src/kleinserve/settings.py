@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         None, description="Device of the text encoder when not the main one (e.g. cpu); left out of offloading."
     )
     compile: bool = Field(False, description="Compile the transformer blocks (warmed up before /readyz is 200).")
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters offered: NAME=PATH_OR_HUB_ID, a directory of .safetensors, or a file "
+        "(comma-separated in the environment).",
+    )
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request may apply.")
+    lora_cache: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (least recently used go).")
     attention_backend: str | None = Field(
         None, description="diffusers attention backend (native, flash, sage, ...); default: native SDPA."
     )
@@ -112,6 +119,18 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, description="Also expose metrics on this port (no auth; for worker processes)."
     )
     metrics_host: str = Field("127.0.0.1", description="Address the --metrics-port listener binds to.")
+
+    # Safety checker (safety.py applies the policy, engine/classifier.py scores).
+    safety_checker: str = Field(
+        "off", description="off, or an image classifier with an nsfw label (hub id or directory)."
+    )
+    safety_policy: Literal["flag", "blur", "refuse"] = Field(
+        "blur", description="What a flagged image becomes: flag (returned, reported), blur, or refuse (job fails)."
+    )
+    safety_threshold: float = Field(0.85, gt=0, le=1, description="nsfw score at or over which an image is flagged.")
+    safety_allow_disable: bool = Field(
+        False, description="Let clients skip the checker per request (Verda/1min.ai fields); off: always checked."
+    )
 
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
@@ -188,7 +207,7 @@ class Settings(BaseSettings):
         description="Credits charged per generated image, by variant (AIgateway quotes $0.040).",
     )
 
-    @field_validator("log_level", "log_format", "metrics", mode="before")
+    @field_validator("log_level", "log_format", "metrics", "safety_policy", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -199,6 +218,13 @@ class Settings(BaseSettings):
         if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
             raise ValueError("must start with postgresql://, postgres:// or sqlite:///")
         return value or None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _split_loras(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("fetch_allow", "allowed_hosts", "cors_origins", mode="before")
     @classmethod

@@ -75,8 +75,11 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base."""
+def server(
+    tiny_distilled: Path, tiny_base: Path, tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base;
+    one LoRA adapter, ``tiny``, offered."""
     process = ServerProcess(
         tmp_path_factory.mktemp("server"),
         [
@@ -90,7 +93,12 @@ def server(tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempP
         "--device",
         "cpu",
         # The tests' reference images come from the loopback image server, refused unless allowed.
-        env={"KLEINSERVE_KEEPALIVE_INTERVAL": "1", "KLEINSERVE_FETCH_ALLOW": "127.0.0.1", "KLEINSERVE_METRICS": "open"},
+        env={
+            "KLEINSERVE_KEEPALIVE_INTERVAL": "1",
+            "KLEINSERVE_FETCH_ALLOW": "127.0.0.1",
+            "KLEINSERVE_METRICS": "open",
+            "KLEINSERVE_LORAS": f"tiny={tiny_lora}",
+        },
     ).start()
     yield process
     process.stop()
@@ -102,7 +110,7 @@ ADMIN_TOKEN = "admin-token-for-tests"
 @dataclass
 class OpsServer:
     """The operations server: JSON logs with prompts, one API key, metrics behind the admin token
-    and on a port of their own."""
+    and on a port of their own, and a safety checker that flags every image (policy flag)."""
 
     server: ServerProcess
     secret: str
@@ -110,7 +118,9 @@ class OpsServer:
 
 
 @pytest.fixture(scope="session")
-def ops_server(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsServer]:
+def ops_server(
+    tiny_distilled: Path, classifiers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OpsServer]:
     from kleinserve.keys import KeyStore
 
     data_dir = tmp_path_factory.mktemp("ops")
@@ -128,6 +138,10 @@ def ops_server(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -
         "admin",
         "--metrics-port",
         str(metrics_port),
+        "--safety-checker",
+        str(classifiers["nsfw"]),
+        "--safety-policy",
+        "flag",
         env={"KLEINSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
     ).start()
     yield OpsServer(server, secret, metrics_port)

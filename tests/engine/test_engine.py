@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,45 @@ def test_cached_prompt_embedding_gives_the_same_pixels(distilled_engine: Engine)
 def test_empty_prompt_embedding_is_computed_once(base_engine: Engine) -> None:
     first = base_engine.empty_prompt_embedding()
     assert base_engine.empty_prompt_embedding() is first
+
+
+def test_negative_prompt_matches_diffusers_with_the_same_negative_embedding(base_engine: Engine) -> None:
+    """True CFG against a given text: diffusers' pipeline takes it as ``negative_prompt_embeds``."""
+    pipe = base_engine.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    negative = pipe._get_qwen3_prompt_embeds(pipe.text_encoder, pipe.tokenizer, ["blurry, low quality"])
+    expected = pipe(
+        prompt="a cat wearing a hat",
+        negative_prompt_embeds=negative,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        num_images_per_prompt=2,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)],
+    ).images
+    inputs = EngineInputs(
+        "a cat wearing a hat", 4, 4.0, 3, num_images=2, width=64, height=64, negative_prompt="blurry, low quality"
+    )
+    got = engine_images(base_engine, inputs)
+    assert all(np.array_equal(g, np.asarray(e)) for g, e in zip(got, expected, strict=True))
+    # The negative text matters: the empty negative gives other pixels.
+    plain = engine_images(base_engine, EngineInputs("a cat wearing a hat", 4, 4.0, 3, width=64, height=64))
+    assert not np.array_equal(plain[0], got[0])
+
+
+def test_negative_prompt_goes_through_the_prompt_cache(tiny_base: Path) -> None:
+    from kleinserve.engine.cache import PromptCache
+    from kleinserve.engine.variants import find_variant
+    from kleinserve.engine.weights import load_pipeline
+
+    engine = Engine(load_pipeline(tiny_base, torch.device("cpu"), torch.float32), find_variant("flux-2-klein-base-4b"))
+    engine.prompt_cache = PromptCache(64 * 1024 * 1024)
+    inputs = EngineInputs("a dog", 1, 3.0, 1, width=32, height=32, negative_prompt="rain")
+    first = engine_images(engine, inputs)
+    stats = engine.prompt_cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (0, 2, 2)  # the prompt and the negative
+    assert engine.prompt_cache.get("flux-2-klein-base-4b", "rain") is not None
+    again = engine_images(engine, inputs)
+    assert engine.prompt_cache.stats().hits == 3  # the get above, the prompt and the negative
+    assert np.array_equal(first[0], again[0])

@@ -36,9 +36,10 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def workbench_server(
-    tiny_distilled: Path, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_distilled: Path, tiny_base: Path, classifiers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """All four variants in demo mode; the checkpoints are copied, not built again."""
+    """All four variants in demo mode; the checkpoints are copied, not built again. A safety checker
+    that passes every image runs, so the page shows its verdict."""
     data_dir = tmp_path_factory.mktemp("workbench-server")
     shutil.copytree(tiny_distilled, data_dir / "demo" / "tiny-distilled")
     shutil.copytree(tiny_base, data_dir / "demo" / "tiny-base")
@@ -49,6 +50,8 @@ def workbench_server(
         "float32",
         "--device",
         "cpu",
+        "--safety-checker",
+        str(classifiers["normal"]),
         env={"HF_HOME": str(data_dir / "hf"), "KLEINSERVE_KEEPALIVE_INTERVAL": "1"},
     ).start()
     yield server

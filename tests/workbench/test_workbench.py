@@ -48,7 +48,7 @@ def page(browser: Any, workbench_server: ServerProcess) -> Iterator[Any]:
     fetched: list[str] = []
     page.on("request", lambda request: fetched.append(request.url))
     page.goto(workbench_server.url + "/")
-    expect(page.locator("#model option")).to_have_count(4)
+    expect(page.locator("#model option")).to_have_count(5)  # demo mode: klein 4B, 9B, Base 4B, Base 9B, 9B-KV
     yield page
     assert not errors, errors  # no uncaught script error in the whole session
     # Works offline: everything the page loaded came from this machine (no CDN, no fonts).
@@ -135,6 +135,7 @@ def test_generate_shows_progress_then_the_image(page: Any) -> None:
     assert any(re.fullmatch(r"Step [1-4] of 4", status) for status in log), log
     assert re.fullmatch(r"waited \d+\.\d s, ran \d+\.\d s", log[-1]), log
     expect(card.locator(".params")).to_contain_text("64×64")
+    expect(card.locator(".params")).to_contain_text(re.compile(r"Safety\s*passed, nsfw score 0\.000"))
     assert Image.open(io.BytesIO(card_image(card))).size == (64, 64)
 
 

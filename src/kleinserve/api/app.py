@@ -23,13 +23,17 @@ from kleinserve import __version__, metrics
 from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
+from kleinserve.api.dialects.bfl import BflDialect
+from kleinserve.api.dialects.fal import FalDialect
 from kleinserve.api.dialects.onemin import OneMinDialect
 from kleinserve.api.dialects.openai import OpenAIDialect
 from kleinserve.api.dialects.oxen import OxenDialect
+from kleinserve.api.dialects.replicate import ReplicateDialect
 from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import ErrorRenderer, install_error_handlers
 from kleinserve.api.guard import RequestGuard
 from kleinserve.api.jobs_http import DEMO_HEADER
+from kleinserve.api.loras_http import loras_router
 from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
 from kleinserve.engine.catalog import ServedModel
@@ -109,7 +113,15 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     settings = settings or Settings()
     runtime = Runtime(settings, served)
     # Verda last: its catch-all POST /{slug}/generate must not shadow routes registered after it.
-    dialects: list[Dialect] = [OxenDialect(), OpenAIDialect(), OneMinDialect(), VerdaDialect()]
+    dialects: list[Dialect] = [
+        OxenDialect(),
+        OpenAIDialect(),
+        OneMinDialect(),
+        BflDialect(),
+        ReplicateDialect(),
+        FalDialect(),
+        VerdaDialect(),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -199,6 +211,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         app.include_router(dialect.router(), dependencies=[Depends(authenticate)])
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
+    app.include_router(loras_router(), dependencies=[Depends(authenticate)])
     app.include_router(workbench_router())
     app.include_router(metrics_router())
     return app

@@ -4,7 +4,8 @@ Whether keys are required is decided at start and only tightened afterwards (see
 :mod:`kleinserve.access`): a server started with keys, or on a non-loopback address, never becomes
 open, not even when its last key is revoked. When keys are required, every dialect route needs one:
 ``Authorization: Bearer <key>`` (Oxen, OpenAI/AIgateway, Verda), ``API-KEY: <key>`` (1min.ai) or
-``X-API-Key: <key>``. A key sees only its own jobs, events and usage.
+``X-API-Key: <key>``, ``x-key: <key>`` (BFL), ``Authorization: Key <key>`` (fal) or ``Authorization: Token <key>``
+(Replicate's older clients). A key sees only its own jobs, events and usage.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def key_from_headers(headers: Headers) -> str | None:
     """The API key in whichever header the caller's provider uses."""
     authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
+    # Bearer (most), Key (fal), Token (Replicate's older clients).
+    if scheme.lower() in ("bearer", "key", "token") and token.strip():
         return token.strip()
-    for header in ("api-key", "x-api-key"):
+    for header in ("api-key", "x-api-key", "x-key"):  # x-key: Black Forest Labs' API
         value = headers.get(header, "").strip()
         if value:
             return value

@@ -10,7 +10,9 @@ from fastapi import Depends, Request
 
 from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.errors import (
+    ContentPolicyError,
     GenerationCancelledError,
+    InvalidParameterError,
     InvalidRequestError,
     KleinserveError,
     ResourceExhaustedError,
@@ -18,7 +20,10 @@ from kleinserve.errors import (
 )
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
 from kleinserve.keys import ApiKey
+from kleinserve.loras import LORA_HEADER, parse_lora_header
+from kleinserve.request import GenerationRequest
 from kleinserve.runtime import Runtime
+from kleinserve.settings import Settings
 
 _DISCONNECT_POLL = 0.25
 DEMO_HEADER = "X-Kleinserve-Demo"
@@ -48,6 +53,8 @@ def job_error(job: Job) -> KleinserveError:
     code = job.error_code or "generation_failed"
     if job.status is JobStatus.CANCELLED:
         return GenerationCancelledError("generation was cancelled")
+    if code == ContentPolicyError.code:
+        return ContentPolicyError(message)
     if code.startswith("invalid_") or code == "unknown_model":
         return InvalidRequestError(message, code=code)
     if code == "out_of_memory":
@@ -117,3 +124,18 @@ def result_url(runtime: Runtime, output: JobOutput) -> str:
 def result_b64(runtime: Runtime, output: JobOutput) -> str:
     """One result file's bytes, base64-encoded (blocking, maybe on the network: call it in a thread)."""
     return base64.b64encode(runtime.storage.read(output.key)).decode()
+
+
+def with_lora_header(request: Request, gens: list[GenerationRequest], settings: Settings) -> list[GenerationRequest]:
+    """Apply the ``X-Kleinserve-Loras`` header (``name=0.8, other``) to canonical requests: how the
+    dialects without a body field for adapters (1min.ai, Verda, OpenAI multipart) name them."""
+    text = request.headers.get(LORA_HEADER)
+    if text is None or not text.strip():
+        return gens
+    choices = parse_lora_header(text)
+    applied = []
+    for gen in gens:
+        if gen.loras:
+            raise InvalidParameterError("loras", f"name adapters in the body or the {LORA_HEADER} header, not both")
+        applied.append(GenerationRequest.parse({**gen.model_dump(), "loras": choices}, settings))
+    return applied

@@ -8,6 +8,7 @@ directory, and marks them ``demo`` so every surface can say so. An explicit mode
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,12 @@ import torch
 
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.loading import LoadOptions, load_placed, make_engine
+from kleinserve.engine.lora import Adapters
 from kleinserve.engine.tiny import make_tiny
 from kleinserve.engine.variants import DEFAULT_VARIANT_ID, VARIANTS, Variant
 from kleinserve.engine.weights import ModelSpec, resolve_weights
 from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
+from kleinserve.loras import LoraSource
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +79,28 @@ def plan_models(names: list[str], data_dir: Path, *, allow_download: bool = True
 
 
 def load_engines(
-    served: list[ServedModel], device: torch.device, dtype: torch.dtype, options: LoadOptions | None = None
+    served: list[ServedModel],
+    device: torch.device,
+    dtype: torch.dtype,
+    options: LoadOptions | None = None,
+    loras: Mapping[str, LoraSource] | None = None,
+    lora_cache: int = 8,
 ) -> dict[str, Engine]:
     """An engine per served variant; variants sharing a directory share one loaded pipeline.
 
-    ``options`` (quantisation, offloading, attention backend, compilation) default to none of them.
+    ``options`` (quantisation, offloading, attention backend, compilation) default to none of them;
+    ``loras`` are offered on every pipeline, each with its own LRU cache of ``lora_cache`` adapters.
     """
     options = options or LoadOptions(dtype=dtype)
     loaded = {}
+    adapters = {}
     engines = {}
     for model in served:
         if model.directory not in loaded:
             loaded[model.directory] = load_placed(model.directory, device, options)
-        engines[model.variant.id] = make_engine(*loaded[model.directory], model.variant)
+            if loras:
+                adapters[model.directory] = Adapters(loaded[model.directory][0], loras, lora_cache)
+        engine = make_engine(*loaded[model.directory], model.variant)
+        engine.adapters = adapters.get(model.directory)
+        engines[model.variant.id] = engine
     return engines

@@ -2,7 +2,8 @@
 
 The stages of ``Flux2KleinPipeline.__call__`` are taken apart so that the server can cache prompt
 embeddings, report progress after every step and cancel between steps: (1) prompt encoding that runs
-the text encoder only up to its deepest tapped layer, (2) reference-image encoding, (3) the
+the text encoder only up to its deepest tapped layer (the CFG negative too: "" or the request's
+negative prompt, both through the prompt cache), (2) reference-image encoding, (3) the
 flow-matching denoising loop, with true CFG for the undistilled variants, (4) VAE decoding.
 
 Reproducibility contract: for the same weights, inputs, device and dtype this produces the pixels
@@ -28,6 +29,8 @@ from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
 if TYPE_CHECKING:
     from diffusers import Flux2KleinPipeline
+
+    from kleinserve.engine.lora import Adapters
 
 Stage = Literal["encode_prompt", "encode_references", "denoise", "decode"]
 DEFAULT_SIZE = 1024
@@ -60,6 +63,9 @@ class EngineInputs:
     references: Sequence[Image.Image] = ()
     width: int | None = None
     height: int | None = None
+    # The CFG negative of the Base variants; "" is diffusers' own negative. Ignored without CFG
+    # (the request layer refuses a negative prompt there, so nothing is dropped silently).
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -100,6 +106,7 @@ class Engine:
         self.variant = variant
         self._device = device
         self._text_encoder_device = text_encoder_device
+        self.adapters: Adapters | None = None  # LoRA adapters offered on this pipeline (engine/lora.py)
         self.layers = tuple(variant.text_encoder_layers)
         n_layers = pipeline.text_encoder.config.num_hidden_layers
         if max(self.layers) >= n_layers:
@@ -180,6 +187,10 @@ class Engine:
         if self.prompt_cache is None:
             return self.encode_prompt(prompt)
         return self.prompt_cache.get_or_compute(self.variant.id, prompt, lambda: self.encode_prompt(prompt))
+
+    def negative_embedding(self, negative_prompt: str) -> torch.Tensor:
+        """The CFG negative: the empty prompt's embedding, or ``negative_prompt``'s through the cache."""
+        return self.prompt_embedding(negative_prompt) if negative_prompt else self.empty_prompt_embedding()
 
     def empty_prompt_embedding(self) -> torch.Tensor:
         """The embedding of the empty prompt (the CFG negative): from the cache, else computed once."""
@@ -269,7 +280,7 @@ class Engine:
         text_ids = pipe._prepare_text_ids(prompt_embeds).to(self.device)
         negative_embeds = negative_ids = None
         if cfg:
-            negative_embeds = self.empty_prompt_embedding().expand(n, -1, -1)
+            negative_embeds = self.negative_embedding(inputs.negative_prompt).expand(n, -1, -1)
             negative_ids = pipe._prepare_text_ids(negative_embeds).to(self.device)
         timings["encode_prompt"] = time.perf_counter() - started
 

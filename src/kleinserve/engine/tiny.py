@@ -286,3 +286,31 @@ def make_tiny(directory: Path, kind: TinyKind = "distilled", seed: int = 0, pres
     pipeline.save_pretrained(str(directory))
     _set_tokenizer_class(directory / "tokenizer")
     return directory
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the double-stream blocks' attention projections
+
+
+def make_tiny_lora(checkpoint: Path, output: Path, seed: int = 0, rank: int = 4) -> Path:
+    """Write a random LoRA for the tiny checkpoint's transformer to the file ``output``.
+
+    Built with peft's ``LoraConfig`` on the attention projections and saved with diffusers'
+    ``save_lora_weights``, so it loads as any trained klein LoRA does. ``init_lora_weights=False``
+    makes both matrices random (a fresh trained-from-zero LoRA would change nothing).
+    """
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed + 3)
+    transformer = Flux2Transformer2DModel.from_pretrained(str(Path(checkpoint) / "transformer"))
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    transformer.add_adapter(config)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Flux2KleinPipeline.save_lora_weights(
+        str(output.parent),
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name=output.name,
+    )
+    return output

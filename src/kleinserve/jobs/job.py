@@ -19,6 +19,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from kleinserve.request import GenerationRequest
+from kleinserve.safety import SafetyReport
 
 
 class JobStatus(StrEnum):
@@ -105,6 +106,7 @@ class Job(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     result: JobResult | None = None
+    safety: SafetyReport | None = Field(None, description="The safety checker's verdict, when one ran.")
 
     @property
     def terminal(self) -> bool:

@@ -21,6 +21,7 @@ from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import ApiKey
+from kleinserve.loras import check_choices
 from kleinserve.quotas import Quotas
 from kleinserve.request import GenerationRequest, random_seed
 
@@ -45,6 +46,7 @@ class JobService:
         self.bus = bus
         self.cancels = cancels
         self.served_models = list(served_models)
+        self.served_loras: builtins.list[str] = []  # LoRA adapter names requests may use
         self.max_queue = max_queue
         self.retry_after = retry_after
         self.workers: builtins.list[Worker] = []
@@ -91,6 +93,7 @@ class JobService:
         context = logs.current()  # the HTTP request's log context: its id goes onto the jobs
         for request in requests:
             model = self.check_model(request.model)
+            check_choices((choice.name for choice in request.loras), self.served_loras)
             seed = request.seed if request.seed is not None else random_seed()
             request = request.model_copy(update={"model": model, "seed": seed})
             cost = self.quotas.price(model, request.num_images) if self.quotas and key else 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from kleinserve import logs, metrics
 from kleinserve.engine.engine import Engine, Progress
@@ -19,6 +20,7 @@ from kleinserve.generation import run_request
 from kleinserve.jobs.events import Event, EventBus, EventType
 from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
 from kleinserve.jobs.store.base import JobStore
+from kleinserve.safety import SafetyChecker, SafetyRefusal
 from kleinserve.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Worker:
         name: str = "worker-0",
         idle_poll: float = 1.0,
         on_succeeded: Callable[[Job], None] | None = None,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -70,6 +73,7 @@ class Worker:
         self.name = name
         self.idle_poll = idle_poll
         self.on_succeeded = on_succeeded  # e.g. charging the job to its API key
+        self.safety = safety  # the operator's safety checker, if any (kleinserve/safety.py)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -142,6 +146,7 @@ class Worker:
                 should_cancel=lambda: self._should_stop(job.id),
             )
             metrics.job_ran(job, result.timings, result.steps)
+            safety = self.safety.review(job.request, result) if self.safety else None  # may blur or refuse
             outputs = []
             for index, encoded in enumerate(result.images):
                 key = f"{job.id}/{index}.{_EXTENSIONS[encoded.media_type]}"
@@ -162,6 +167,9 @@ class Worker:
         except GenerationCancelledError:
             self._stopped(job)
             return
+        except SafetyRefusal as err:
+            self._fail(job, err.code, err.message, safety=err.report)
+            return
         except KleinserveError as err:
             self._fail(job, err.code, err.message)
             return
@@ -169,7 +177,9 @@ class Worker:
             log.exception("%s: job %s failed", self.name, job.id)
             self._fail(job, "internal_error", "internal error while generating; see the server log")
             return
-        done = self.store.transition(job.id, JobStatus.SUCCEEDED, expect=[JobStatus.PROCESSING], result=job_result)
+        done = self.store.transition(
+            job.id, JobStatus.SUCCEEDED, expect=[JobStatus.PROCESSING], result=job_result, safety=safety
+        )
         if done is None:  # cancelled meanwhile: the result files are not wanted
             self.storage.delete_prefix(f"{job.id}/")
             return
@@ -197,9 +207,9 @@ class Worker:
         if requeued is not None:
             log.info("%s: job %s requeued at shutdown", self.name, job.id)
 
-    def _fail(self, job: Job, code: str, message: str) -> None:
+    def _fail(self, job: Job, code: str, message: str, **fields: Any) -> None:
         failed = self.store.transition(
-            job.id, JobStatus.FAILED, expect=[JobStatus.PROCESSING], error_code=code, error_message=message
+            job.id, JobStatus.FAILED, expect=[JobStatus.PROCESSING], error_code=code, error_message=message, **fields
         )
         if failed is not None:
             metrics.job_finished(failed)

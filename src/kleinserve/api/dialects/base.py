@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from kleinserve.api.auth import Caller
-from kleinserve.api.jobs_http import wait_for_jobs
+from kleinserve.api.jobs_http import wait_for_jobs, with_lora_header
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidImageError, InvalidParameterError, InvalidRequestError, KleinserveError
 from kleinserve.jobs.job import Job
@@ -191,6 +191,7 @@ async def submit_and_wait(
     A client that disconnects cancels them; a failed job raises its error, with reference-image
     errors naming ``images_field`` as the client sent it.
     """
+    requests = with_lora_header(request, requests, runtime.settings)  # adapters named in the header
     try:
         # Submitting checks and stores the references (kleinserve.inputs), so its errors are renamed too.
         jobs = await asyncio.to_thread(runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra)

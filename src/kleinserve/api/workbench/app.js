@@ -545,7 +545,7 @@ async function poll(all = false) {
 function applyItem(card, item) {
   if (TERMINAL.has(card.status)) return;
   card.position = item.queue_position ?? null;
-  if (item.progress && item.progress.step) Object.assign(card, item.progress);
+  if (item.progress_step) Object.assign(card, { step: item.progress_step, total: item.progress_total });
   if (item.status === 'processing') card.times.started ??= now();
   if (item.status === 'succeeded') return void finish(card, item);
   if (item.status === 'failed') card.error = failure(item.error_message);
@@ -565,7 +565,8 @@ async function finish(card, item) {
   card.times.done ??= now();
   try {
     item ??= await api('GET', `/api/ai/queue/${card.id}`);
-    card.result = { url: item.result_url, seed: item.seed, width: item.width, height: item.height };
+    card.result = { url: item.result_url, seed: item.seed, width: item.width, height: item.height,
+      safety: item.safety };
     card.status = 'succeeded';
     $('live').textContent = `Image ready, seed ${item.seed}.`;
   } catch (err) {
@@ -640,8 +641,18 @@ function params(card) {
   const s = card.settings;
   const r = card.result;
   const format = s.format === 'png' ? 'png' : `${s.format} (${s.quality})`;
-  return { Model: s.model.name, Prompt: s.prompt, References: String(s.refs.length), Size: `${r.width}×${r.height}`,
-    Steps: String(s.steps), Guidance: String(s.guidance), Seed: String(r.seed), Format: format };
+  const shown = { Model: s.model.name, Prompt: s.prompt, References: String(s.refs.length),
+    Size: `${r.width}×${r.height}`, Steps: String(s.steps), Guidance: String(s.guidance), Seed: String(r.seed),
+    Format: format };
+  if (r.safety) shown.Safety = safetyText(r.safety);
+  return shown;
+}
+
+// The server's safety checker verdict (kleinserve's extension of the queue item).
+function safetyText(safety) {
+  const score = Math.max(...safety.scores).toFixed(3);
+  const verdict = safety.flagged.some(Boolean) ? `flagged (${safety.policy})` : 'passed';
+  return `${verdict}, nsfw score ${score}`;
 }
 
 function resultParts(card) {

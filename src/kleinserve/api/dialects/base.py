@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from kleinserve.api.auth import Caller
 from kleinserve.api.jobs_http import wait_for_jobs, with_lora_header
+from kleinserve.api.webhooks_http import webhook_from_header
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidImageError, InvalidParameterError, InvalidRequestError, KleinserveError
 from kleinserve.jobs.job import Job
@@ -192,9 +193,12 @@ async def submit_and_wait(
     errors naming ``images_field`` as the client sent it.
     """
     requests = with_lora_header(request, requests, runtime.settings)  # adapters named in the header
+    webhook_url = await webhook_from_header(request, runtime)
     try:
         # Submitting checks and stores the references (kleinserve.inputs), so its errors are renamed too.
-        jobs = await asyncio.to_thread(runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra)
+        jobs = await asyncio.to_thread(
+            runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra, webhook_url=webhook_url
+        )
         return await wait_for_jobs(request, runtime, jobs)
     except InvalidRequestError as err:
         if images_field == "images":

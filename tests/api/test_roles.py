@@ -80,7 +80,7 @@ def api(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
 
 
 def test_api_and_worker_processes_share_the_queue(
-    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
+    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path, classifiers: dict[str, Path]
 ) -> None:
     url, api_process, data_dir = api
     # No live worker: the api has no models, and a known model is unavailable (503, Oxen's shape).
@@ -107,6 +107,8 @@ def test_api_and_worker_processes_share_the_queue(
             "float32",
             "--metrics-port",
             str(metrics_port),
+            "--safety-checker",  # the safety checker runs where the images are made
+            str(classifiers["normal"]),
         ],
         data_dir / "worker.log",
     )
@@ -118,6 +120,10 @@ def test_api_and_worker_processes_share_the_queue(
         assert sync.status_code == 200, sync.text
         image = httpx.get(sync.json()["images"][0]["url"], timeout=30)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        (done_item,) = httpx.get(f"{url}/api/ai/queue", params={"status": "succeeded"}, timeout=10).json()[
+            "generations"
+        ]
+        assert done_item["safety"]["flagged"] == [False] and done_item["safety"]["policy"] == "blur"
         # The worker counted the job it ran, on its own metrics port (it has no HTTP API).
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         samples = {

@@ -608,6 +608,15 @@ def bench(
     cases: Annotated[str, typer.Option(help="Comma-separated cases (default: all).")] = "",
     repeats: Annotated[int, typer.Option(help="Timed runs per side and case, after one warm-up.")] = 3,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    offload: Annotated[str, typer.Option(help="Memory mode to measure: none, model, sequential or group.")] = "none",
+    quantize: Annotated[str, typer.Option(help="Transformer weights: none, int8, fp8 or int4.")] = "none",
+    quantize_text_encoder: Annotated[
+        str, typer.Option("--quantize-text-encoder", help="Text encoder weights: none, int8, fp8 or int4.")
+    ] = "none",
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks.")] = False,
+    attention_backend: Annotated[
+        Optional[str], typer.Option("--attention-backend", help="diffusers attention backend.")
+    ] = None,
 ) -> None:
     """Time kleinserve against diffusers' pipelines on the same loaded weights; print a table, write JSON."""
     from kleinserve.engine.bench.cases import CASES
@@ -615,6 +624,8 @@ def bench(
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
     from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+    from kleinserve.engine.loading import LoadOptions
+    from kleinserve.engine.memory import MemoryMode
     from kleinserve.engine.weights import ModelSpec, load_engine
 
     settings = _settings(device=device, dtype=dtype)
@@ -629,17 +640,31 @@ def bench(
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         err_console.print(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", highlight=False)
-        engine = load_engine(spec, torch_device, torch_dtype)
+        mode = MemoryMode(offload, quantize, quantize_text_encoder)
+        load = LoadOptions(torch_dtype, mode, compile_blocks, attention_backend)
+        err_console.print(f"memory mode: {load.describe()}", highlight=False)
+        engine = load_engine(spec, torch_device, torch_dtype, options=load)
         engine.prompt_cache = PromptCache(settings.prompt_cache_bytes)  # as the server runs it
         options = BenchOptions(size=size, steps=steps, base_steps=base_steps, cases=chosen, repeats=repeats)
         report = run_bench(engine, options, log=lambda m: err_console.print(m, highlight=False))
     except KleinserveError as err:
         _fail(err.message)
-    flags = {"--device": device, "--dtype": dtype, "--steps": steps, "--json": json_path}
+    flags = {
+        "--device": device,
+        "--dtype": dtype,
+        "--steps": steps,
+        "--json": json_path,
+        "--offload": None if offload == "none" else offload,
+        "--quantize": None if quantize == "none" else quantize,
+        "--quantize-text-encoder": None if quantize_text_encoder == "none" else quantize_text_encoder,
+        "--attention-backend": attention_backend,
+    }
+    report["mode"] = load.describe()
     report["command"] = " ".join(
         [f"kleinserve bench --model {model} --size {size} --base-steps {base_steps} --repeats {repeats}"]
         + [f"--cases {','.join(chosen)}"]
         + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
+        + (["--compile"] if compile_blocks else [])
     )
     width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
     out_console.print(summary_table(report), width=width)

@@ -204,6 +204,7 @@ class Runtime:
             self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
             for engine in self.engines.values():
                 engine.prompt_cache = self.prompt_cache
+                engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
             if options.compile:  # compile now, not in the first request
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)

@@ -85,8 +85,8 @@ def test_api_and_worker_processes_share_the_queue(
     # No live worker: the api has no models, and a known model is unavailable (503, Oxen's shape).
     assert httpx.get(f"{url}/api/ai/models").json()["data"] == []
     refused = httpx.post(f"{url}/api/ai/queue", json=SMALL, timeout=30)
-    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
-    assert "no live worker serves model flux-2-klein-4b" in refused.json()["error"]["detail"]
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0, refused.text
+    assert "no live worker serves model flux-2-klein-4b" in refused.json()["error"]["detail"], refused.text
 
     maps = Path(f"/proc/{api_process.pid}/maps")
     if maps.exists():
@@ -124,7 +124,7 @@ def test_api_and_worker_processes_share_the_queue(
 
         def running() -> bool:
             item = httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json()
-            return item["status"] == "processing" and item["progress"]["step"] >= 1
+            return item["status"] == "processing" and item["progress_step"] >= 1
 
         _until(running)
         # A cancel through the api reaches the worker through the stored flag.

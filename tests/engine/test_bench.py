@@ -58,3 +58,21 @@ def test_bench_rejects_unknown_cases(tiny_distilled: Path) -> None:
 def test_make_tiny_rejects_unknown_presets(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="preset"):
         make_tiny(tmp_path, "distilled", preset="huge")  # type: ignore[arg-type]
+
+
+def test_bench_measures_a_memory_mode(tmp_path: Path, tiny_distilled: Path) -> None:
+    target = tmp_path / "int8.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--dtype", "float32", "--size", "64",
+            "--steps", "1", "--cases", "repeat", "--repeats", "1", "--quantize", "int8", "--json", str(target),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(target.read_text())
+    assert report["mode"] == "float32, offload none, transformer int8"
+    assert "--quantize int8" in report["command"]
+    assert report["cases"][0]["max_pixel_diff"] == 0  # both sides run the same quantised modules
+    refused = CliRunner().invoke(app, ["bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--quantize", "fp8"])
+    assert refused.exit_code == 1 and "fp8 needs a CUDA GPU" in refused.stderr

@@ -22,6 +22,8 @@ from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
 if TYPE_CHECKING:
     from diffusers import Flux2KleinPipeline
 
+    from kleinserve.engine.loading import LoadOptions
+
 KLEIN_PIPELINE = "Flux2KleinPipeline"
 KV_PIPELINE = "Flux2KleinKVPipeline"
 # Everything a Flux2KleinPipeline loads; the hub repos also hold single-file checkpoints we skip.
@@ -193,7 +195,19 @@ def load_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> 
         raise ResourceExhaustedError(f"the model in {directory} does not fit in {device} memory") from None
 
 
-def load_engine(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, allow_download: bool = True) -> Engine:
-    """Resolve ``spec``'s weights and load them as a ready :class:`Engine`."""
+def load_engine(
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    allow_download: bool = True,
+    options: LoadOptions | None = None,
+) -> Engine:
+    """Resolve ``spec``'s weights and load them as a ready :class:`Engine`; ``options`` choose
+    quantisation, offloading, attention backend and compilation (engine/loading.py)."""
     directory = resolve_weights(spec, allow_download=allow_download)
-    return Engine(load_pipeline(directory, device, dtype), spec.variant)
+    if options is None:
+        return Engine(load_pipeline(directory, device, dtype), spec.variant)
+    from kleinserve.engine.loading import load_placed, make_engine
+
+    return make_engine(*load_placed(directory, device, options), spec.variant)

@@ -106,6 +106,7 @@ _FINAL_FIELDS = {
     "error_code",
     "error_message",
     "result",
+    "safety",
     "worker_id",
     "cancel_requested",
 }
@@ -232,9 +233,10 @@ class StoreEventBus:
     ) -> AsyncIterator[AsyncIterator[Event]]:
         sub = _Subscriber(asyncio.get_running_loop(), owner, all_owners)
         self._start()
+        stored = await anyio.to_thread.run_sync(self.store.last_seq)  # never a store call on the loop
         with self._lock:
             if not self._subscribers:  # nobody listened: the reader may not have kept up
-                self._last = max(self._last, self.store.last_seq())
+                self._last = max(self._last, stored)
             self._subscribers.add(sub)
             # Everything numbered up to here was delivered before this subscriber existed; it
             # replays that part from the store, and gets everything above it live.

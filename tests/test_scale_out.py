@@ -279,7 +279,12 @@ def test_rate_limit_and_queue_bound_hold_across_both_apis(cluster: Cluster) -> N
 def test_a_killed_worker_s_job_finishes_on_the_other_worker(cluster: Cluster) -> None:
     body = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 24}
     generation_id = cluster.submit(1, body).json()["generations"][0]["generation_id"]
-    cluster.wait_until("the job to run", lambda: cluster.generation(0, generation_id)["progress"]["step"] >= 2)
+
+    def running() -> bool:
+        rows = cluster.sql("SELECT (body::jsonb->>'progress_step')::int FROM jobs WHERE id=%s", generation_id)
+        return bool(rows and rows[0][0] >= 2)
+
+    cluster.wait_until("the job to run", running)
     ((holder,),) = cluster.sql("SELECT worker_id FROM jobs WHERE id=%s", generation_id)
     ((pid,),) = cluster.sql("SELECT (info->>'pid')::int FROM workers WHERE id=%s", holder)
     (victim,) = [w for w in cluster.workers() if w.process.pid == pid]

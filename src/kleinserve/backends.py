@@ -22,6 +22,7 @@ from kleinserve.jobs.events import EventBus, StoreEventBus
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKeyStore
 from kleinserve.settings import Settings
+from kleinserve.webhooks.store import WebhookStore
 
 SQLITE_FILE = "jobs.sqlite3"
 
@@ -74,6 +75,18 @@ def key_store(settings: Settings) -> ApiKeyStore:
     from kleinserve.keys import KeyStore
 
     return KeyStore(sqlite_path(settings))
+
+
+def webhook_store(settings: Settings) -> WebhookStore:
+    """The webhook delivery store the settings ask for (close it when done)."""
+    if uses_postgres(settings):
+        from kleinserve.postgres.webhooks import PgWebhookStore
+
+        assert settings.database_url is not None
+        return PgWebhookStore(settings.database_url)
+    from kleinserve.webhooks.store import SQLiteWebhookStore
+
+    return SQLiteWebhookStore(sqlite_path(settings))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import free_port
 
@@ -79,7 +80,7 @@ def api(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
 
 
 def test_api_and_worker_processes_share_the_queue(
-    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
+    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path, classifiers: dict[str, Path]
 ) -> None:
     url, api_process, data_dir = api
     # No live worker: the api has no models, and a known model is unavailable (503, Oxen's shape).
@@ -92,6 +93,7 @@ def test_api_and_worker_processes_share_the_queue(
     if maps.exists():
         assert "libtorch" not in maps.read_text()
 
+    metrics_port = free_port()
     worker = _start(
         [
             "worker",
@@ -103,6 +105,10 @@ def test_api_and_worker_processes_share_the_queue(
             "cpu",
             "--dtype",
             "float32",
+            "--metrics-port",
+            str(metrics_port),
+            "--safety-checker",  # the safety checker runs where the images are made
+            str(classifiers["normal"]),
         ],
         data_dir / "worker.log",
     )
@@ -114,6 +120,20 @@ def test_api_and_worker_processes_share_the_queue(
         assert sync.status_code == 200, sync.text
         image = httpx.get(sync.json()["images"][0]["url"], timeout=30)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        (done_item,) = httpx.get(f"{url}/api/ai/queue", params={"status": "succeeded"}, timeout=10).json()[
+            "generations"
+        ]
+        assert done_item["safety"]["flagged"] == [False] and done_item["safety"]["policy"] == "blur"
+        # The worker counted the job it ran, on its own metrics port (it has no HTTP API).
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(scraped)
+            for sample in family.samples
+        }
+        finished = (("dialect", "oxen"), ("model", MODEL), ("outcome", "succeeded"))
+        assert samples[("kleinserve_jobs_finished_total", finished)] == 1
+        assert samples[("kleinserve_stage_seconds_count", (("model", MODEL), ("stage", "denoise")))] == 1
         response = httpx.post(
             f"{url}/api/ai/queue",
             json={**SMALL, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50},

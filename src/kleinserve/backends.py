@@ -5,6 +5,11 @@ file holding every table; ``sqlite:///PATH`` names another file. ``postgresql://
 one connection pool shared by the stores of this process, so any number of ``api`` and ``worker``
 processes on any hosts share one queue, one event log, one key table and the same limits.
 PostgreSQL modules are imported only when chosen.
+
+Each function returns one seam's implementation: :func:`job_store` (jobs, leases, workers, events,
+admission), :func:`event_bus` (delivery of those events) and :func:`key_store`. Adding a backend means
+implementing the protocols in ``jobs/store/base.py`` and ``keys.py``, passing their contract suites
+(``tests/jobs/backends.py`` lists the backends they run against) and choosing it here by URL.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from kleinserve.jobs.events import EventBus, StoreEventBus
+from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKeyStore
 from kleinserve.settings import Settings
+from kleinserve.webhooks.store import WebhookStore
 
 SQLITE_FILE = "jobs.sqlite3"
 
@@ -31,6 +39,32 @@ def sqlite_path(settings: Settings) -> Path:
     return settings.data_dir / SQLITE_FILE
 
 
+def job_store(settings: Settings) -> JobStore:
+    """The job store the settings ask for (close it when done)."""
+    if uses_postgres(settings):
+        from kleinserve.jobs.store.postgres import PgJobStore
+
+        assert settings.database_url is not None
+        return PgJobStore(settings.database_url)
+    from kleinserve.jobs.store.sqlite import SQLiteJobStore
+
+    return SQLiteJobStore(sqlite_path(settings))
+
+
+def event_bus(settings: Settings, store: JobStore) -> EventBus:
+    """The event bus over ``store``: it reads the store's event log in order and polls for what
+    other processes wrote (every ``KLEINSERVE_EVENT_POLL`` seconds). With PostgreSQL a ``LISTEN``
+    thread also wakes it on every ``NOTIFY`` (``kleinserve.postgres.bus``), so events other processes
+    write arrive at once and the poll (at least every second there) is only a safety net."""
+    if uses_postgres(settings):
+        from kleinserve.jobs.store.postgres import PgJobStore
+        from kleinserve.postgres.bus import PgEventBus
+
+        assert isinstance(store, PgJobStore)
+        return PgEventBus(store, poll_interval=max(settings.event_poll, 1.0))
+    return StoreEventBus(store, poll_interval=settings.event_poll)
+
+
 def key_store(settings: Settings) -> ApiKeyStore:
     """The API key store the settings ask for (close it when done)."""
     if uses_postgres(settings):
@@ -41,6 +75,18 @@ def key_store(settings: Settings) -> ApiKeyStore:
     from kleinserve.keys import KeyStore
 
     return KeyStore(sqlite_path(settings))
+
+
+def webhook_store(settings: Settings) -> WebhookStore:
+    """The webhook delivery store the settings ask for (close it when done)."""
+    if uses_postgres(settings):
+        from kleinserve.postgres.webhooks import PgWebhookStore
+
+        assert settings.database_url is not None
+        return PgWebhookStore(settings.database_url)
+    from kleinserve.webhooks.store import SQLiteWebhookStore
+
+    return SQLiteWebhookStore(sqlite_path(settings))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -33,14 +33,18 @@ from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
 from kleinserve.api.loras_http import loras_router
-from kleinserve.api.metrics_http import metrics_router, watch_runtime
+from kleinserve.api.metrics_http import metrics_router
+from kleinserve.api.webhooks_http import router as webhooks_router
+from kleinserve.api.webhooks_http import start_dispatcher
 from kleinserve.api.workbench import workbench_router
-from kleinserve.engine.catalog import ServedModel
 from kleinserve.errors import NotFoundError
-from kleinserve.runtime import Runtime
+from kleinserve.runtime import Role, Runtime
 from kleinserve.settings import Settings
 from kleinserve.storage.base import media_type_for
 from kleinserve.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    from kleinserve.engine.catalog import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +141,13 @@ def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None, served: list[ServedModel] | None = None) -> FastAPI:
-    """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
+def create_app(
+    settings: Settings | None = None, served: list[ServedModel] | None = None, role: Role = "serve"
+) -> FastAPI:
+    """Build the kleinserve application. ``served`` skips model planning (the CLI plans first);
+    ``role="api"`` serves HTTP only, for models that ``kleinserve worker`` processes run."""
     settings = settings or Settings()
-    runtime = Runtime(settings, served)
+    runtime = Runtime(settings, served, role)
     # Verda last: its catch-all POST /{slug}/generate must not shadow routes registered after it.
     dialects: list[Dialect] = [
         OxenDialect(),
@@ -154,10 +161,13 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        unwatch = watch_runtime(runtime)  # queue and device gauges, read at scrape time
+        unwatch = metrics.watch_runtime(runtime)  # queue, device and cache gauges, read at scrape time
+        stop_webhooks = start_dispatcher(runtime)  # finished jobs -> signed POSTs, retried durably
         tasks = [
             asyncio.create_task(runtime.start()),
             asyncio.create_task(runtime.sweep_forever()),
+            asyncio.create_task(runtime.reap_forever()),
+            asyncio.create_task(runtime.refresh_models_forever()),
             asyncio.create_task(runtime.enforce_revocations_forever()),
         ]
         try:
@@ -168,6 +178,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(runtime.stop)
             unwatch()
+            await asyncio.to_thread(stop_webhooks)
 
     app = FastAPI(
         title="kleinserve",
@@ -232,4 +243,5 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
     app.include_router(loras_router(), dependencies=[Depends(authenticate)])
     app.include_router(workbench_router())
     app.include_router(metrics_router())
+    app.include_router(webhooks_router)
     return app

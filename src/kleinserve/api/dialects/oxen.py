@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,13 +33,16 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     with_lora_header,
 )
-from kleinserve.engine.catalog import ServedModel
+from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
-from kleinserve.jobs.job import Job, JobStatus
+from kleinserve.jobs.job import Job, JobOutput, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
-from kleinserve.runtime import Runtime
+from kleinserve.runtime import AdvertisedModel, Runtime
+
+if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
+    from kleinserve.engine.catalog import ServedModel
 
 PREFIX = "/api"
 COMPLETED = "media_generation_completed"
@@ -124,6 +127,9 @@ class OxenImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = Field("url", description="Return URLs or base64.")
     target_namespace: str | None = Field(None, description="Accepted for compatibility; results stay here.")
     num_generations: int = Field(1, ge=1, le=4, description="Generations to run (queue), or images (sync).")
+    webhook_url: str | None = Field(
+        None, description="kleinserve extension (queue): POST the generation here when it finishes, signed."
+    )
     loras: list[LoraChoice] | None = Field(
         None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
     )
@@ -177,7 +183,7 @@ def to_generation_request(
 
 def _echo(body: OxenImageRequest) -> dict[str, Any]:
     """The parameters a client sent, echoed on generation objects."""
-    return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace"})
+    return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace", "webhook_url"})
 
 
 NAME = "oxen"
@@ -249,8 +255,16 @@ async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, 
 async def enqueue(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
     requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
     requests = with_lora_header(request, requests, runtime.settings)
+    webhook_url = await checked_webhook(runtime, body.webhook_url, "webhook_url") or await webhook_from_header(
+        request, runtime
+    )
     jobs = await asyncio.to_thread(
-        runtime.service.submit, requests, key=caller.key, dialect=NAME, extra={"model": body.model, **_echo(body)}
+        runtime.service.submit,
+        requests,
+        key=caller.key,
+        dialect=NAME,
+        extra={"model": body.model, **_echo(body)},
+        webhook_url=webhook_url,
     )
     return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
 
@@ -375,7 +389,7 @@ def _write_favorites(runtime: Runtime, caller: Caller, ids: list[str]) -> None:
     runtime.storage.put(_favorites_key(caller), json.dumps(ids).encode(), "application/json")
 
 
-def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel:
+def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel | AdvertisedModel:
     served = runtime.served_model(model_id)
     if served is None:
         raise NotFoundError(f"Model not found: {model_id}")
@@ -480,6 +494,8 @@ def _compact(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+# Event data for waiters inside the server (the job's final state), not for SSE clients.
+_INTERNAL_DATA = frozenset({"state", "extra"})
 _OWN_EVENTS = {
     EventType.QUEUED: "kleinserve.generation.queued",
     EventType.STARTED: "kleinserve.generation.started",
@@ -494,13 +510,16 @@ def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     frames: list[ServerSentEvent] = []
     job_id = event.job_id
     if event.type is EventType.SUCCEEDED:
-        job = runtime.store.get(job_id)
-        outputs = outputs_of(job) if job else []
+        # The event carries the result: no store read per subscriber (see jobs/events.py).
+        result = (event.data.get("state") or {}).get("result") or {}
+        outputs = [JobOutput.model_validate(o) for o in result.get("outputs", [])]
+        model = event.data.get("model")
+        extra = event.data.get("extra") or {}
         payload: dict[str, Any] = {
             "generation_id": job_id,
             "status": "succeeded",
             "media_type": "image",
-            "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
+            "model": extra.get("model") or (oxen_id(find_variant(model)) if model else None),
             "url": result_url(runtime, outputs[0]) if outputs else None,
         }
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
@@ -509,7 +528,8 @@ def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
     own = _OWN_EVENTS.get(event.type)
     if own is not None:
-        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **event.data}
+        shown = {k: v for k, v in event.data.items() if k not in _INTERNAL_DATA}
+        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **shown}
         frames.append(_frame(data=_compact(data), event=own, id=str(event.seq)))
     return frames
 

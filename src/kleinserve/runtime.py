@@ -309,12 +309,13 @@ class Runtime:
         return self.storage.read(key)
 
     def stop(self) -> None:
-        """Stop the workers (the running job is requeued) and close the store."""
+        """Stop the workers (the running job is requeued) and close the stores."""
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
         self.bus.close()
         self.store.close()
+        self.keys.close()
 
     def sweep(self) -> int:
         """Remove finished jobs and their files past the retention time; return how many."""

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from kleinserve import backends, metrics
+from kleinserve import backends, logs, metrics
 from kleinserve.access import Access
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.variants import Variant, find_variant
@@ -212,6 +212,7 @@ class Runtime:
                 for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
                     await asyncio.to_thread(warm_up, engine)
             self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
+            logs.adopt_library_loggers()  # imported by now: their later lines take our format too
         except KleinserveError as err:
             self.load_error = err.message
             log.error("cannot load models: %s", err.message)

@@ -197,6 +197,10 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     device_memory: Annotated[
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
@@ -278,6 +282,7 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        devices=devices,
         offload=offload,
         quantize=quantize,
         quantize_text_encoder=quantize_text_encoder,

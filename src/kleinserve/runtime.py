@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kleinserve import metrics
@@ -18,7 +18,7 @@ from kleinserve.access import Access
 from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
 from kleinserve.engine.classifier import safety_checker_from_settings
-from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
+from kleinserve.engine.device import dtype_name, pick_device, pick_devices, pick_dtype
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.loading import LoadOptions, check_options, warm_up
@@ -59,19 +59,48 @@ class ModelInfo:
         return self.served.variant.id
 
 
-def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
+def devices_for(settings: Settings) -> list[torch.device]:
+    """The devices to run workers on: ``--devices`` (one worker each), else the one ``--device``."""
+    return pick_devices(settings.devices) if settings.devices else [pick_device(settings.device)]
+
+
+def load_options_for(settings: Settings, device: torch.device | None = None) -> tuple[torch.device, LoadOptions]:
     """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
-    device = pick_device(settings.device)
+    device = device if device is not None else devices_for(settings)[0]
     mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
     options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
     check_options(device, options)
     return device, options
 
 
-def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
-    """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
-    device, options = load_options_for(settings)
-    return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+def memory_plan_for(settings: Settings, served: list[ServedModel], device: torch.device | None = None) -> MemoryPlan:
+    """The memory plan of ``served`` on one of the settings' devices (default: the first); workers
+    sharing that device (``--devices cpu,cpu``) each hold their own copy, so the plan holds them all."""
+    device, options = load_options_for(settings, device)
+    plan = plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+    sharing = sum(1 for other in devices_for(settings) if other == device)
+    if sharing > 1:
+        plan = replace(plan, models=plan.models * sharing)
+    return plan
+
+
+@dataclass
+class DeviceState:
+    """One device's worker as /readyz reports it."""
+
+    device: str
+    state: str = "loading"  # loading, ready or error
+    error: str | None = None
+    worker: Worker | None = None
+
+    def describe(self) -> dict[str, object]:
+        body: dict[str, object] = {"device": self.device, "state": self.state}
+        if self.worker is not None:
+            body["worker"] = self.worker.name
+            body["job"] = self.worker.current_job_id
+        if self.error:
+            body["error"] = self.error
+        return body
 
 
 @dataclass
@@ -92,6 +121,7 @@ class Runtime:
     prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
     workers: list[Worker] = field(default_factory=list, init=False)
     safety: SafetyChecker | None = field(default=None, init=False)
+    device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
@@ -136,7 +166,8 @@ class Runtime:
         return next((m for m in self.models() if m.variant.id == variant_id), None)
 
     async def start(self) -> None:
-        """Plan and load the models, recover interrupted jobs, start the workers."""
+        """Plan and load the models on every device, recover interrupted jobs, start one worker per
+        device (all take jobs from the same queue)."""
         try:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
@@ -144,39 +175,68 @@ class Runtime:
             self.loras = parse_lora_options(self.settings.loras)
             check_sources(self.loras)
             self.service.served_loras = list(self.loras)
-            device, options = load_options_for(self.settings)
-            self.device, self.dtype = str(device), dtype_name(options.dtype)
-            self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
-            self.memory.check()
-            self.engines = await asyncio.to_thread(
-                load_engines, self.served, device, options.dtype, options, self.loras, self.settings.lora_cache
-            )
-            for engine in self.engines.values():
-                engine.prompt_cache = self.prompt_cache
-            if options.compile:  # compile now, not in the first request
-                for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
-                    await asyncio.to_thread(warm_up, engine)
-            self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
+            devices = devices_for(self.settings)
+            self.device_states = [DeviceState(str(device)) for device in devices]
+            first, options = load_options_for(self.settings, devices[0])
+            self.device, self.dtype = ",".join(str(d) for d in devices), dtype_name(options.dtype)
+            for device in dict.fromkeys(devices):  # every distinct device must hold its workers' models
+                plan = await asyncio.to_thread(memory_plan_for, self.settings, self.served, device)
+                self.memory = self.memory or plan
+                plan.check()
+            caches: dict[str, PromptCache] = {str(first): self.prompt_cache}  # entries live on their device
+            for index, device in enumerate(devices):
+                engines, safety = await asyncio.to_thread(self._load_device, device, caches)
+                if index == 0:
+                    self.engines, self.safety = engines, safety
+                self._start_worker(index, engines, safety)
         except KleinserveError as err:
             self.load_error = err.message
+            for state in self.device_states:
+                if state.state == "loading":
+                    state.state, state.error = "error", err.message
             log.error("cannot load models: %s", err.message)
+            for worker in self.workers:  # no half-started server: every device or none
+                worker.stop()
+            self.workers.clear()
             return
-        self.recover()
+        self.service.workers = self.workers
+        self.ready = True
+        log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
+
+    def _load_device(
+        self, device: torch.device, caches: dict[str, PromptCache]
+    ) -> tuple[dict[str, Engine], SafetyChecker | None]:
+        """Load every served model onto ``device`` (warmed up when compiled), with its prompt cache."""
+        assert self.served is not None
+        _, options = load_options_for(self.settings, device)
+        engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
+        cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
+        for engine in engines.values():
+            engine.prompt_cache = cache
+        if options.compile:  # compile now, not in the first request
+            for engine in {id(e.pipeline): e for e in engines.values()}.values():
+                warm_up(engine)
+        return engines, safety_checker_from_settings(self.settings, device)
+
+    def _start_worker(self, index: int, engines: dict[str, Engine], safety: SafetyChecker | None) -> None:
+        if index == 0:
+            self.recover()  # before any worker claims
         worker = Worker(
             self.store,
             self.bus,
             self.storage,
-            self.engines,
+            engines,
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
             self.cancels,
+            name=f"worker-{index}",
             on_succeeded=self.charge,
-            safety=self.safety,
+            safety=safety,
         )
         worker.start()
         self.workers.append(worker)
         self.service.workers = self.workers
-        self.ready = True
-        log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
+        state = self.device_states[index]
+        state.state, state.worker = "ready", worker
 
     def recover(self) -> None:
         """Jobs a crash left running go back to the queue, or fail once out of attempts."""

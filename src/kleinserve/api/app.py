@@ -191,6 +191,7 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
             "models": runtime.served_ids(),
             "device": runtime.device,
             "dtype": runtime.dtype,
+            "devices": [state.describe() for state in runtime.device_states],
         }
         if runtime.load_error:
             body["error"] = runtime.load_error

@@ -328,7 +328,12 @@ _FULL_REQUEST: dict[str, Any] = {
 def test_full_request_round_trips() -> None:
     request = GenerationRequest.parse(_FULL_REQUEST)
     dumped = request.model_dump()
-    assert dumped == {**_FULL_REQUEST, "output_format": OutputFormat.JPEG, "negative_prompt": None}
+    assert dumped == {
+        **_FULL_REQUEST,
+        "output_format": OutputFormat.JPEG,
+        "negative_prompt": None,
+        "safety_check": True,
+    }
     again = GenerationRequest.parse(dumped)
     assert again == request
     # And through JSON-safe values, as a job file would store it.

@@ -213,6 +213,7 @@ class Runtime:
         cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
         for engine in engines.values():
             engine.prompt_cache = cache
+            engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)

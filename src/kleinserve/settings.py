@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
+    cfg_batch: Literal["auto", "on", "off"] = Field(
+        "auto", description="Base variants' CFG passes as one batch: auto (on CUDA only), on or off."
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,

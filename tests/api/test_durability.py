@@ -34,7 +34,7 @@ def item(server: ServerProcess, generation_id: str) -> dict[str, Any]:
 
 def wait_until_running(server: ServerProcess, generation_id: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while item(server, generation_id)["progress"]["step"] < 1:
+    while item(server, generation_id)["progress_step"] < 1:
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.05)
 

@@ -246,3 +246,28 @@ def test_bad_upload_is_400(server: ServerProcess) -> None:
     assert_error(upload(server, b"not an image at all", "notes.txt", "text/plain"), 400, "invalid_image", "asset: ")
     response = httpx.post(f"{server.url}/api/assets", files={"file": ("a.png", png_bytes(8, 8), "image/png")})
     assert_error(response, 400, "invalid_parameter", "asset: is required")
+
+
+def test_relay_prompt_keys_and_record_fields(server: ServerProcess) -> None:
+    # Keys 1min's own docs and relay projects send: n / num_outputs, size (negativePrompt: see above).
+    sent = {**SMALL, "n": 2, "size": "96x64", "seed": 11, "output_format": "png"}
+    rec = record(feature(server, sent))
+    detail = rec["aiRecordDetail"]
+    assert detail["promptObject"]["n"] == 2
+    assert detail["promptObject"]["size"] == "96x64"
+    assert detail["resultObject"] == [f"{rec['uuid']}/0.png", f"{rec['uuid']}/1.png"]
+    assert len(rec["temporaryUrls"]) == 2 and rec["temporaryUrls"][0] == rec["temporaryUrl"]
+    images = [download(url) for url in rec["temporaryUrls"]]
+    assert [i.size for i in images] == [(96, 64), (96, 64)]
+    for name in ("userId", "teamId", "metadata", "rating", "feedback", "conversationId", "additionalData"):
+        assert name in rec
+    # num_outputs means the same as n.
+    same = record(feature(server, {**SMALL, "num_outputs": 2, "size": "96x64", "seed": 11, "output_format": "png"}))
+    assert [httpx.get(u).content for u in same["temporaryUrls"]] == [httpx.get(u).content for u in rec["temporaryUrls"]]
+    # size 'auto' is ignored (the aspect ratio decides); bad sizes and contradictions name their key.
+    auto = record(feature(server, {**SMALL, "size": "auto", "aspect_ratio": "1:1"}))
+    assert download(auto["temporaryUrl"]).size == size_for_aspect_ratio("1:1", 0.25)
+    assert_error(feature(server, {**SMALL, "size": "100x64"}), 400, "invalid_parameter", "promptObject.size")
+    assert_error(feature(server, {**SMALL, "size": "big"}), 400, "invalid_parameter", "promptObject.size")
+    assert_error(feature(server, {**SMALL, "n": 2, "num_outputs": 3}), 400, "invalid_parameter", "num_outputs")
+    assert_error(feature(server, {**SMALL, "n": 99}), 400, "invalid_parameter", "promptObject.n")

@@ -135,6 +135,12 @@ def test_generate_formats_and_extensions(client: OpenAI) -> None:
         ({"n": 11}, "n", ""),
         ({"background": "transparent"}, "background", "transparent"),
         ({"stream": True}, "stream", "streaming is not supported"),
+        ({"output_format": "gif"}, "output_format", "raster"),
+        ({"output_format": "svg"}, "output_format", "raster"),
+        ({"frame_count": 4}, "frame_count", "gif"),
+        ({"frame_duration_ms": 100}, "frame_duration_ms", "gif"),
+        ({"svg": {"model": "x"}}, "svg", "svg"),
+        ({"quality": "ultra"}, "quality", ""),
         ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps", ""),
         ({"extra_body": {"colour": "red"}}, "colour", "not a known parameter"),
     ],
@@ -146,6 +152,66 @@ def test_bad_requests_are_openai_400s(client: OpenAI, kwargs: dict[str, Any], pa
     assert isinstance(error, dict)
     assert error["type"] == "invalid_request_error" and error["param"] == param and fragment in error["message"]
     assert info.value.status_code == 400
+
+
+def test_every_sdk_parameter_is_known() -> None:
+    """Each parameter the installed openai SDK can send is handled on purpose (README table)."""
+    from openai.types import image_edit_params, image_generate_params
+
+    from kleinserve.api.dialects.openai import EditParams, ImageParams
+
+    for typed, model in (
+        (image_generate_params.ImageGenerateParamsStreaming, ImageParams),
+        (image_edit_params.ImageEditParamsStreaming, EditParams),
+    ):
+        sent = set(typed.__annotations__) | {k for base in typed.__mro__ for k in getattr(base, "__annotations__", {})}
+        assert sent - {"image"} <= set(model.model_fields), sent - set(model.model_fields)
+
+
+IGNORED = {
+    "quality": "xhigh",
+    "moderation": "low",
+    "style": "vivid",
+    "complexity": "high",
+    "background": "opaque",
+    "user": "u-1",
+    "safety_identifier": "hashed-user",
+}
+
+
+def test_accepted_parameters_change_nothing(client: OpenAI, tmp_path: Path) -> None:
+    common: dict[str, Any] = {"model": MODEL, "prompt": "x", "size": "64x64", "response_format": "b64_json"}
+    plain = client.images.generate(**common, extra_body={**FAST, "seed": 3})
+    rich = client.images.generate(**common, **IGNORED, extra_body={**FAST, "seed": 3})  # type: ignore[arg-type]
+    assert rich.data and plain.data and rich.data[0].b64_json == plain.data[0].b64_json
+    assert rich.safety_identifier == "hashed-user"
+    # null means "left out", as OpenAI's reference says of its optional fields.
+    nulls = httpx.post(
+        f"{client.base_url}images/generations",
+        json={**common, "seed": 3, **FAST, "n": None, "quality": None, "style": None, "partial_images": None},
+        timeout=120,
+    )
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json()["data"][0]["b64_json"] == plain.data[0].b64_json
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes(64, 64))
+    with path.open("rb") as image:
+        edited = client.images.edit(
+            image=image,
+            input_fidelity="high",
+            **common,
+            **{k: v for k, v in IGNORED.items() if k not in ("moderation", "style")},  # generate-only
+            extra_body={**FAST, "seed": 3},
+        )
+    with path.open("rb") as image:
+        plain_edit = client.images.edit(image=image, **common, extra_body={**FAST, "seed": 3})
+    assert edited.data and plain_edit.data and edited.data[0].b64_json == plain_edit.data[0].b64_json
+    with path.open("rb") as image, path.open("rb") as markup, pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(image=image, markup=markup, **common)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "markup"
+    with path.open("rb") as image, pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(image=image, svg={"model": "x", "reasoning": {"effort": "low"}}, **common)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "svg"
 
 
 def test_unknown_model_is_404(client: OpenAI) -> None:

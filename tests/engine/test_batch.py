@@ -74,3 +74,23 @@ def test_incompatible_requests_have_other_keys(distilled_engine: Engine) -> None
     assert key != batch_key(distilled_engine, EngineInputs("x", 3, 1.0, 1, width=64, height=64))
     assert key != batch_key(distilled_engine, EngineInputs("x", 4, 1.0, 1, width=64, height=48))
     assert key == batch_key(distilled_engine, EngineInputs("y", 4, 1.0, 9, num_images=3, width=64, height=64))
+
+
+def test_cfg_in_one_batch_is_within_two_levels_of_two_passes(base_engine: Engine) -> None:
+    inputs = EngineInputs("a cat wearing a hat", 3, 4.0, 8, num_images=2, width=48, height=48)
+    engine = Engine(base_engine.pipeline, base_engine.variant)  # the fixture keeps its two passes
+    calls: list[int] = []
+    handle = engine.pipeline.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        engine.cfg_batch = False
+        two_passes = engine.generate(inputs)
+        assert calls == [2, 2] * 3
+        calls.clear()
+        engine.cfg_batch = True
+        one_batch = engine.generate(inputs)
+        assert calls == [4] * 3  # conditional and unconditional rows together
+    finally:
+        handle.remove()
+    _close(one_batch, [np.asarray(image, dtype=np.int16) for image in two_passes.images])

@@ -48,7 +48,7 @@ def page(browser: Any, workbench_server: ServerProcess) -> Iterator[Any]:
     fetched: list[str] = []
     page.on("request", lambda request: fetched.append(request.url))
     page.goto(workbench_server.url + "/")
-    expect(page.locator("#model option")).to_have_count(4)
+    expect(page.locator("#model option")).to_have_count(5)  # demo mode: klein 4B, 9B, Base 4B, Base 9B, 9B-KV
     yield page
     assert not errors, errors  # no uncaught script error in the whole session
     # Works offline: everything the page loaded came from this machine (no CDN, no fonts).

@@ -24,9 +24,11 @@ from kleinserve.api.access_log import AccessMiddleware
 from kleinserve.api.auth import authenticate
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.bfl import BflDialect
+from kleinserve.api.dialects.fal import FalDialect
 from kleinserve.api.dialects.onemin import OneMinDialect
 from kleinserve.api.dialects.openai import OpenAIDialect
 from kleinserve.api.dialects.oxen import OxenDialect
+from kleinserve.api.dialects.replicate import ReplicateDialect
 from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
@@ -145,6 +147,8 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         OpenAIDialect(),
         OneMinDialect(),
         BflDialect(),
+        ReplicateDialect(),
+        FalDialect(),
         VerdaDialect(),
     ]
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from kleinserve.engine.cache import PromptCache
+from kleinserve.engine.guidance import guided_noise_one_batch
 from kleinserve.engine.kv import ReferenceKV, use_kv_processors
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
@@ -117,11 +118,17 @@ class Engine:
             use_kv_processors(pipeline.transformer)
         # Shared by the engines of a process (engine/cache.py); None: every prompt is encoded.
         self.prompt_cache: PromptCache | None = None
+        # CFG's two passes as one batch (engine/guidance.py); None: on CUDA only (KLEINSERVE_CFG_BATCH).
+        self.cfg_batch: bool | None = None
 
     @property
     def device(self) -> torch.device:
         device: torch.device = self._device or self.pipeline.transformer.device
         return device
+
+    @property
+    def cfg_in_one_batch(self) -> bool:
+        return self.cfg_batch if self.cfg_batch is not None else self.device.type == "cuda"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -335,6 +342,14 @@ class Engine:
                 continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
             model_input = model_input.to(transformer.dtype)
+            if cfg and self.cfg_in_one_batch and negative_embeds is not None and negative_ids is not None:
+                noise = guided_noise_one_batch(
+                    transformer, model_input, timestep / 1000, prompt_embeds, negative_embeds, text_ids,
+                    negative_ids, model_input_ids, latents.size(1), inputs.guidance,
+                )  # fmt: skip
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                report(Progress("denoise", i + 1, len(timesteps)))
+                continue
             noise = transformer(
                 hidden_states=model_input,
                 timestep=timestep / 1000,

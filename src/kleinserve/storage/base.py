@@ -35,6 +35,7 @@ MEDIA_TYPES: dict[str, str] = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
     ".webp": "image/webp",
+    ".json": "application/json",  # small records kept beside the files (the Oxen dialect's favourites)
 }
 
 

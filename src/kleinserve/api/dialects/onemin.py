@@ -75,6 +75,7 @@ NAMES = FieldNames(
     },
     prefix="promptObject.",
 )
+NAMES_WITH_SIZE = FieldNames({**NAMES, "width": "size", "height": "size", "size": "size"}, prefix=NAMES.prefix)
 ApiKey = Annotated[str | None, Header(alias="API-KEY", description="1min API key (accepted, not yet checked).")]
 
 
@@ -94,6 +95,25 @@ class _Prompt(BaseModel):
         False, description="Skip the safety checker, if the operator runs one and lets clients skip it."
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible results; default random.")
+    n: int | None = Field(None, ge=1, description="Images to make (1min's relay clients); default 1.")
+    num_outputs: int | None = Field(None, ge=1, description="Same as n (1min's docs for some models).")
+    size: str | None = Field(
+        None, description="'WIDTHxHEIGHT' in multiples of 16, instead of aspect_ratio; 'auto' is ignored."
+    )
+
+    def image_count(self) -> int:
+        if self.n is not None and self.num_outputs is not None and self.n != self.num_outputs:
+            raise _param("num_outputs", f"contradicts n ({self.n}); send one of them")
+        return self.n or self.num_outputs or 1
+
+    def explicit_size(self) -> tuple[int, int] | None:
+        """``size`` as width and height, or None when it is left out or ``auto``."""
+        if self.size is None or self.size.strip().lower() in ("", "auto"):
+            return None
+        width, sep, height = self.size.strip().lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise _param("size", f"must be 'WIDTHxHEIGHT', e.g. 1024x1024, or 'auto'; got {self.size!r}")
+        return int(width), int(height)
 
     @field_validator("megapixels", mode="before")
     @classmethod
@@ -181,7 +201,17 @@ def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[Gener
         limit = DISTILLED_GENERATOR_MAX_STEPS
         raise _param("num_inference_steps", f"must be 1-{limit} for {body.model} (a {limit}-step model); got {steps}")
     ratio: str = prompt.aspect_ratio
-    width, height = (None, None) if ratio == MATCH_INPUT else size_for_aspect_ratio(ratio, float(prompt.megapixels))
+    count = prompt.image_count()
+    names = NAMES
+    if (size := prompt.explicit_size()) is not None:
+        width, height = size  # an explicit size wins over aspect_ratio (which always has a default)
+        names = NAMES_WITH_SIZE
+    elif ratio == MATCH_INPUT:
+        width, height = None, None
+    else:
+        width, height = size_for_aspect_ratio(ratio, float(prompt.megapixels))
+    if count > 1:
+        names = FieldNames({**names, "num_images": "n" if prompt.n is not None else "num_outputs"}, prefix=names.prefix)
     images = [image_reference(runtime, prompt.imageUrl)] if isinstance(prompt, EditorPrompt) else []
     request = to_request(
         {
@@ -193,12 +223,13 @@ def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[Gener
             "height": height,
             "steps": steps,
             "seed": prompt.seed,
+            "num_images": count,
             "output_format": prompt.output_format,
             "quality": max(1, prompt.output_quality),  # the encoders' scale starts at 1
             "safety_check": not prompt.disable_safety_checker,
         },
         runtime.settings,
-        NAMES,
+        names,
     )
     echo = prompt.model_dump(exclude_none=True)
     echo["num_inference_steps"] = steps
@@ -218,6 +249,16 @@ def ai_record(runtime: Runtime, job: Job, body: FeatureRequest, echo: dict[str, 
             "createdAt": _iso(job.created_at),
             "aiRecordDetail": {"promptObject": echo, "resultObject": [o.key for o in outputs]},
             "temporaryUrl": result_url(runtime, first),
+            "temporaryUrls": [result_url(runtime, o) for o in outputs],
+            # 1min's record fields with no counterpart on a self-hosted server: the owner (the API
+            # key's id) or null, and nothing rated, no conversation, no team.
+            "userId": job.owner,
+            "teamId": None,
+            "conversationId": None,
+            "metadata": None,
+            "rating": None,
+            "feedback": None,
+            "additionalData": None,
             "kleinserve": {
                 "seed": first.seed,
                 "width": first.width,

@@ -22,7 +22,7 @@ import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
@@ -87,7 +87,11 @@ def openai_id(variant: Variant) -> str:
 
 
 class ImageParams(BaseModel):
-    """Fields shared by /images/generations and /images/edits (OpenAI's, then kleinserve's)."""
+    """Fields shared by /images/generations and /images/edits: every one the ``openai`` SDK sends.
+
+    Each is honoured, accepted without effect, or refused with a 400 naming it (the README's table,
+    docs/api/openai.md). ``null`` means "left out", as OpenAI's reference says for its optional fields.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -96,17 +100,26 @@ class ImageParams(BaseModel):
     n: int = Field(1, ge=1, le=10, description="Images to generate; image i uses seed + i.")
     size: str = Field("auto", description="'auto' or 'WxH' in multiples of 16.")
     response_format: Literal["url", "b64_json"] = "url"
-    output_format: Literal["png", "jpeg", "jpg", "webp"] = "png"
-    output_compression: int = Field(100, ge=0, le=100, description="JPEG/WebP quality.")
-    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] = Field(
-        "auto", description="Accepted; klein has one quality level."
+    output_format: Literal["png", "jpeg", "jpg", "webp", "gif", "svg"] = Field(
+        "png", description="png, jpeg or webp; gif and svg are refused (klein draws raster stills)."
     )
-    background: Literal["auto", "opaque", "transparent"] = "auto"
+    output_compression: int = Field(100, ge=0, le=100, description="JPEG/WebP quality.")
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] = Field(
+        "auto", description="Accepted; klein has one quality level (steps are num_inference_steps)."
+    )
+    background: Literal["auto", "opaque", "transparent"] = Field(
+        "auto", description="auto or opaque; transparent is refused (klein makes no alpha)."
+    )
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; no classifier runs.")
     style: Literal["vivid", "natural"] | None = Field(None, description="Accepted; no effect on klein.")
+    complexity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted; no effect on klein.")
     stream: bool = Field(False, description="Refused when true: klein does not stream here.")
-    partial_images: int | None = Field(None, ge=0, le=3)
-    user: str | None = None
+    partial_images: int | None = Field(None, ge=0, le=3, description="Partial images while streaming.")
+    user: str | None = Field(None, description="Accepted; recorded with the job.")
+    safety_identifier: str | None = Field(None, description="Accepted; recorded with the job (replaces user).")
+    frame_count: int | None = Field(None, description="Refused: only with output_format gif.")
+    frame_duration_ms: int | None = Field(None, description="Refused: only with output_format gif.")
+    svg: dict[str, Any] | None = Field(None, description="Refused: only with output_format svg.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="kleinserve extension.")
     num_inference_steps: int | None = Field(None, ge=1, description="kleinserve extension.")
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="kleinserve extension.")
@@ -116,6 +129,17 @@ class ImageParams(BaseModel):
     megapixels: float | None = Field(None, description=f"With aspect_ratio: one of {list(MEGAPIXELS)}.")
     loras: list[LoraChoice] | None = Field(None, description="kleinserve extension (extra_body): LoRA adapters.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    def end_user(self) -> str | None:
+        """Who the client says the end user is: ``safety_identifier``, else the deprecated ``user``."""
+        return self.safety_identifier or self.user or None
+
 
 class EditParams(ImageParams):
     """Edits: the images arrive as files (multipart) or as URLs (JSON)."""
@@ -124,6 +148,7 @@ class EditParams(ImageParams):
     images: list[dict[str, str]] | None = Field(None, description="OpenAI JSON form: [{'image_url': ...}].")
     mask: str | None = Field(None, description="Refused: klein has no inpainting.")
     mask_url: str | None = Field(None, description="Refused: klein has no inpainting.")
+    markup: str | None = Field(None, description="Refused: no guide overlays; say the change in the prompt.")
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted; no effect.")
 
     def references(self) -> list[str]:
@@ -152,13 +177,31 @@ def _size(params: ImageParams) -> tuple[int | None, int | None]:
     return int(width), int(height)
 
 
+_GIF_ONLY = "is only for output_format gif, which FLUX.2 [klein] cannot make (it draws still images)"
+
+
 def _refuse_unsupported(params: ImageParams) -> None:
     if params.stream:
         raise InvalidParameterError("stream", "streaming is not supported for FLUX.2 [klein]; omit stream")
     if params.background == "transparent":
         raise InvalidParameterError("background", "FLUX.2 [klein] cannot make transparent images; use opaque or auto")
-    if isinstance(params, EditParams) and (params.mask or params.mask_url):
-        raise InvalidParameterError("mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing")
+    if params.output_format in ("gif", "svg"):
+        raise InvalidParameterError(
+            "output_format", f"FLUX.2 [klein] makes raster images: use png, jpeg or webp, not {params.output_format}"
+        )
+    for name in ("frame_count", "frame_duration_ms"):
+        if getattr(params, name) is not None:
+            raise InvalidParameterError(name, _GIF_ONLY)
+    if params.svg is not None:
+        raise InvalidParameterError("svg", "is only for output_format svg, which FLUX.2 [klein] cannot make")
+    if isinstance(params, EditParams):
+        if params.mask or params.mask_url:
+            raise InvalidParameterError("mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing")
+        if params.markup:
+            raise InvalidParameterError("markup", _MARKUP)
+
+
+_MARKUP = "guide overlays are not supported; describe the change in the prompt"
 
 
 def to_generation_request(
@@ -206,7 +249,24 @@ def images_response(runtime: Runtime, job: Job, params: ImageParams) -> dict[str
         "output_format": "jpeg" if params.output_format == "jpg" else params.output_format,
         "size": f"{outputs[0].width}x{outputs[0].height}",
         "seed": job.request.seed,
+        **({"safety_identifier": params.safety_identifier} if params.safety_identifier else {}),
     }
+
+
+def _set_form_field(fields: dict[str, Any], key: str, value: str) -> None:
+    """One multipart text field; the SDK sends nested objects as ``svg[reasoning][effort]``."""
+    base, bracket, rest = key.partition("[")
+    if not bracket or not base:
+        fields[key] = value
+        return
+    path = [base, *rest.rstrip("]").split("][")]
+    node = fields
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
 
 
 async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, list[str]]:
@@ -226,9 +286,11 @@ async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, 
                     raise InvalidParameterError(
                         "mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing"
                     )
+                if key == "markup":
+                    raise InvalidParameterError("markup", _MARKUP)
                 raise InvalidParameterError(key, "is not a known file parameter")
             else:
-                fields[key] = value
+                _set_form_field(fields, key, value)
         params = parse_body(EditParams, fields)
         if len(uploads) > runtime.settings.max_references:
             raise InvalidParameterError("image", f"at most {runtime.settings.max_references} images are allowed")
@@ -288,7 +350,9 @@ class OpenAIDialect:
 async def _run(
     request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
 ) -> dict[str, Any]:
-    extra = {"model": params.model, "size": params.size, "response_format": params.response_format}
+    extra: dict[str, Any] = {"model": params.model, "size": params.size, "response_format": params.response_format}
+    if params.end_user():
+        extra["end_user"] = params.end_user()
     (job,) = await submit_and_wait(request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image")
     # Off the event loop: reading results may be a network call (S3).
     return await asyncio.to_thread(images_response, runtime, job, params)

@@ -12,6 +12,7 @@ Compatibility notes: docs/api/oxen.md. Choices where Oxen is silent (published i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     with_lora_header,
 )
+from kleinserve.engine.catalog import ServedModel
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
@@ -89,9 +91,15 @@ class ImageSize(BaseModel):
 
 
 class OxenImageRequest(BaseModel):
-    """Body of /images/generate, /images/edit and /queue for the klein models."""
+    """Body of /images/generate, /images/edit and /queue for the klein models.
 
-    model_config = ConfigDict(extra="forbid", title="FLUX.2 [klein] request")
+    Unknown fields are accepted and ignored, as Oxen's queue passes them on and fails only at run
+    time: clients send e.g. ``safety_tolerance``, ``resolution``, ``quality``, ``size``, ``background``,
+    ``moderation``. They are echoed on queue items like every parameter; known fields with bad values
+    are still a 400.
+    """
+
+    model_config = ConfigDict(extra="allow", title="FLUX.2 [klein] request")
 
     model: str = Field(..., description="Model id, e.g. black-forest-labs-flux-2-klein-4b.")
     prompt: str = Field(..., description="Text prompt; may refer to inputs as @Image1, @Image2, ...")
@@ -346,6 +354,63 @@ async def search_models(request: Request, search: str = Query("", max_length=200
     return {"object": "list", "data": found}
 
 
+FAVORITES = "favorites"  # storage folder: one JSON list of Oxen model ids per caller
+
+
+def _favorites_key(caller: Caller) -> str:
+    # Key ids are the owners; hashed so that no owner text ever shapes a storage path.
+    owner = caller.owner or "open-server"
+    return f"{FAVORITES}/{hashlib.sha256(owner.encode()).hexdigest()[:32]}.json"
+
+
+def _read_favorites(runtime: Runtime, caller: Caller) -> list[str]:
+    try:
+        stored = json.loads(runtime.read_asset(_favorites_key(caller)))
+    except NotFoundError:
+        return []
+    return [item for item in stored if isinstance(item, str)] if isinstance(stored, list) else []
+
+
+def _write_favorites(runtime: Runtime, caller: Caller, ids: list[str]) -> None:
+    runtime.storage.put(_favorites_key(caller), json.dumps(ids).encode(), "application/json")
+
+
+def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel:
+    served = runtime.served_model(model_id)
+    if served is None:
+        raise NotFoundError(f"Model not found: {model_id}")
+    return served
+
+
+@router.get("/ai/models/favorites", summary="The caller's favourite models (served ones only).")
+async def list_favorites(request: Request, caller: CallerDep) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    ids = await asyncio.to_thread(_read_favorites, runtime, caller)
+    served = [runtime.served_model(model_id) for model_id in ids]
+    return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in served if m is not None]}
+
+
+@router.post("/ai/models/{model_id:path}/favorite", summary="Mark a served model as a favourite.")
+async def add_favorite(request: Request, model_id: str, caller: CallerDep) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    served = _served_for_favorite(runtime, model_id)
+    ids = await asyncio.to_thread(_read_favorites, runtime, caller)
+    if oxen_id(served.variant) not in ids:
+        await asyncio.to_thread(_write_favorites, runtime, caller, [*ids, oxen_id(served.variant)])
+    return {"status": "success", "model": oxen_id(served.variant), "favorite": True}
+
+
+@router.delete("/ai/models/{model_id:path}/favorite", summary="Remove a model from the favourites.")
+async def remove_favorite(request: Request, model_id: str, caller: CallerDep) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    served = _served_for_favorite(runtime, model_id)
+    ids = await asyncio.to_thread(_read_favorites, runtime, caller)
+    if oxen_id(served.variant) in ids:
+        remaining = [i for i in ids if i != oxen_id(served.variant)]
+        await asyncio.to_thread(_write_favorites, runtime, caller, remaining)
+    return {"status": "success", "model": oxen_id(served.variant), "favorite": False}
+
+
 @router.get("/ai/models/{model_id:path}", summary="One served model, with its request schema.")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     runtime = runtime_of(request)
@@ -353,6 +418,15 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     if served is None:
         raise NotFoundError(f"Model not found: {model_id}")
     return model_object(runtime, served.variant, served.demo)
+
+
+def progress_fraction(job: Job) -> float:
+    """How far a job is, 0..1: 1 once it succeeded, else its denoising step over the total."""
+    if job.status is JobStatus.SUCCEEDED:
+        return 1.0
+    if job.progress_total <= 0:
+        return 0.0
+    return round(min(1.0, job.progress_step / job.progress_total), 4)
 
 
 def _ts(value: float | None) -> int | None:
@@ -384,7 +458,9 @@ def generation_object(runtime: Runtime, job: Job, queue_position: int | None = N
     echoed = {k: v for k, v in job.extra.items() if k not in item and k not in ("model", "response_format")}
     item.update(echoed)
     item["seed"] = job.request.seed
-    item["progress"] = {"step": job.progress_step, "total": job.progress_total}
+    # A number, as Oxen's queue clients parse it; the step counts in their own fields.
+    item["progress"] = progress_fraction(job)
+    item["progress_step"], item["progress_total"] = job.progress_step, job.progress_total
     if job.status is JobStatus.QUEUED:
         item["queue_position"] = queue_position or 0
     if outputs:

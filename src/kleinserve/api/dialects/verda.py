@@ -22,6 +22,15 @@ synchronous: the raw image with ``X-Seed`` and ``X-Has-Nsfw-Content`` headers, o
 - Provisional, because Verda's examples were lost from our copy of its page (and no other public
   copy was found): the base64 JSON is ``{"image", "seed", "has_nsfw_content", "output_format",
   "width", "height"}``, and errors are FastAPI-style ``{"detail": "<message>", "code": "<code>"}``.
+- ``GET /<slug>/health`` answers 200 once the model can generate (503 while loading), as the SDK's
+  ``health()`` expects.
+- Verda's asynchronous inference, which the SDK's ``run()`` uses: ``Prefer: respond-async`` (or its
+  ``-proxy`` / ``-container`` forms) queues the request on the job queue and answers 202
+  ``{"Id", "StatusPath", "ResultPath"}`` with ``X-Inference-Id`` and ``Location``;
+  ``GET /status/<slug>`` (header ``X-Inference-Id``) says ``Queue``, ``Inference`` or ``Completed``
+  (``Initialized`` is only the SDK's own state before its first poll), with ``QueuePosition`` and
+  ``Progress`` where known; ``GET /result/<slug>`` answers as the sync call would (bytes or base64
+  JSON, or the error that ended the job), or 202 with the status while it is not done.
 - ``Authorization: Bearer <key>`` is accepted and not checked yet; unknown body fields are a 400
   naming the field; a klein slug this server does not serve, or any other ``POST /<slug>/generate``,
   is a 404 in the same shape.
@@ -32,21 +41,27 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi import APIRouter, Depends, Header, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import Caller, CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, submit_and_wait, to_request
+from kleinserve.api.dialects.base import Example, FieldNames, client_image_error, submit_and_wait, to_request
 from kleinserve.api.errors import status_for
-from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, runtime_of
+from kleinserve.api.jobs_http import ReadyRuntime, job_error, outputs_of, runtime_of
 from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.engine.variants import Variant, find_variant
-from kleinserve.errors import InvalidParameterError, KleinserveError, UnknownModelError
-from kleinserve.jobs.job import Job, JobOutput
+from kleinserve.errors import (
+    InvalidParameterError,
+    InvalidRequestError,
+    KleinserveError,
+    NotFoundError,
+    UnknownModelError,
+)
+from kleinserve.jobs.job import Job, JobOutput, JobStatus
 from kleinserve.request import MAX_SEED, GenerationRequest
 from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
@@ -55,6 +70,15 @@ SLUGS: tuple[str, ...] = ("flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
 MAX_INPUT_IMAGES = 4  # Verda's documented limit; KLEINSERVE_MAX_REFERENCES may only lower it.
 SAFETY_HEADER = "X-Kleinserve-Safety-Checker"
+INFERENCE_ID = "X-Inference-Id"
+# Verda's async statuses; a job that ended in any way is "Completed" (its result says how).
+ASYNC_STATUS = {
+    JobStatus.QUEUED: "Queue",
+    JobStatus.PROCESSING: "Inference",
+    JobStatus.SUCCEEDED: "Completed",
+    JobStatus.FAILED: "Completed",
+    JobStatus.CANCELLED: "Completed",
+}
 NAME = "verda"
 # Canonical field -> the Verda name a client sent, for error messages.
 NAMES = FieldNames(
@@ -189,7 +213,7 @@ class VerdaDialect:
     """The Verda inference API for the four FLUX.2 [klein] variants."""
 
     name = NAME
-    prefixes: tuple[str, ...] = tuple(f"/{slug}" for slug in SLUGS)
+    prefixes: tuple[str, ...] = (*(f"/{slug}" for slug in SLUGS), "/status", "/result")
 
     def router(self) -> APIRouter:
         return router
@@ -212,18 +236,11 @@ class VerdaDialect:
         )
 
 
-async def generate(
-    request: Request, body: VerdaGenerateRequest, runtime: Runtime, caller: Caller, variant: Variant
-) -> Response:
-    """One sync generation for ``variant``: raw bytes with X-Seed, or base64 JSON."""
-    gen = to_generation_request(body, variant, runtime.settings)
-    extra = {"model": verda_slug(variant.id), "enable_safety_checker": body.enable_safety_checker}
-    (job,) = await submit_and_wait(
-        request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="input_images"
-    )
+def render_output(runtime: Runtime, job: Job, as_base64: bool) -> Response:
+    """A succeeded job as Verda answers it: raw bytes with X-Seed, or base64 JSON."""
     (output,) = outputs_of(job)
-    data = await asyncio.to_thread(runtime.read_asset, output.key)
-    if not body.enable_base64_output:
+    data = runtime.read_asset(output.key)
+    if not as_base64:
         return Response(data, media_type=output.media_type, headers=_headers(job, output))
     content = {
         "image": base64.b64encode(data).decode(),
@@ -236,6 +253,47 @@ async def generate(
     return JSONResponse(content, headers=_headers(job, output))
 
 
+def _base(request: Request, runtime: Runtime) -> str:
+    return (runtime.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def wants_async(prefer: str | None) -> bool:
+    """Verda's ``Prefer: respond-async`` (and its ``-proxy`` / ``-container`` forms)."""
+    tokens = [part.strip().lower() for part in (prefer or "").split(",")]
+    return any(token.startswith("respond-async") for token in tokens)
+
+
+async def generate(
+    request: Request, body: VerdaGenerateRequest, runtime: Runtime, caller: Caller, variant: Variant, prefer: str | None
+) -> Response:
+    """One generation for ``variant``: sync (the image), or queued with Verda's async protocol."""
+    gen = to_generation_request(body, variant, runtime.settings)
+    slug = verda_slug(variant.id)
+    extra = {
+        "model": slug,
+        "enable_safety_checker": body.enable_safety_checker,
+        "enable_base64_output": body.enable_base64_output,
+    }
+    if wants_async(prefer):
+        (job,) = await asyncio.to_thread(runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra)
+        status_path, result_path = f"/status/{slug}", f"/result/{slug}"
+        return JSONResponse(
+            {"Id": job.id, "StatusPath": status_path, "ResultPath": result_path},
+            status_code=202,
+            # Where the client reached us (the configured public URL when one is set).
+            headers={INFERENCE_ID: job.id, "Location": _base(request, runtime) + status_path},
+        )
+    (job,) = await submit_and_wait(
+        request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="input_images"
+    )
+    return await asyncio.to_thread(render_output, runtime, job, body.enable_base64_output)
+
+
+PreferHeader = Annotated[
+    str | None, Header(alias="Prefer", description="respond-async: queue it (Verda's asynchronous inference).")
+]
+
+
 def _generate_route(slug: str) -> Callable[..., Awaitable[Response]]:
     """The endpoint of one slug: FastAPI needs a function per path to resolve its own dependency."""
     served = Depends(ServedVariant(slug))
@@ -246,10 +304,20 @@ def _generate_route(slug: str) -> Callable[..., Awaitable[Response]]:
         runtime: ReadyRuntime,
         caller: CallerDep,
         variant: Variant = served,
+        prefer: PreferHeader = None,
     ) -> Response:
-        return await generate(request, body, runtime, caller, variant)
+        return await generate(request, body, runtime, caller, variant, prefer)
 
     return endpoint
+
+
+def _health_route(slug: str) -> Callable[..., Awaitable[dict[str, Any]]]:
+    served = Depends(ServedVariant(slug))
+
+    async def health(variant: Variant = served) -> dict[str, Any]:
+        return {"status": "ok", "model": verda_slug(variant.id)}
+
+    return health
 
 
 for _slug in SLUGS:
@@ -257,10 +325,71 @@ for _slug in SLUGS:
         f"/{_slug}/generate",
         _generate_route(_slug),
         methods=["POST"],
-        summary=f"Generate with {find_variant(_slug).display_name} (sync).",
+        summary=f"Generate with {find_variant(_slug).display_name} (sync, or async with Prefer: respond-async).",
         response_class=Response,
         responses=_IMAGE_RESPONSES,
     )
+    router.add_api_route(
+        f"/{_slug}/health",
+        _health_route(_slug),
+        methods=["GET"],
+        summary=f"Health of the {find_variant(_slug).display_name} endpoint (200 once it can generate).",
+    )
+
+# -- Verda's asynchronous inference: status and result by X-Inference-Id --------------------------
+
+InferenceIdHeader = Annotated[
+    str | None, Header(alias=INFERENCE_ID, description="The Id from the Prefer: respond-async answer.")
+]
+
+
+async def _async_job(request: Request, slug: str, caller: Caller, inference_id: str | None) -> Job:
+    """The caller's job behind ``X-Inference-Id``, which must have been made through ``slug``."""
+    runtime = runtime_of(request)
+    if not inference_id:
+        raise InvalidParameterError(INFERENCE_ID, "header is required (the Id of the async request)")
+    try:
+        job = await asyncio.to_thread(runtime.service.get, inference_id, **caller.scope)
+    except NotFoundError:
+        raise NotFoundError(f"no inference {inference_id!r} for {slug}") from None
+    if job.extra.get("model") != slug:
+        raise NotFoundError(f"no inference {inference_id!r} for {slug}")
+    return job
+
+
+@router.get("/status/{slug}", summary="Status of an asynchronous inference (X-Inference-Id).")
+async def async_status(
+    request: Request, slug: str, caller: CallerDep, inference_id: InferenceIdHeader = None
+) -> dict[str, Any]:
+    job = await _async_job(request, slug, caller, inference_id)
+    body: dict[str, Any] = {"Id": job.id, "Status": ASYNC_STATUS[job.status]}
+    if job.status is JobStatus.QUEUED:
+        positions = await asyncio.to_thread(runtime_of(request).service.queue_positions, [job])
+        body["QueuePosition"] = positions.get(job.id, 0)
+    if job.progress_total:
+        body["Progress"] = {"step": job.progress_step, "total": job.progress_total}
+    if job.terminal:
+        body["Outcome"] = job.status.value
+    return body
+
+
+@router.get(
+    "/result/{slug}",
+    summary="Result of an asynchronous inference (X-Inference-Id): the image, as the sync call answers.",
+    response_class=Response,
+    responses=_IMAGE_RESPONSES,
+)
+async def async_result(
+    request: Request, slug: str, caller: CallerDep, inference_id: InferenceIdHeader = None
+) -> Response:
+    job = await _async_job(request, slug, caller, inference_id)
+    if not job.terminal:
+        # Not done: say so with the status, as Verda's own status endpoint would (202: try later).
+        return JSONResponse({"Id": job.id, "Status": ASYNC_STATUS[job.status]}, status_code=202)
+    if job.status is not JobStatus.SUCCEEDED:
+        error = job_error(job)
+        raise client_image_error(error, "input_images") if isinstance(error, InvalidRequestError) else error
+    return await asyncio.to_thread(render_output, runtime_of(request), job, bool(job.extra.get("enable_base64_output")))
 
 
 # Registered after the four: any other "/<slug>/generate" is a Verda client asking for a model

@@ -545,7 +545,7 @@ async function poll(all = false) {
 function applyItem(card, item) {
   if (TERMINAL.has(card.status)) return;
   card.position = item.queue_position ?? null;
-  if (item.progress && item.progress.step) Object.assign(card, item.progress);
+  if (item.progress_step) Object.assign(card, { step: item.progress_step, total: item.progress_total });
   if (item.status === 'processing') card.times.started ??= now();
   if (item.status === 'succeeded') return void finish(card, item);
   if (item.status === 'failed') card.error = failure(item.error_message);

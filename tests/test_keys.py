@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from kleinserve.cli import app
 from kleinserve.errors import InvalidParameterError, NotFoundError
+from kleinserve.jobs.admission import take_tokens
 from kleinserve.keys import ApiKeyStore, KeyStore, hash_key, parse_rate
 from kleinserve.postgres.keys import PgKeyStore
-from kleinserve.quotas import TokenBucket
 
 runner = CliRunner()
 
@@ -102,11 +102,14 @@ def test_usage_is_recorded_once_per_job(key_store: ApiKeyStore) -> None:
 
 
 def test_token_bucket_bursts_then_refills() -> None:
-    bucket = TokenBucket(per_minute=6)
-    assert [bucket.take(1, now=0.0) for _ in range(6)] == [0.0] * 6
-    assert bucket.take(1, now=0.0) == pytest.approx(10.0)  # one token every 10 s
-    assert bucket.take(1, now=10.0) == 0.0
-    assert bucket.take(7, now=10.0) == 60.0  # more than a minute's allowance never fits
+    state = None
+    waits = []
+    for _ in range(7):
+        wait, state = take_tokens(state, per_minute=6, amount=1, now=0.0)
+        waits.append(wait)
+    assert waits == [0.0] * 6 + [pytest.approx(10.0)]  # one token every 10 s
+    assert take_tokens(state, 6, 1, now=10.0)[0] == 0.0
+    assert take_tokens(state, 6, 7, now=10.0)[0] == 60.0  # more than a minute's allowance never fits
 
 
 def test_keys_commands(tmp_path: Path) -> None:

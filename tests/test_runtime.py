@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,3 +47,22 @@ def test_sweep_removes_only_what_outlived_retention(tmp_path: Path) -> None:
         assert (tmp_path / "files" / UPLOADS / "new" / "image.png").is_file()
     finally:
         runtime.store.close()
+
+
+def test_reap_hands_back_jobs_of_dead_processes_on_this_host_at_once(tmp_path: Path) -> None:
+    runtime = Runtime(Settings(data_dir=tmp_path, lease_seconds=3600))
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        )
+        dead_pid = int(finished.stdout)
+        store = runtime.store
+        for worker_id, pid in (("dead", dead_pid), ("restarted", os.getpid()), ("alive", os.getppid())):
+            store.heartbeat(worker_id, ["flux-2-klein-4b"], {"host": socket.gethostname(), "pid": pid})
+            store.add(Job(request=GenerationRequest.parse({"prompt": worker_id})))
+            store.claim(worker_id, None, 3600)
+        assert runtime.reap() == (2, 0)  # leases are far from expiring: only the dead are reaped
+        assert {j.worker_id for j in store.list(statuses=[JobStatus.PROCESSING])} == {"alive"}
+        assert [w.id for w in store.live_workers(since=0)] == ["alive"]
+    finally:
+        runtime.stop()

@@ -5,6 +5,11 @@ file holding every table; ``sqlite:///PATH`` names another file. ``postgresql://
 one connection pool shared by the stores of this process, so any number of ``api`` and ``worker``
 processes on any hosts share one queue, one event log, one key table and the same limits.
 PostgreSQL modules are imported only when chosen.
+
+Each function returns one seam's implementation: :func:`job_store` (jobs, leases, workers, events,
+admission), :func:`event_bus` (delivery of those events) and :func:`key_store`. Adding a backend means
+implementing the protocols in ``jobs/store/base.py`` and ``keys.py``, passing their contract suites
+(``tests/jobs/backends.py`` lists the backends they run against) and choosing it here by URL.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
+from kleinserve.jobs.events import EventBus, StoreEventBus
+from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKeyStore
 from kleinserve.settings import Settings
 
@@ -29,6 +37,26 @@ def sqlite_path(settings: Settings) -> Path:
     if url and url.startswith("sqlite:///"):
         return Path(url.removeprefix("sqlite:///"))
     return settings.data_dir / SQLITE_FILE
+
+
+def job_store(settings: Settings) -> JobStore:
+    """The job store the settings ask for (close it when done)."""
+    if uses_postgres(settings):
+        from kleinserve.jobs.store.postgres import PgJobStore
+
+        assert settings.database_url is not None
+        return cast(JobStore, PgJobStore(settings.database_url))
+    from kleinserve.jobs.store.sqlite import SQLiteJobStore
+
+    return SQLiteJobStore(sqlite_path(settings))
+
+
+def event_bus(settings: Settings, store: JobStore) -> EventBus:
+    """The event bus over ``store``: it reads the store's event log in order and polls for what
+    other processes wrote (every ``KLEINSERVE_EVENT_POLL`` seconds). With PostgreSQL a
+    ``LISTEN`` thread may call :meth:`StoreEventBus.notify` on each ``NOTIFY`` to cut that wait
+    (``kleinserve.postgres.notify``); polling alone is already correct, only slower."""
+    return StoreEventBus(store, poll_interval=settings.event_poll)
 
 
 def key_store(settings: Settings) -> ApiKeyStore:

@@ -365,6 +365,109 @@ def serve(
     )
 
 
+@app.command()
+def api(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
+    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
+    ] = False,
+    fetch_allow: Annotated[
+        Optional[str],
+        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
+    ] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
+) -> None:
+    """Run the HTTP API only (no models, no torch): jobs go to `kleinserve worker` processes sharing
+    the database (KLEINSERVE_DATABASE_URL) and the results storage."""
+    import uvicorn
+
+    from kleinserve.access import is_loopback
+    from kleinserve.api.app import create_app
+
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        public_url=public_url,
+        insecure_no_auth=insecure_no_auth or None,
+        fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not _key_store(settings).any_active() and not is_loopback(settings.host) and not settings.insecure_no_auth:
+            _fail(
+                f"refusing to serve {settings.host} without API keys: create a key first (kleinserve keys create "
+                "--name NAME), bind to 127.0.0.1, or pass --insecure-no-auth if something in front checks access."
+            )
+    except KleinserveError as err:
+        _fail(err.message)
+    err_console.print(f"kleinserve api http://{settings.host}:{settings.port} (models: those of live workers)")
+    uvicorn.run(
+        create_app(settings, role="api"),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option("--model", "-m", help="ID or ID=PATH, repeatable; 'auto' (default) falls back to demo weights."),
+    ] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    fetch_allow: Annotated[
+        Optional[str],
+        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
+    ] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
+) -> None:
+    """Run a worker (no HTTP): load the models and run queued jobs for them until SIGTERM, which
+    hands the running job back to the queue."""
+    import asyncio
+
+    from kleinserve.engine.catalog import plan_models
+    from kleinserve.runtime import run_worker
+
+    settings = _settings(
+        models=model,
+        data_dir=data_dir,
+        device=device,
+        devices=devices,
+        dtype=dtype,
+        fetch_allow=fetch_allow,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        served = plan_models(settings.models, settings.data_dir)
+    except KleinserveError as err:
+        _fail(err.message)
+    for m in served:
+        err_console.print(f"kleinserve worker: model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}")
+    raise typer.Exit(asyncio.run(run_worker(settings, served)))
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; read their usage.")
 app.add_typer(keys_app, name="keys")
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="The server's data directory.")]

@@ -1,37 +1,35 @@
 """The server's moving parts, wired together and started in order (no HTTP here).
 
 ``Runtime`` owns the job store, event bus, result storage, job service, the loaded engines and the
-workers. ``start()`` loads the models (off the event loop), recovers jobs a crash interrupted, and
+workers. ``start()`` loads the models (off the event loop), reaps jobs a crash interrupted, and
 starts the workers; ``stop()`` stops them so the running job goes back to the queue.
+
+The reaper (:meth:`Runtime.reap`, every ``KLEINSERVE_REAP_INTERVAL`` seconds) hands back jobs whose
+lease expired. Workers on this host whose process is gone (its pid no longer runs, or it is ours
+but not one of our workers: a restart) count as dead at once, so a restarted ``serve`` resumes its
+interrupted job without waiting for the lease to run out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from kleinserve import metrics
+from kleinserve import backends, metrics
 from kleinserve.access import Access
-from kleinserve.engine.cache import PromptCache
-from kleinserve.engine.catalog import ServedModel, load_engines, plan_models
-from kleinserve.engine.classifier import safety_checker_from_settings
-from kleinserve.engine.device import dtype_name, pick_device, pick_devices, pick_dtype
-from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
-from kleinserve.engine.loading import LoadOptions, check_options, warm_up
-from kleinserve.engine.lora import check_sources
-from kleinserve.engine.memory import MemoryMode, MemoryPlan, plan_served
-from kleinserve.engine.variants import find_variant
+from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
-from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
-from kleinserve.jobs.store.sqlite import SQLiteJobStore
-from kleinserve.jobs.worker import CancelRequests, Worker
-from kleinserve.keys import KeyStore
+from kleinserve.jobs.store.base import JobStore, WorkerInfo
+from kleinserve.keys import ApiKeyStore
 from kleinserve.loras import LoraSource, parse_lora_options
 from kleinserve.quotas import Quotas
 from kleinserve.safety import SafetyChecker
@@ -39,8 +37,15 @@ from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the engine (torch) is imported only by roles that load models
     import torch
+
+    from kleinserve.engine.cache import PromptCache
+    from kleinserve.engine.catalog import ServedModel
+    from kleinserve.engine.engine import Engine
+    from kleinserve.engine.loading import LoadOptions
+    from kleinserve.engine.memory import MemoryPlan
+    from kleinserve.jobs.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +66,17 @@ class ModelInfo:
 
 def devices_for(settings: Settings) -> list[torch.device]:
     """The devices to run workers on: ``--devices`` (one worker each), else the one ``--device``."""
+    from kleinserve.engine.device import pick_device, pick_devices
+
     return pick_devices(settings.devices) if settings.devices else [pick_device(settings.device)]
 
 
 def load_options_for(settings: Settings, device: torch.device | None = None) -> tuple[torch.device, LoadOptions]:
     """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
+    from kleinserve.engine.device import pick_dtype
+    from kleinserve.engine.loading import LoadOptions, check_options
+    from kleinserve.engine.memory import MemoryMode
+
     device = device if device is not None else devices_for(settings)[0]
     mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
     options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
@@ -76,6 +87,8 @@ def load_options_for(settings: Settings, device: torch.device | None = None) -> 
 def memory_plan_for(settings: Settings, served: list[ServedModel], device: torch.device | None = None) -> MemoryPlan:
     """The memory plan of ``served`` on one of the settings' devices (default: the first); workers
     sharing that device (``--devices cpu,cpu``) each hold their own copy, so the plan holds them all."""
+    from kleinserve.engine.memory import plan_served
+
     device, options = load_options_for(settings, device)
     plan = plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
     sharing = sum(1 for other in devices_for(settings) if other == device)
@@ -103,61 +116,85 @@ class DeviceState:
         return body
 
 
+Role = Literal["serve", "api", "worker"]
+
+
+@dataclass(frozen=True)
+class AdvertisedModel:
+    """A model a live worker serves, as an ``api`` process describes it (no weights here)."""
+
+    variant: Variant
+    demo: bool = False
+
+
 @dataclass
 class Runtime:
-    """Everything a running server holds, built from :class:`Settings`."""
+    """Everything a running process holds, built from :class:`Settings`, for its role:
+
+    - ``serve``: HTTP, the models and a worker in one process (the embedded default); its worker
+      takes every queued job and fails those for models it does not serve.
+    - ``api``: HTTP only, no models and no torch; it advertises the models live workers serve (their
+      heartbeats) and answers 503 for a model no live worker serves.
+    - ``worker``: no HTTP; loads its models and takes only jobs for them.
+    """
 
     settings: Settings
     served: list[ServedModel] | None = None
-    store: SQLiteJobStore = field(init=False)
-    keys: KeyStore = field(init=False)
+    role: Role = "serve"
+    store: JobStore = field(init=False)
+    keys: ApiKeyStore = field(init=False)
     access: Access = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: Storage = field(init=False)
-    cancels: CancelRequests = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
-    prompt_cache: PromptCache = field(init=False)  # hits/misses: prompt_cache.stats(), for /metrics
+    # Built by roles that load models (hits/misses: prompt_cache.stats(), for /metrics).
+    prompt_cache: PromptCache | None = field(default=None, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
     safety: SafetyChecker | None = field(default=None, init=False)
-    device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
     dtype: str = field(default="", init=False)
     memory: MemoryPlan | None = field(default=None, init=False)
     loras: dict[str, LoraSource] = field(default_factory=dict, init=False)  # offered LoRA adapters
+    device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     started_at: float = field(default_factory=time.time, init=False)
+    advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-        self.bus = EventBus(self.store)
+        self.store = backends.job_store(self.settings)
+        self.bus = backends.event_bus(self.settings, self.store)
         self.storage = storage_from_settings(self.settings)
-        self.cancels = CancelRequests()
-        self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
         self.service = JobService(
-            self.store, self.bus, self.cancels, self.served_ids(), max_queue=self.settings.max_queue
+            self.store,
+            self.bus,
+            self.served_ids(),
+            max_queue=self.settings.max_queue,
+            max_queue_per_key=self.settings.queue_share(),
         )
-        self.keys = KeyStore(data_dir / "jobs.sqlite3")
+        self.service.models_elsewhere = self.role == "api"
+        self.keys = backends.key_store(self.settings)
         self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
         self._revocations_seen = 0.0
-        self.quotas = Quotas(self.keys, self.store, self.settings.price_per_image)
+        self.quotas = Quotas(self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
 
     def served_ids(self) -> list[str]:
-        return [m.variant.id for m in self.served or []]
+        return [m.variant.id for m in self.models()]
 
     @property
     def demo(self) -> bool:
-        return any(m.demo for m in self.served or [])
+        return any(m.demo for m in self.models())
 
-    def models(self) -> list[ServedModel]:
-        return list(self.served or [])
+    def models(self) -> list[ServedModel | AdvertisedModel]:
+        """The models this process serves (``api``: those live workers serve)."""
+        return list(self.advertised) if self.role == "api" else list(self.served or [])
 
-    def served_model(self, name: str) -> ServedModel | None:
+    def served_model(self, name: str) -> ServedModel | AdvertisedModel | None:
         """The served model called ``name`` in any provider's spelling, or ``None``."""
         try:
             variant_id = find_variant(name).id
@@ -166,8 +203,18 @@ class Runtime:
         return next((m for m in self.models() if m.variant.id == variant_id), None)
 
     async def start(self) -> None:
-        """Plan and load the models on every device, recover interrupted jobs, start one worker per
-        device (all take jobs from the same queue)."""
+        """Plan and load the models, reap interrupted jobs, start the worker (``api``: only reap
+        and learn the live workers' models)."""
+        if self.role == "api":
+            await asyncio.to_thread(self.reap)
+            await asyncio.to_thread(self.refresh_models)
+            self.ready = True
+            log.info("ready: api; models of live workers: %s", ", ".join(self.served_ids()) or "none yet")
+            return
+        from kleinserve.engine.catalog import plan_models
+        from kleinserve.engine.device import dtype_name
+        from kleinserve.engine.lora import check_sources
+
         try:
             if self.served is None:
                 self.served = await asyncio.to_thread(plan_models, self.settings.models, self.settings.data_dir)
@@ -177,29 +224,27 @@ class Runtime:
             self.service.served_loras = list(self.loras)
             devices = devices_for(self.settings)
             self.device_states = [DeviceState(str(device)) for device in devices]
-            first, options = load_options_for(self.settings, devices[0])
+            _, options = load_options_for(self.settings, devices[0])
             self.device, self.dtype = ",".join(str(d) for d in devices), dtype_name(options.dtype)
             for device in dict.fromkeys(devices):  # every distinct device must hold its workers' models
                 plan = await asyncio.to_thread(memory_plan_for, self.settings, self.served, device)
                 self.memory = self.memory or plan
                 plan.check()
-            caches: dict[str, PromptCache] = {str(first): self.prompt_cache}  # entries live on their device
-            for index, device in enumerate(devices):
-                engines, safety = await asyncio.to_thread(self._load_device, device, caches)
-                if index == 0:
-                    self.engines, self.safety = engines, safety
-                self._start_worker(index, engines, safety)
+            caches: dict[str, PromptCache] = {}  # one per device: entries live on their device
+            loaded = []
+            for device in devices:
+                loaded.append(await asyncio.to_thread(self._load_device, device, caches))
+            self.engines, self.safety = loaded[0]
+            self.prompt_cache = caches[str(devices[0])]
         except KleinserveError as err:
             self.load_error = err.message
             for state in self.device_states:
-                if state.state == "loading":
-                    state.state, state.error = "error", err.message
+                state.state, state.error = "error", err.message
             log.error("cannot load models: %s", err.message)
-            for worker in self.workers:  # no half-started server: every device or none
-                worker.stop()
-            self.workers.clear()
             return
-        self.service.workers = self.workers
+        await asyncio.to_thread(self.reap)
+        for index, (engines, safety) in enumerate(loaded):
+            await self._start_worker(index, engines, safety)
         self.ready = True
         log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
 
@@ -207,6 +252,11 @@ class Runtime:
         self, device: torch.device, caches: dict[str, PromptCache]
     ) -> tuple[dict[str, Engine], SafetyChecker | None]:
         """Load every served model onto ``device`` (warmed up when compiled), with its prompt cache."""
+        from kleinserve.engine.cache import PromptCache
+        from kleinserve.engine.catalog import load_engines
+        from kleinserve.engine.classifier import safety_checker_from_settings
+        from kleinserve.engine.loading import warm_up
+
         assert self.served is not None
         _, options = load_options_for(self.settings, device)
         engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
@@ -219,35 +269,88 @@ class Runtime:
                 warm_up(engine)
         return engines, safety_checker_from_settings(self.settings, device)
 
-    def _start_worker(self, index: int, engines: dict[str, Engine], safety: SafetyChecker | None) -> None:
-        if index == 0:
-            self.recover()  # before any worker claims
+    async def _start_worker(self, index: int, engines: dict[str, Engine], safety: SafetyChecker | None) -> None:
+        """Start the worker of device ``index``; every worker claims from the same queue."""
+        from kleinserve.jobs.worker import Worker
+
+        assert self.served is not None
+        state = self.device_states[index]
         worker = Worker(
             self.store,
             self.bus,
             self.storage,
             engines,
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
-            self.cancels,
             name=f"worker-{index}",
+            lease_seconds=self.settings.lease_seconds,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
             on_succeeded=self.charge,
+            info={"device": state.device, "dtype": self.dtype, "demo": [m.variant.id for m in self.served if m.demo]},
+            claim_any=self.role == "serve",
             safety=safety,
         )
-        worker.start()
         self.workers.append(worker)
-        self.service.workers = self.workers
-        state = self.device_states[index]
+        await asyncio.to_thread(worker.start)
+        self.service.on_queued.append(worker.wake)
         state.state, state.worker = "ready", worker
 
-    def recover(self) -> None:
-        """Jobs a crash left running go back to the queue, or fail once out of attempts."""
-        requeued, failed = self.store.recover(self.settings.max_attempts)
-        for job in failed:
+    def reap(self) -> tuple[int, int]:
+        """Hand back jobs whose worker is gone (lease expired, or a dead process on this host):
+        requeued, or failed as interrupted at ``max_attempts``. Returns (requeued, ended)."""
+        dead = self.dead_local_workers()
+        requeued, ended = self.store.reap(self.settings.max_attempts, time.time(), dead)
+        for job in ended:
             metrics.job_finished(job)
-            self.bus.publish(Event.for_job(EventType.FAILED, job, error=job.error_message, code=job.error_code))
-        # Queued jobs for a model this start does not serve fail in the worker, with that reason.
-        if requeued or failed:
-            log.warning("recovered after a restart: %d job(s) requeued, %d failed", len(requeued), len(failed))
+        for worker_id in dead:
+            self.store.forget_worker(worker_id)
+        if requeued or ended:
+            self.bus.notify()
+            for worker in self.workers:
+                worker.wake()
+            log.warning("reaped interrupted jobs: %d requeued, %d failed", len(requeued), len(ended))
+        return len(requeued), len(ended)
+
+    def refresh_models(self) -> list[str]:
+        """``api``: learn which models live workers serve (heartbeats of the last three intervals)."""
+        since = time.time() - 3 * self.settings.heartbeat_seconds
+        ids: dict[str, bool] = {}
+        for worker in self.store.live_workers(since=since):
+            demo_ids = set(worker.info.get("demo") or [])
+            for model in worker.models:
+                ids[model] = ids.get(model, False) or model in demo_ids
+        advertised = []
+        for model, is_demo in sorted(ids.items()):
+            try:
+                advertised.append(AdvertisedModel(find_variant(model), is_demo))
+            except UnknownModelError:
+                log.warning("a worker serves %s, which this version does not know", model)
+        self.advertised = advertised
+        self.service.served_models = self.served_ids()
+        return self.service.served_models
+
+    async def refresh_models_forever(self) -> None:
+        """``api``: keep the advertised models current (other roles know their own)."""
+        if self.role != "api":
+            return
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await asyncio.to_thread(self.refresh_models)
+            except Exception:
+                log.exception("reading live workers failed")
+
+    def dead_local_workers(self) -> list[str]:
+        """Ids of workers registered from this host whose process is no longer running."""
+        ours = {worker.id for worker in self.workers}
+        return [w.id for w in self.store.live_workers(since=0) if w.id not in ours and _process_gone(w)]
+
+    async def reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            try:
+                await asyncio.to_thread(self.reap)
+            except Exception:
+                log.exception("reaping interrupted jobs failed")
 
     def charge(self, job: Job) -> None:
         """Record a succeeded job's usage (and cost) against the API key that submitted it."""
@@ -263,6 +366,7 @@ class Runtime:
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
+        self.bus.close()
         self.store.close()
 
     def sweep(self) -> int:
@@ -314,3 +418,48 @@ class Runtime:
             except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(self.settings.cleanup_interval)
+
+
+def _process_gone(worker: WorkerInfo) -> bool:
+    """Whether ``worker`` ran on this host in a process that no longer exists (or is this process,
+    which it cannot be any more: a process that restarted under the same pid)."""
+    if worker.info.get("host") != socket.gethostname():
+        return False
+    pid = worker.info.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+async def run_worker(settings: Settings, served: list[ServedModel] | None = None) -> int:
+    """``kleinserve worker``: load the models, take jobs for them until SIGTERM or SIGINT, then hand
+    the running job back to the queue (no attempt used). Returns the exit status."""
+    import signal
+
+    runtime = Runtime(settings, served, role="worker")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await runtime.start()
+    if not runtime.ready:
+        await asyncio.to_thread(runtime.stop)
+        return 1
+    log.info("worker %s serving %s", runtime.workers[0].id, ", ".join(runtime.served_ids()))
+    tasks = [asyncio.create_task(runtime.reap_forever()), asyncio.create_task(runtime.sweep_forever())]
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(runtime.stop)
+    return 0

@@ -87,7 +87,18 @@ class Settings(BaseSettings):
         None, description="Base URL for result links (default: http://HOST:PORT of the bind address)."
     )
     max_queue: int = Field(100, ge=1, description="Most queued + running jobs; past it new work gets 503.")
+    max_queue_per_key: int | None = Field(
+        None, ge=1, description="Most queued + running jobs of one API key (default: half of max_queue)."
+    )
     max_attempts: int = Field(3, ge=1, description="Runs a job gets before an interruption fails it.")
+    lease_seconds: float = Field(
+        30, gt=0, description="A running job's lease: a worker silent this long loses the job to the reaper."
+    )
+    heartbeat_seconds: float = Field(5, gt=0, description="Seconds between a worker's heartbeats and lease renewals.")
+    reap_interval: float = Field(5, gt=0, description="Seconds between looks for jobs whose lease expired.")
+    event_poll: float = Field(
+        0.1, gt=0, description="Seconds between reads of events other processes wrote (this process's are at once)."
+    )
     retention_seconds: float = Field(7 * 24 * 3600, gt=0, description="How long finished jobs and results stay.")
     cleanup_interval: float = Field(3600, gt=0, description="Seconds between retention sweeps.")
     url_expiry: float = Field(3600, gt=0, description="Seconds a signed result URL stays valid.")
@@ -259,6 +270,10 @@ class Settings(BaseSettings):
         if self.metrics == "admin" and not (self.admin_token and self.admin_token.get_secret_value()):
             raise ValueError("KLEINSERVE_METRICS=admin needs KLEINSERVE_ADMIN_TOKEN")
         return self
+
+    def queue_share(self) -> int:
+        """Most queued + running jobs one API key may hold: the setting, else half the queue."""
+        return self.max_queue_per_key if self.max_queue_per_key is not None else max(1, self.max_queue // 2)
 
     def size_bounds_text(self) -> str:
         """The size rule in words, for error messages and help."""

@@ -1,27 +1,26 @@
-"""Tests for the event bus (kleinserve.jobs.events) with a real SQLite store."""
+"""The EventBus contract (kleinserve.jobs.events), run against every backend in tests/jobs/backends.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from kleinserve.jobs.events import Event, EventBus, EventType
-from kleinserve.jobs.job import Job
-from kleinserve.jobs.store import SQLiteJobStore
+from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
+from kleinserve.jobs.service import JobService
+from kleinserve.jobs.store import JobStore
 from kleinserve.request import GenerationRequest
 
 TIMEOUT = 10.0
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteJobStore]:
-    s = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    yield s
-    s.close()
+def store(backend_store: JobStore) -> JobStore:
+    return backend_store
 
 
 def job_of(owner: str | None) -> Job:
@@ -67,8 +66,8 @@ def publish_in_thread(bus: EventBus, events: list[Event], start: threading.Event
     return thread
 
 
-def test_publish_stores_and_numbers(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_publish_stores_and_numbers(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of("alice")
     first = bus.publish(event(job, 0))
     second = bus.publish(event(job, 1))
@@ -76,8 +75,8 @@ def test_publish_stores_and_numbers(store: SQLiteJobStore) -> None:
     assert store.events_after(0) == [first, second]
 
 
-def test_subscriber_gets_events_from_another_thread_in_order(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_subscriber_gets_events_from_another_thread_in_order(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of("alice")
 
     async def main() -> list[Event]:
@@ -95,8 +94,8 @@ def test_subscriber_gets_events_from_another_thread_in_order(store: SQLiteJobSto
     assert got == store.events_after(0)
 
 
-def test_subscriber_without_after_gets_no_earlier_events(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_subscriber_without_after_gets_no_earlier_events(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of(None)
     bus.publish(event(job, -1))
 
@@ -112,8 +111,8 @@ def test_subscriber_without_after_gets_no_earlier_events(store: SQLiteJobStore) 
     assert quiet
 
 
-def test_subscribe_after_replays_then_goes_live(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_subscribe_after_replays_then_goes_live(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of("alice")
     stored = [bus.publish(event(job, i)) for i in range(10)]
     after = stored[3].seq
@@ -132,9 +131,11 @@ def test_subscribe_after_replays_then_goes_live(store: SQLiteJobStore) -> None:
 
 
 @pytest.mark.parametrize("round_", range(3))
-def test_subscribe_after_no_gaps_or_duplicates_while_publishing(store: SQLiteJobStore, round_: int) -> None:
+def test_subscribe_after_no_gaps_or_duplicates_while_publishing(
+    store: JobStore, make_bus: Callable[[], EventBus], round_: int
+) -> None:
     """Events published while the replay is being read arrive exactly once, in order."""
-    bus = EventBus(store)
+    bus = make_bus()
     job = job_of("alice")
     for i in range(300):
         bus.publish(event(job, i))
@@ -156,8 +157,8 @@ def test_subscribe_after_no_gaps_or_duplicates_while_publishing(store: SQLiteJob
     assert quiet
 
 
-def test_subscribe_after_last_seq_gets_only_live(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_subscribe_after_last_seq_gets_only_live(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of(None)
     last = [bus.publish(event(job, i)) for i in range(3)][-1]
 
@@ -171,8 +172,8 @@ def test_subscribe_after_last_seq_gets_only_live(store: SQLiteJobStore) -> None:
     assert [e.data["step"] for e in asyncio.run(main())] == [3]
 
 
-def test_owner_filter(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_owner_filter(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     alice, bob, anon = job_of("alice"), job_of("bob"), job_of(None)
     bus.publish(event(alice, 0))
     bus.publish(event(bob, 1))
@@ -200,9 +201,9 @@ def test_owner_filter(store: SQLiteJobStore) -> None:
     assert quiet_live and quiet_replay
 
 
-def test_owner_filter_live_for_ownerless(store: SQLiteJobStore) -> None:
+def test_owner_filter_live_for_ownerless(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
     """owner=None with all_owners=False means jobs without an owner (live events)."""
-    bus = EventBus(store)
+    bus = make_bus()
     alice, anon = job_of("alice"), job_of(None)
 
     async def main() -> tuple[list[Event], bool]:
@@ -217,8 +218,8 @@ def test_owner_filter_live_for_ownerless(store: SQLiteJobStore) -> None:
     assert quiet
 
 
-def test_owner_filter_replay_for_ownerless(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_owner_filter_replay_for_ownerless(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     alice, anon = job_of("alice"), job_of(None)
     bus.publish(event(alice, 0))
     bus.publish(event(anon, 1))
@@ -238,8 +239,8 @@ def test_owner_filter_replay_for_ownerless(store: SQLiteJobStore) -> None:
     assert [x.data.get("step") for x in got] == [1]
 
 
-def test_subscribe_after_replays_everything_when_far_behind(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_subscribe_after_replays_everything_when_far_behind(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of(None)
     total = 10_005
     for i in range(total):
@@ -265,8 +266,8 @@ def test_subscribe_after_replays_everything_when_far_behind(store: SQLiteJobStor
     assert [e.data["step"] for e in got] == list(range(total + 1))
 
 
-def test_subscription_gets_nothing_after_its_context_exits(store: SQLiteJobStore) -> None:
-    bus = EventBus(store)
+def test_subscription_gets_nothing_after_its_context_exits(store: JobStore, make_bus: Callable[[], EventBus]) -> None:
+    bus = make_bus()
     job = job_of("alice")
 
     async def main() -> tuple[list[Event], bool, list[Event]]:
@@ -292,3 +293,102 @@ def test_subscription_gets_nothing_after_its_context_exits(store: SQLiteJobStore
     # Publishing with no subscribers (and with their loop closed) still stores the event.
     stored = bus.publish(event(job, 4))
     assert store.events_after(stored.seq - 1) == [stored]
+
+
+def test_events_stored_by_others_are_delivered_without_notify(
+    store: JobStore, make_bus: Callable[[], EventBus]
+) -> None:
+    """Another process writes straight to the store: the bus finds the events by polling."""
+    bus = make_bus()
+    job = job_of(None)
+
+    async def scenario() -> list[Event]:
+        async with bus.subscribe() as events:
+            thread = threading.Thread(target=lambda: [store.append_event(event(job, i)) for i in range(5)])
+            thread.start()
+            got = await take(events, 5)
+            thread.join()
+            return got
+
+    got = asyncio.run(scenario())
+    assert [e.data["step"] for e in got] == [0, 1, 2, 3, 4]
+
+
+def test_flood_of_submits_cancels_and_completions_reaches_every_subscriber(
+    store: JobStore, make_bus: Callable[[], EventBus]
+) -> None:
+    """Submitters, cancellers and a worker write concurrently from threads while many subscribers
+    and sync waiters listen: each subscriber gets every event of the jobs it may see, strictly in
+    order and without gaps, and every sync waiter of a succeeded job gets its result."""
+    bus = make_bus()
+    service = JobService(store, bus, ["flux-2-klein-4b"], max_queue=10_000)
+    jobs_total, subscribers = 60, 40
+    request = GenerationRequest.parse({"prompt": "x", "model": "flux-2-klein-4b", "seed": 1})
+    submitted: list[Job] = []
+    lock = threading.Lock()
+    done_writing = threading.Event()
+
+    def submit_and_cancel(offset: int) -> None:
+        for i in range(offset, jobs_total, 3):
+            [job] = service.submit([request], owner="alice" if i % 2 else None)
+            with lock:
+                submitted.append(job)
+            if i % 5 == 0:
+                service.cancel(job.id)
+
+    def work() -> None:
+        while not done_writing.is_set() or store.count([JobStatus.QUEUED]):
+            for job in store.claim("w1", None, 30.0):
+                store.renew(job.id, "w1", job.attempts, 30.0, step=1, total=1)
+                output = JobOutput(
+                    key=f"{job.id}/1/0.png", media_type="image/png", seed=1, width=1, height=1, size_bytes=1
+                )
+                store.complete(
+                    job.id,
+                    "w1",
+                    job.attempts,
+                    JobStatus.SUCCEEDED,
+                    result=JobResult(outputs=[output], steps=1, guidance=1.0),
+                )
+                bus.notify()
+
+    async def scenario() -> tuple[list[list[Event]], list[Job]]:
+        start = store.last_seq()
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [
+                await stack.enter_async_context(bus.subscribe(after=start, owner="alice", all_owners=i % 2 == 0))
+                for i in range(subscribers)
+            ]
+            threads = [threading.Thread(target=submit_and_cancel, args=(k,)) for k in range(3)]
+            threads.append(threading.Thread(target=work))
+            for thread in threads:
+                thread.start()
+            waiters: list[asyncio.Task[Job]] = []
+            while any(t.is_alive() for t in threads[:3]):
+                with lock:
+                    new = submitted[len(waiters) :]
+                waiters += [asyncio.ensure_future(service.wait(j.id, TIMEOUT)) for j in new]
+                await asyncio.sleep(0.01)
+            waiters += [asyncio.ensure_future(service.wait(j.id, TIMEOUT)) for j in submitted[len(waiters) :]]
+            done_writing.set()
+            await asyncio.to_thread(threads[3].join, TIMEOUT)
+            finished = await asyncio.gather(*waiters)
+            everything = store.events_after(start, limit=100_000)
+            got = []
+            for i, stream in enumerate(streams):
+                visible = [e for e in everything if i % 2 == 0 or e.owner == "alice"]
+                got.append(await take(stream, len(visible)))
+            return got, finished
+
+    got, finished = asyncio.run(scenario())
+    everything = store.events_after(0, limit=100_000)
+    assert {e.type for e in everything} >= {EventType.QUEUED, EventType.SUCCEEDED, EventType.CANCELLED}
+    for i, events in enumerate(got):
+        expected = everything if i % 2 == 0 else [e for e in everything if e.owner == "alice"]
+        assert [e.seq for e in events] == [e.seq for e in expected]
+    assert len(finished) == jobs_total
+    for job in finished:
+        assert job.status in (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
+        if job.status is JobStatus.SUCCEEDED:
+            assert job.result is not None and job.result.outputs[0].key.startswith(job.id)
+    assert sum(j.status is JobStatus.CANCELLED for j in finished) >= 1

@@ -120,3 +120,58 @@ def test_failed_job_round_trips_and_defaults() -> None:
     other = Job(request=job.request)
     assert other.id != job.id
     assert other.status is Q and other.attempts == 0 and other.result is None
+
+
+# -- the lifecycle methods (pure) -----------------------------------------------------------------
+
+
+def _queued(**fields: object) -> Job:
+    return Job(request=GenerationRequest.parse({"prompt": "x"}), **fields)  # type: ignore[arg-type]
+
+
+def test_claim_renew_and_fence() -> None:
+    job = _queued(attempts=1, progress_step=3)
+    claimed = job.claimed("w1", 30.0, at=100.0)
+    assert (claimed.status, claimed.attempts, claimed.worker_id) == (P, 2, "w1")
+    assert claimed.lease_until == 130.0 and claimed.started_at == 100.0 and claimed.progress_step == 0
+    assert job.status is Q  # pure: the original is unchanged
+    assert claimed.holds_lease("w1", 2) and not claimed.holds_lease("w2", 2) and not claimed.holds_lease("w1", 1)
+    assert not claimed.lease_expired(129.0) and claimed.lease_expired(131.0)
+    renewed = claimed.renewed(30.0, at=120.0, step=2, total=4)
+    assert renewed.lease_until == 150.0 and (renewed.progress_step, renewed.progress_total) == (2, 4)
+    with pytest.raises(InvalidTransitionError):
+        claimed.claimed("w2", 30.0, at=1.0)
+    with pytest.raises(InvalidTransitionError):
+        job.renewed(30.0, at=1.0)
+
+
+def test_finished_outcomes() -> None:
+    running = _queued().claimed("w1", 30.0, at=1.0)
+    result = JobResult(outputs=[], steps=1, guidance=1.0)
+    done = running.finished(S, at=5.0, result=result)
+    assert done.status is S and done.completed_at == 5.0 and done.lease_until is None and not done.holds_lease("w1", 1)
+    with pytest.raises(InvalidTransitionError):
+        running.finished(S, at=5.0)  # a success without its result
+    failed = running.finished(F, at=5.0, error_code="x", error_message="y")
+    assert (failed.status, failed.error_code) == (F, "x")
+    back = running.finished(Q, at=5.0)
+    assert back.status is Q and back.attempts == 0 and back.worker_id is None and back.completed_at is None
+    with pytest.raises(InvalidTransitionError):
+        done.finished(F, at=6.0)
+
+
+def test_cancel_request_and_expiry() -> None:
+    queued = _queued()
+    assert queued.with_cancel_request(at=2.0).status is C
+    running = queued.claimed("w1", 30.0, at=1.0)
+    flagged = running.with_cancel_request(at=2.0)
+    assert flagged.status is P and flagged.cancel_requested
+    assert flagged.expired(max_attempts=3, at=50.0).status is C
+    done = running.finished(C, at=3.0)
+    assert done.with_cancel_request(at=4.0) is done
+    again = running.expired(max_attempts=3, at=50.0)
+    assert again.status is Q and again.attempts == 1 and again.worker_id is None
+    out = running.expired(max_attempts=1, at=50.0)
+    assert out.status is F and out.error_code == "interrupted" and out.completed_at == 50.0
+    with pytest.raises(InvalidTransitionError):
+        queued.expired(max_attempts=3, at=1.0)

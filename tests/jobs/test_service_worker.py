@@ -20,11 +20,11 @@ from PIL import Image
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import InputPolicy
 from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
-from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.events import Event, EventType, StoreEventBus
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.service import JobService
 from kleinserve.jobs.store import SQLiteJobStore
-from kleinserve.jobs.worker import CancelRequests, Worker
+from kleinserve.jobs.worker import Worker
 from kleinserve.request import GenerationRequest
 from kleinserve.storage.local import LocalStorage
 
@@ -39,9 +39,8 @@ class System:
     tmp_path: Path
     engine: Engine
     store: SQLiteJobStore
-    bus: EventBus
+    bus: StoreEventBus
     storage: LocalStorage
-    cancels: CancelRequests
     service: JobService
     workers: list[Worker] = field(default_factory=list)
 
@@ -52,12 +51,12 @@ class System:
             self.storage,
             engines if engines is not None else {MODEL: self.engine},
             InputPolicy(),
-            self.cancels,
             name=f"test-worker-{len(self.workers)}",
             idle_poll=0.05,
+            claim_any=True,
         )
         self.workers.append(worker)
-        self.service.workers.append(worker)
+        self.service.on_queued.append(worker.wake)
         if start:
             worker.start()
         return worker
@@ -81,22 +80,21 @@ class System:
 @pytest.fixture
 def system(tmp_path: Path, distilled_engine: Engine) -> Iterator[System]:
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    bus = EventBus(store)
-    cancels = CancelRequests()
+    bus = StoreEventBus(store, poll_interval=0.05)
     sys = System(
         tmp_path=tmp_path,
         engine=distilled_engine,
         store=store,
         bus=bus,
         storage=LocalStorage(tmp_path / "files", secret=b"x" * 32, base_url="http://127.0.0.1:8000"),
-        cancels=cancels,
-        service=JobService(store, bus, cancels, [MODEL], max_queue=10, retry_after=7),
+        service=JobService(store, bus, [MODEL], max_queue=10, retry_after=7),
     )
     try:
         yield sys
     finally:
         for worker in sys.workers:
             worker.stop(TIMEOUT)
+        bus.close()
         store.close()
 
 
@@ -165,7 +163,7 @@ def test_submit_unknown_or_unserved_model(system: System, model: str) -> None:
 
 
 def test_queue_bound_is_all_or_none(system: System) -> None:
-    service = JobService(system.store, system.bus, system.cancels, [MODEL], max_queue=2, retry_after=9)
+    service = JobService(system.store, system.bus, [MODEL], max_queue=2, retry_after=9)
     request = GenerationRequest.parse({"prompt": "x", "model": MODEL})
     with pytest.raises(ServiceUnavailableError) as info:
         service.submit([request, request, request])
@@ -191,7 +189,7 @@ def test_queue_bound_holds_under_concurrent_submissions(system: System) -> None:
     for _ in range(20):
         for job in system.store.list(statuses=[JobStatus.QUEUED]):
             system.store.transition(job.id, JobStatus.CANCELLED)
-        service = JobService(system.store, system.bus, system.cancels, [MODEL], max_queue=2)
+        service = JobService(system.store, system.bus, [MODEL], max_queue=2)
         barrier = threading.Barrier(8)
 
         def submit_one(service: JobService = service, barrier: threading.Barrier = barrier) -> None:
@@ -227,7 +225,7 @@ def test_queue_positions(system: System) -> None:
     system.service.cancel(jobs[0].id)
     fresh = [system.store.get(j.id) for j in jobs]
     assert system.service.queue_positions(fresh) == {jobs[1].id: 0, jobs[2].id: 1}  # type: ignore[arg-type]
-    claimed = system.store.claim_next()
+    [claimed] = system.store.claim("w", None, 30.0)
     assert claimed is not None and claimed.id == jobs[1].id
     fresh = [system.store.get(j.id) for j in jobs]
     assert system.service.queue_positions(fresh) == {jobs[2].id: 0}  # type: ignore[arg-type]
@@ -365,7 +363,7 @@ def test_cancel_processing_job(system: System) -> None:
     assert types[-1] is EventType.CANCELLED and types.count(EventType.CANCELLED) == 1
     assert EventType.SUCCEEDED not in types
     assert system.job_files(job.id) == []
-    assert not system.cancels.requested(job.id)
+    assert system.store.cancel_requested(job.id)
     # The worker goes on with the next job.
     after = system.submit()
     assert system.finished(after.id).status is JobStatus.SUCCEEDED
@@ -382,7 +380,7 @@ def test_cancel_finished_job_changes_nothing(system: System) -> None:
     assert system.store.events_after(0) == events_before
     assert done.result is not None
     assert len(system.storage.read(done.result.outputs[0].key)) == done.result.outputs[0].size_bytes
-    assert not system.cancels.requested(job.id)
+    assert not system.store.cancel_requested(job.id)
 
 
 # -- stopping and failing ----------------------------------------------------------------------------
@@ -412,7 +410,7 @@ def test_stop_requeues_running_job_without_counting_the_attempt(system: System) 
 
 
 def test_job_for_unserved_model_fails(system: System) -> None:
-    service = JobService(system.store, system.bus, system.cancels, [MODEL, "flux-2-klein-9b"])
+    service = JobService(system.store, system.bus, [MODEL, "flux-2-klein-9b"])
     request = GenerationRequest.parse({"prompt": "x", "model": "flux-2-klein-9b", "width": 64, "height": 64})
     [job] = service.submit([request])
     system.worker()  # serves flux-2-klein-4b only
@@ -423,7 +421,8 @@ def test_job_for_unserved_model_fails(system: System) -> None:
     assert done.completed_at is not None and done.result is None
     failed = system.events(job.id)[-1]
     assert failed.type is EventType.FAILED
-    assert failed.data == {"error": done.error_message, "code": "model_unavailable"}
+    assert {k: failed.data[k] for k in ("error", "code")} == {"error": done.error_message, "code": "model_unavailable"}
+    assert failed.data["state"]["status"] == "failed"  # waiters need not reload the job
 
 
 def test_job_with_bad_reference_image_fails(system: System) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobResult, JobStatus
-from kleinserve.jobs.store import JobStore, SQLiteJobStore
+from kleinserve.jobs.store import SQLiteJobStore
 from kleinserve.request import GenerationRequest
 from tests.jobs.test_job import ALL_PAIRS, EXPECTED_ALLOWED, C, F, P, Q, S
 
@@ -42,73 +42,6 @@ def make_event(job: Job, created_at: float | None = None, type_: EventType = Eve
     if created_at is not None:
         event = event.model_copy(update={"created_at": created_at})
     return event
-
-
-def test_is_a_job_store(store: SQLiteJobStore) -> None:
-    assert isinstance(store, JobStore)
-
-
-# -- add / get / list / count ---------------------------------------------------------------------
-
-
-def test_add_and_get(store: SQLiteJobStore) -> None:
-    job = make_job(100.0, owner="alice", extra={"k": "v"})
-    store.add(job)
-    got = store.get(job.id)
-    assert got == job
-    assert store.get("no-such-id") is None
-
-
-def test_add_twice_is_refused(store: SQLiteJobStore) -> None:
-    job = make_job(100.0)
-    store.add(job)
-    with pytest.raises(sqlite3.IntegrityError):
-        store.add(job)
-    assert len(store.list()) == 1
-
-
-def test_list_newest_first_and_filters(store: SQLiteJobStore) -> None:
-    a = make_job(1.0, owner="alice")
-    b = make_job(2.0, owner="bob", status=P)
-    c = make_job(3.0, owner=None, status=S, model="flux-2-klein-9b")
-    d = make_job(4.0, owner="alice", status=F, model="flux-2-klein-9b")
-    e = make_job(5.0, owner=None)
-    for job in (c, a, e, b, d):  # insertion order does not matter
-        store.add(job)
-
-    def ids(jobs: list[Job]) -> list[str]:
-        return [j.id for j in jobs]
-
-    assert ids(store.list()) == [e.id, d.id, c.id, b.id, a.id]
-    # The owner filter is ignored unless any_owner=False.
-    assert ids(store.list(owner="alice")) == [e.id, d.id, c.id, b.id, a.id]
-    assert ids(store.list(owner="alice", any_owner=False)) == [d.id, a.id]
-    assert ids(store.list(owner="bob", any_owner=False)) == [b.id]
-    assert ids(store.list(owner=None, any_owner=False)) == [e.id, c.id]
-    assert ids(store.list(owner="nobody", any_owner=False)) == []
-    assert ids(store.list(statuses=[Q])) == [e.id, a.id]
-    assert ids(store.list(statuses=[S, F, C])) == [d.id, c.id]
-    assert ids(store.list(statuses=[])) == []
-    assert ids(store.list(model="flux-2-klein-9b")) == [d.id, c.id]
-    assert ids(store.list(model="flux-2-klein-base-4b")) == []
-    assert ids(store.list(limit=2)) == [e.id, d.id]
-    assert ids(store.list(owner="alice", any_owner=False, statuses=[Q], model="flux-2-klein-4b")) == [a.id]
-    assert ids(store.list(owner=None, any_owner=False, model="flux-2-klein-9b", limit=5)) == [c.id]
-
-
-def test_count(store: SQLiteJobStore) -> None:
-    assert store.count([Q, P]) == 0
-    statuses = [Q, Q, P, S, F, C, C]
-    for i, status in enumerate(statuses):
-        store.add(make_job(float(i), status=status))
-    assert store.count([Q]) == 2
-    assert store.count([Q, P]) == 3
-    assert store.count([C]) == 2
-    assert store.count(list(JobStatus)) == len(statuses)
-    assert store.count([]) == 0
-
-
-# -- transition / update ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("current", "new"), ALL_PAIRS, ids=[f"{a.value}->{b.value}" for a, b in ALL_PAIRS])
@@ -187,32 +120,6 @@ def test_update_sets_fields_but_refuses_status(store: SQLiteJobStore) -> None:
     assert store.update("missing", progress_step=1) is None
 
 
-# -- claiming -----------------------------------------------------------------------------------
-
-
-def test_claim_next_takes_oldest_queued(store: SQLiteJobStore) -> None:
-    assert store.claim_next() is None
-    newer = make_job(30.0)
-    oldest = make_job(10.0, attempts=1, progress_step=4, progress_total=9)
-    middle_done = make_job(5.0, status=S)  # older, but not queued
-    middle_running = make_job(7.0, status=P)
-    for job in (newer, oldest, middle_done, middle_running):
-        store.add(job)
-    before = time.time()
-    claimed = store.claim_next()
-    after = time.time()
-    assert claimed is not None and claimed.id == oldest.id
-    assert claimed.status is P
-    assert claimed.attempts == 2
-    assert claimed.started_at is not None and before <= claimed.started_at <= after
-    assert (claimed.progress_step, claimed.progress_total) == (0, 0)
-    assert store.get(oldest.id) == claimed
-    second = store.claim_next()
-    assert second is not None and second.id == newer.id and second.attempts == 1
-    assert store.claim_next() is None
-    assert store.count([Q]) == 0 and store.count([P]) == 3
-
-
 def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     first = SQLiteJobStore(path)
@@ -229,8 +136,8 @@ def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
         def claim_all(index: int) -> None:
             try:
                 barrier.wait()
-                while (job := stores[index].claim_next()) is not None:
-                    claimed[index].append(job.id)
+                while got := stores[index].claim(f"w{index}", None, 30.0):
+                    claimed[index].extend(j.id for j in got)
             except BaseException as err:
                 errors.append(err)
 
@@ -255,54 +162,13 @@ def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
         second.close()
 
 
-# -- recovery -----------------------------------------------------------------------------------
-
-
-def test_recover(store: SQLiteJobStore) -> None:
-    under = make_job(1.0, status=P, attempts=1, progress_step=3, progress_total=4, started_at=1.5)
-    under2 = make_job(2.0, status=P, attempts=2)
-    at_limit = make_job(3.0, status=P, attempts=3)
-    over_limit = make_job(4.0, status=P, attempts=5)
-    queued = make_job(5.0, status=Q, attempts=3)
-    done = make_job(6.0, status=S, attempts=3, completed_at=7.0)
-    for job in (under, under2, at_limit, over_limit, queued, done):
-        store.add(job)
-    before = time.time()
-    requeued, failed = store.recover(max_attempts=3)
-    assert {j.id for j in requeued} == {under.id, under2.id}
-    assert {j.id for j in failed} == {at_limit.id, over_limit.id}
-    for job in (under, under2):
-        stored = store.get(job.id)
-        assert stored is not None
-        assert stored.status is Q and stored.attempts == job.attempts and stored.progress_step == 0
-        assert stored.completed_at is None
-    for job in (at_limit, over_limit):
-        stored = store.get(job.id)
-        assert stored is not None and stored.status is F
-        assert stored.error_code == "interrupted"
-        assert stored.error_message is not None and "interrupted" in stored.error_message
-        assert stored.completed_at is not None and stored.completed_at >= before
-    assert store.get(queued.id) == queued
-    assert store.get(done.id) == done
-    # The status columns moved too: requeued jobs can be claimed again, oldest first.
-    assert store.count([P]) == 0
-    claimed = store.claim_next()
-    assert claimed is not None and claimed.id == under.id and claimed.attempts == 2
-    # Nothing left to recover but the job just claimed.
-    requeued, failed = store.recover(max_attempts=2)
-    assert requeued == [] and [j.id for j in failed] == [under.id]
-
-
-# -- persistence and cleanup ------------------------------------------------------------------------
-
-
 def test_everything_persists_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     store = SQLiteJobStore(path)
     jobs = [make_job(float(i), owner=f"o{i % 2}") for i in range(4)]
     for job in jobs:
         store.add(job)
-    store.claim_next()
+    store.claim("w1", None, 30.0)
     store.transition(jobs[1].id, C, expect=[Q])
     store.update(jobs[0].id, progress_step=2, progress_total=5)
     events = [store.append_event(make_event(job, step=i)) for i, job in enumerate(jobs)]
@@ -315,126 +181,49 @@ def test_everything_persists_across_reopen(tmp_path: Path) -> None:
             assert reopened.get(job.id) == snapshot[job.id]
         assert [j.id for j in reopened.list()] == [j.id for j in reversed(jobs)]
         assert reopened.count([C]) == 1 and reopened.count([P]) == 1 and reopened.count([Q]) == 2
-        assert reopened.events_after(0) == events
+        assert reopened.events_after(events[0].seq - 1)[-len(events) :] == events
+        assert [e.type for e in reopened.events_after(0)][:2] == [EventType.STARTED, EventType.CANCELLED]
         # Numbering continues after the last stored event.
         more = reopened.append_event(make_event(jobs[0]))
         assert more.seq > events[-1].seq
         # The queue continues too.
-        claimed = reopened.claim_next()
-        assert claimed is not None and claimed.id == jobs[2].id
+        [claimed] = reopened.claim("w2", None, 30.0)
+        assert claimed.id == jobs[2].id
     finally:
         reopened.close()
 
 
-def test_remove_finished_before(store: SQLiteJobStore) -> None:
-    old_done = make_job(1.0, status=S, completed_at=100.0)
-    old_failed = make_job(2.0, status=F, completed_at=150.0)
-    old_cancelled = make_job(3.0, status=C, completed_at=199.0)
-    new_done = make_job(4.0, status=S, completed_at=300.0)
-    at_cutoff = make_job(5.0, status=F, completed_at=200.0)
-    old_queued = make_job(6.0, status=Q)
-    old_processing = make_job(7.0, status=P, started_at=50.0)
-    jobs = (old_done, old_failed, old_cancelled, new_done, at_cutoff, old_queued, old_processing)
-    for job in jobs:
-        store.add(job)
-    e_old = store.append_event(make_event(old_done, created_at=150.0))
-    e_old_active = store.append_event(make_event(old_queued, created_at=199.0))
-    e_cutoff = store.append_event(make_event(new_done, created_at=200.0))
-    e_new = store.append_event(make_event(new_done, created_at=250.0))
-    assert e_old.seq < e_old_active.seq
+def test_a_database_from_before_leases_is_migrated_and_its_running_job_reaped(tmp_path: Path) -> None:
+    """The first schema had no lease columns; a job it left processing is handed back by reap()."""
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT, status TEXT NOT NULL, model TEXT NOT NULL,
+            created_at REAL NOT NULL, completed_at REAL, body TEXT NOT NULL);
+        CREATE INDEX jobs_status_created ON jobs (status, created_at);
+        CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, owner TEXT,
+            created_at REAL NOT NULL, body TEXT NOT NULL);
+        """
+    )
+    running = make_job(1.0, status=P, attempts=1)
+    queued = make_job(2.0)
+    body = {running.id: running.model_dump_json(exclude={"worker_id", "lease_until", "cancel_requested"})}
+    body[queued.id] = queued.model_dump_json(exclude={"worker_id", "lease_until", "cancel_requested"})
+    for job in (running, queued):
+        old.execute(
+            "INSERT INTO jobs (id, owner, status, model, created_at, completed_at, body) VALUES (?,?,?,?,?,?,?)",
+            (job.id, None, job.status.value, job.request.model, job.created_at, None, body[job.id]),
+        )
+    old.commit()
+    old.close()
 
-    removed = store.remove_finished_before(200.0)
-    assert {j.id for j in removed} == {old_done.id, old_failed.id, old_cancelled.id}
-    assert next(j for j in removed if j.id == old_done.id) == old_done
-    for job in (old_done, old_failed, old_cancelled):
-        assert store.get(job.id) is None
-    for job in (new_done, at_cutoff, old_queued, old_processing):
-        assert store.get(job.id) == job
-    assert store.events_after(0) == [e_cutoff, e_new]
-    assert store.remove_finished_before(200.0) == []
-
-
-# -- events --------------------------------------------------------------------------------------
-
-
-def test_append_event_numbers_increasingly(store: SQLiteJobStore) -> None:
-    job = make_job(1.0, owner="alice")
-    stored = [store.append_event(make_event(job, step=i)) for i in range(5)]
-    seqs = [e.seq for e in stored]
-    assert seqs[0] >= 1
-    assert seqs == sorted(seqs) and len(set(seqs)) == 5
-    for i, event in enumerate(stored):
-        assert event.data == {"step": i} and event.job_id == job.id and event.owner == "alice"
-    assert store.events_after(0) == stored
-
-
-def test_events_after_and_owner_filter(store: SQLiteJobStore) -> None:
-    alice = make_job(1.0, owner="alice")
-    bob = make_job(2.0, owner="bob")
-    anon = make_job(3.0, owner=None)
-    stored = []
-    for i, job in enumerate([alice, bob, anon, alice, bob, alice]):
-        type_ = EventType.QUEUED if i < 3 else EventType.STARTED
-        stored.append(store.append_event(make_event(job, type_=type_, i=i)))
-    assert store.events_after(0) == stored
-    assert store.events_after(stored[2].seq) == stored[3:]
-    assert store.events_after(stored[-1].seq) == []
-    assert store.events_after(stored[0].seq, owner="alice", any_owner=False) == [stored[3], stored[5]]
-    assert store.events_after(0, owner="bob", any_owner=False) == [stored[1], stored[4]]
-    assert store.events_after(0, owner="nobody", any_owner=False) == []
-    assert store.events_after(0, owner=None, any_owner=False) == [stored[2]]  # jobs without an owner
-    assert [e.type for e in store.events_after(0)] == [EventType.QUEUED] * 3 + [EventType.STARTED] * 3
-    assert store.events_after(stored[3].seq)[0].data == {"i": 4}
-
-
-def test_last_seq_before(store: SQLiteJobStore) -> None:
-    assert store.last_seq_before(1e12) == 0
-    job = make_job(1.0)
-    e1 = store.append_event(make_event(job, created_at=10.0))
-    e2 = store.append_event(make_event(job, created_at=20.0))
-    e3 = store.append_event(make_event(job, created_at=30.0))
-    assert store.last_seq_before(5.0) == 0
-    assert store.last_seq_before(10.0) == 0  # strictly before
-    assert store.last_seq_before(10.5) == e1.seq
-    assert store.last_seq_before(25.0) == e2.seq
-    assert store.last_seq_before(30.0) == e2.seq
-    assert store.last_seq_before(31.0) == e3.seq
-    # Replaying from that number gives exactly the events at or after the time.
-    assert store.events_after(store.last_seq_before(20.0)) == [e2, e3]
-
-
-# -- stored jobs are validated once, on entry -----------------------------------------------------
-
-
-def test_lower_prompt_limit_does_not_stop_the_queue(store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    long_prompt = "a lighthouse at dusk, " * 20
-    request = GenerationRequest.parse({"prompt": long_prompt, "model": "flux-2-klein-4b", "seed": 1})
-    job = Job(request=request, created_at=1.0)
-    assert store.enqueue([job], [make_event(job, type_=EventType.QUEUED)], max_active=10) is not None
-    # The operator lowers the limit below the queued prompt: new requests are refused...
-    monkeypatch.setenv("KLEINSERVE_MAX_PROMPT_CHARS", "10")
-    from kleinserve.errors import InvalidParameterError
-
-    with pytest.raises(InvalidParameterError):
-        GenerationRequest.parse({"prompt": long_prompt})
-    # ...but the job already accepted still reads, lists and runs, without rebuilding settings.
-    from kleinserve.settings import Settings
-
-    def no_settings(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("stored jobs must load without building Settings()")
-
-    monkeypatch.setattr(Settings, "__init__", no_settings)
-    assert store.get(job.id) == job
-    assert [j.id for j in store.list()] == [job.id]
-    claimed = store.claim_next()
-    assert claimed is not None and claimed.id == job.id and claimed.request.prompt == long_prompt
-
-
-def test_queue_positions_in_one_query(store: SQLiteJobStore) -> None:
-    jobs = [make_job(float(t)) for t in (3, 1, 2, 4)]
-    for job in jobs:
-        store.add(job)
-    store.transition(jobs[3].id, C)
-    positions = store.queue_positions([j.id for j in jobs] + ["no-such-id"])
-    assert positions == {jobs[1].id: 0, jobs[2].id: 1, jobs[0].id: 2}
-    assert store.queue_positions([]) == {}
+    store = SQLiteJobStore(path)
+    try:
+        assert store.get(running.id) == running and store.get(queued.id) == queued
+        requeued, ended = store.reap(max_attempts=3, now=time.time())
+        assert [j.id for j in requeued] == [running.id] and ended == []
+        [claimed] = store.claim("w1", None, 30.0)
+        assert claimed.id == running.id and claimed.attempts == 2 and claimed.lease_until is not None
+    finally:
+        store.close()

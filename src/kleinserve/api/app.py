@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -35,12 +35,14 @@ from kleinserve.api.jobs_http import DEMO_HEADER
 from kleinserve.api.loras_http import loras_router
 from kleinserve.api.metrics_http import metrics_router, watch_runtime
 from kleinserve.api.workbench import workbench_router
-from kleinserve.engine.catalog import ServedModel
 from kleinserve.errors import NotFoundError
-from kleinserve.runtime import Runtime
+from kleinserve.runtime import Role, Runtime
 from kleinserve.settings import Settings
 from kleinserve.storage.base import media_type_for
 from kleinserve.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    from kleinserve.engine.catalog import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +139,13 @@ def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None, served: list[ServedModel] | None = None) -> FastAPI:
-    """Build the kleinserve application. ``served`` skips model planning (the CLI plans first)."""
+def create_app(
+    settings: Settings | None = None, served: list[ServedModel] | None = None, role: Role = "serve"
+) -> FastAPI:
+    """Build the kleinserve application. ``served`` skips model planning (the CLI plans first);
+    ``role="api"`` serves HTTP only, for models that ``kleinserve worker`` processes run."""
     settings = settings or Settings()
-    runtime = Runtime(settings, served)
+    runtime = Runtime(settings, served, role)
     # Verda last: its catch-all POST /{slug}/generate must not shadow routes registered after it.
     dialects: list[Dialect] = [
         OxenDialect(),
@@ -158,6 +163,8 @@ def create_app(settings: Settings | None = None, served: list[ServedModel] | Non
         tasks = [
             asyncio.create_task(runtime.start()),
             asyncio.create_task(runtime.sweep_forever()),
+            asyncio.create_task(runtime.reap_forever()),
+            asyncio.create_task(runtime.refresh_models_forever()),
             asyncio.create_task(runtime.enforce_revocations_forever()),
         ]
         try:

@@ -8,6 +8,21 @@
       │            │           crashes under it, until it has used up its attempts)
       └────────────┴───────> cancelled
       └─────────────────────> failed   (e.g. interrupted too often, or its model is gone)
+
+The lifecycle is decided here and only here, by pure methods on :class:`Job` that return the changed
+job (or raise :class:`InvalidTransitionError`); job stores load, call one of them and persist the
+result, so every backend follows the same rules:
+
+- :meth:`Job.claimed`: a worker takes a queued job under a *lease* (``worker_id``, ``lease_until``)
+  and uses one attempt; :meth:`Job.renewed` extends the lease (with progress).
+- :meth:`Job.holds_lease`: the fence every worker write is checked against (worker id *and*
+  attempt), so a worker wrongly presumed dead cannot overwrite a newer attempt.
+- :meth:`Job.finished`: the worker's outcome (succeeded, failed, cancelled) or its hand-back at
+  shutdown (queued again, the attempt not counted).
+- :meth:`Job.with_cancel_request`: a queued job is cancelled at once; a processing one gets the
+  stored ``cancel_requested`` flag its worker checks at every step.
+- :meth:`Job.expired`: the lease ran out (its worker died): back to the queue, or failed as
+  ``interrupted`` once it has had ``max_attempts`` attempts.
 """
 
 from __future__ import annotations
@@ -107,7 +122,95 @@ class Job(BaseModel):
     error_message: str | None = None
     result: JobResult | None = None
     safety: SafetyReport | None = Field(None, description="The safety checker's verdict, when one ran.")
+    worker_id: str | None = Field(None, description="The worker holding (or that last held) the job.")
+    lease_until: float | None = Field(None, description="When the running job's lease runs out.")
+    cancel_requested: bool = Field(False, description="A client asked to cancel the running job.")
 
     @property
     def terminal(self) -> bool:
         return self.status.terminal
+
+    # -- lifecycle: pure, each returns the changed job --------------------------------------------
+
+    def _to(self, new: JobStatus, **fields: object) -> Job:
+        check_transition(self.status, new)
+        return self.model_copy(update={"status": new, **fields})
+
+    def claimed(self, worker_id: str, lease_seconds: float, at: float) -> Job:
+        """Taken by ``worker_id``: one more attempt, leased until ``at + lease_seconds``."""
+        return self._to(
+            JobStatus.PROCESSING,
+            attempts=self.attempts + 1,
+            worker_id=worker_id,
+            lease_until=at + lease_seconds,
+            started_at=at,
+            progress_step=0,
+            progress_total=0,
+        )
+
+    def holds_lease(self, worker_id: str, attempt: int) -> bool:
+        """Whether ``worker_id``'s attempt number ``attempt`` is the job's current run."""
+        return self.status is JobStatus.PROCESSING and self.worker_id == worker_id and self.attempts == attempt
+
+    def lease_expired(self, at: float) -> bool:
+        """A processing job whose lease ran out (a job from before leases existed has none)."""
+        return self.status is JobStatus.PROCESSING and (self.lease_until is None or self.lease_until < at)
+
+    def renewed(self, lease_seconds: float, at: float, step: int | None = None, total: int | None = None) -> Job:
+        """The lease extended to ``at + lease_seconds``, with the progress if given."""
+        if self.status is not JobStatus.PROCESSING:
+            raise InvalidTransitionError(f"a {self.status.value} job has no lease to renew")
+        update: dict[str, object] = {"lease_until": at + lease_seconds}
+        if step is not None:
+            update["progress_step"] = step
+        if total is not None:
+            update["progress_total"] = total
+        return self.model_copy(update=update)
+
+    def finished(self, new: JobStatus, at: float, **fields: object) -> Job:
+        """The running job's outcome: succeeded (``result``), failed (``error_code``,
+        ``error_message``) or cancelled; or ``queued`` when its worker hands it back at shutdown,
+        in which case this run does not count as an attempt."""
+        if self.status is not JobStatus.PROCESSING:
+            raise InvalidTransitionError(f"a {self.status.value} job is not running")
+        if new is JobStatus.QUEUED:
+            return self._to(
+                new,
+                attempts=max(0, self.attempts - 1),
+                worker_id=None,
+                lease_until=None,
+                progress_step=0,
+                progress_total=0,
+                **fields,
+            )
+        if new is JobStatus.SUCCEEDED and fields.get("result") is None:
+            raise InvalidTransitionError("a succeeded job needs its result")
+        return self._to(new, completed_at=at, lease_until=None, **fields)
+
+    def with_cancel_request(self, at: float) -> Job:
+        """A queued job cancelled now; a processing one flagged for its worker; others unchanged."""
+        if self.status is JobStatus.QUEUED:
+            return self._to(JobStatus.CANCELLED, completed_at=at, cancel_requested=True)
+        if self.status is JobStatus.PROCESSING:
+            return self.model_copy(update={"cancel_requested": True})
+        return self
+
+    def expired(self, max_attempts: int, at: float) -> Job:
+        """Its worker is gone: back to the queue (the attempt stays counted), or failed as
+        ``interrupted`` once it has had ``max_attempts`` attempts."""
+        if self.status is not JobStatus.PROCESSING:
+            raise InvalidTransitionError(f"a {self.status.value} job has no lease to expire")
+        if self.cancel_requested:
+            return self._to(JobStatus.CANCELLED, completed_at=at, lease_until=None)
+        if self.attempts >= max_attempts:
+            return self._to(
+                JobStatus.FAILED,
+                completed_at=at,
+                lease_until=None,
+                error_code="interrupted",
+                error_message=(
+                    f"interrupted: the worker running this job stopped or crashed, {self.attempts} "
+                    "time(s); it will not be retried"
+                ),
+            )
+        return self._to(JobStatus.QUEUED, worker_id=None, lease_until=None, progress_step=0, progress_total=0)

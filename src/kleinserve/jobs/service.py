@@ -9,23 +9,28 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import anyio.to_thread
 
 from kleinserve import logs, metrics
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import NotFoundError, ServiceUnavailableError, UnknownModelError
-from kleinserve.jobs.events import Event, EventBus, EventType
+from kleinserve.jobs.admission import Admission
+from kleinserve.jobs.events import TERMINAL_EVENTS, Event, EventBus, EventType, finished_job
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.store.base import JobStore
-from kleinserve.jobs.worker import CancelRequests, Worker
 from kleinserve.keys import ApiKey
 from kleinserve.loras import check_choices
 from kleinserve.quotas import Quotas
 from kleinserve.request import GenerationRequest, random_seed
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
+# A sync waiter re-reads its job this often in case it missed the terminal event (it cannot, as
+# events are delivered from the store in order; this only bounds the cost of a bug).
+_WAIT_RECHECK = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -36,24 +41,24 @@ class JobService:
         self,
         store: JobStore,
         bus: EventBus,
-        cancels: CancelRequests,
         served_models: Iterable[str],
         *,
         max_queue: int = 100,
+        max_queue_per_key: int | None = None,
         retry_after: int = 10,
     ) -> None:
         self.store = store
         self.bus = bus
-        self.cancels = cancels
         self.served_models = list(served_models)
         self.served_loras: builtins.list[str] = []  # LoRA adapter names requests may use
         self.max_queue = max_queue
+        self.max_queue_per_key = max_queue_per_key
         self.retry_after = retry_after
-        self.workers: builtins.list[Worker] = []
+        self.on_queued: builtins.list[Callable[[], None]] = []  # in-process workers' wake-ups
         self.quotas: Quotas | None = None
-        # Admission (quota checks) and enqueueing happen together, so one key's concurrent
-        # requests cannot all pass a check that only one of them should.
-        self._admission = threading.Lock()
+        # ``api`` processes: models are served by workers elsewhere, so a known model no live
+        # worker serves is "unavailable, retry" (503), not "unknown" (404).
+        self.models_elsewhere = False
 
     # -- submission -----------------------------------------------------------------------------
 
@@ -64,6 +69,10 @@ class JobService:
         except UnknownModelError:
             raise UnknownModelError(model, self.served_models) from None
         if variant_id not in self.served_models:
+            if self.models_elsewhere:
+                raise ServiceUnavailableError(
+                    f"no live worker serves model {variant_id} now; retry later", retry_after=self.retry_after
+                )
             raise UnknownModelError(model, self.served_models)
         return variant_id
 
@@ -99,30 +108,25 @@ class JobService:
                     request_id=context.request_id,
                 )
             )
-        with self._admission:
-            if key is not None and self.quotas is not None:
-                self.quotas.admit(key, jobs)
-            queued = self._enqueue(jobs)
-        context.job_id = ",".join(job.id for job in queued)
-        for job in queued:
+        admission = Admission(
+            self.max_queue,
+            retry_after=self.retry_after,
+            key=key,
+            max_queue_per_key=self.max_queue_per_key,
+            now=time.time(),
+        )
+        # Jobs and their queued events are stored together, admitted (queue bound and the key's
+        # limits), in one transaction: concurrent submissions, from any number of API processes,
+        # cannot overshoot a limit, and job.queued always precedes job.started.
+        queued = [Event.for_job(EventType.QUEUED, job, model=job.request.model) for job in jobs]
+        self.store.enqueue(jobs, queued, admission)
+        self.bus.notify()
+        for wake in self.on_queued:
+            wake()
+        context.job_id = ",".join(job.id for job in jobs)
+        for job in jobs:
             metrics.job_submitted(job)
             log.info("job queued", extra={"job_id": job.id, "model": job.request.model, "dialect": job.dialect})
-        return queued
-
-    def _enqueue(self, jobs: builtins.list[Job]) -> builtins.list[Job]:
-        # Jobs and their queued events are stored together, under the bound, in one transaction:
-        # concurrent submissions cannot overshoot it, and job.queued always precedes job.started.
-        queued = [Event.for_job(EventType.QUEUED, job, model=job.request.model) for job in jobs]
-        stored = self.store.enqueue(jobs, queued, self.max_queue)
-        if stored is None:
-            raise ServiceUnavailableError(
-                f"the queue is full (at most {self.max_queue} jobs waiting or running); retry later",
-                retry_after=self.retry_after,
-            )
-        for event in stored:
-            self.bus.deliver(event)
-        for worker in self.workers:
-            worker.wake()
         return jobs
 
     # -- reading --------------------------------------------------------------------------------
@@ -152,40 +156,47 @@ class JobService:
     # -- cancelling and waiting -----------------------------------------------------------------
 
     def cancel(self, job_id: str, *, owner: str | None = None, any_owner: bool = True) -> Job:
-        """Cancel a queued job now, or ask its worker to stop a running one at the next step.
-
-        A finished job is returned unchanged: cancelling it has no effect.
-        """
-        job = self.get(job_id, owner=owner, any_owner=any_owner)
-        if job.status is JobStatus.QUEUED:
-            cancelled = self.store.transition(job_id, JobStatus.CANCELLED, expect=[JobStatus.QUEUED])
-            if cancelled is not None:
-                metrics.job_finished(cancelled)
-                self.bus.publish(Event.for_job(EventType.CANCELLED, cancelled))
-                return cancelled
-            job = self.get(job_id)  # a worker claimed it meanwhile
-        if job.status is JobStatus.PROCESSING:
-            self.cancels.request(job_id)
-            job = self.get(job_id)
-            if job.terminal:  # it finished meanwhile: its worker will never look for this request
-                self.cancels.discard(job_id)
+        """Cancel a queued job now, or flag a running one: its worker, in whichever process, stops
+        at the next step. A finished job is returned unchanged: cancelling it has no effect."""
+        before = self.get(job_id, owner=owner, any_owner=any_owner)  # 404 unless it is the caller's
+        job = self.store.request_cancel(job_id)
+        if job is None:
+            raise NotFoundError(f"generation {job_id} not found")
+        if job.status is JobStatus.CANCELLED and not before.terminal:
+            metrics.job_finished(job)
+        self.bus.notify()
         return job
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Wait until the job is finished and return it (``TimeoutError`` after ``timeout``)."""
+        """Wait until the job is finished and return it (``TimeoutError`` after ``timeout``).
+
+        The job is read once; its terminal event carries the outcome, so no reload follows.
+        """
         async with self.bus.subscribe() as events:
-            job = await asyncio.to_thread(self.get, job_id)
+            job = await anyio.to_thread.run_sync(self.get, job_id)
             if job.terminal:
                 return job
 
             async def until_done() -> Job:
                 async for event in events:
-                    if event.job_id == job_id and event.type in (
-                        EventType.SUCCEEDED,
-                        EventType.FAILED,
-                        EventType.CANCELLED,
-                    ):
-                        break
-                return await asyncio.to_thread(self.get, job_id)
+                    if event.job_id == job_id and event.type in TERMINAL_EVENTS:
+                        try:
+                            return finished_job(job, event)
+                        except ValueError:  # an event from before events carried the state
+                            return await anyio.to_thread.run_sync(self.get, job_id)
+                raise AssertionError("event subscriptions do not end")
 
-            return await asyncio.wait_for(until_done(), timeout)
+            async def until_done_or_recheck() -> Job:
+                while True:
+                    try:
+                        return await asyncio.wait_for(asyncio.shield(done), _WAIT_RECHECK)
+                    except TimeoutError:
+                        fresh = await anyio.to_thread.run_sync(self.get, job_id)
+                        if fresh.terminal:
+                            return fresh
+
+            done = asyncio.ensure_future(until_done())
+            try:
+                return await asyncio.wait_for(until_done_or_recheck(), timeout)
+            finally:
+                done.cancel()

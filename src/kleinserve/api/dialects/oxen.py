@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,13 +33,15 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     with_lora_header,
 )
-from kleinserve.engine.catalog import ServedModel
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
-from kleinserve.jobs.job import Job, JobStatus
+from kleinserve.jobs.job import Job, JobOutput, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
-from kleinserve.runtime import Runtime
+from kleinserve.runtime import AdvertisedModel, Runtime
+
+if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
+    from kleinserve.engine.catalog import ServedModel
 
 PREFIX = "/api"
 COMPLETED = "media_generation_completed"
@@ -375,7 +377,7 @@ def _write_favorites(runtime: Runtime, caller: Caller, ids: list[str]) -> None:
     runtime.storage.put(_favorites_key(caller), json.dumps(ids).encode(), "application/json")
 
 
-def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel:
+def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel | AdvertisedModel:
     served = runtime.served_model(model_id)
     if served is None:
         raise NotFoundError(f"Model not found: {model_id}")
@@ -480,6 +482,8 @@ def _compact(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+# Event data for waiters inside the server (the job's final state), not for SSE clients.
+_INTERNAL_DATA = frozenset({"state", "extra"})
 _OWN_EVENTS = {
     EventType.QUEUED: "kleinserve.generation.queued",
     EventType.STARTED: "kleinserve.generation.started",
@@ -494,13 +498,16 @@ def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     frames: list[ServerSentEvent] = []
     job_id = event.job_id
     if event.type is EventType.SUCCEEDED:
-        job = runtime.store.get(job_id)
-        outputs = outputs_of(job) if job else []
+        # The event carries the result: no store read per subscriber (see jobs/events.py).
+        result = (event.data.get("state") or {}).get("result") or {}
+        outputs = [JobOutput.model_validate(o) for o in result.get("outputs", [])]
+        model = event.data.get("model")
+        extra = event.data.get("extra") or {}
         payload: dict[str, Any] = {
             "generation_id": job_id,
             "status": "succeeded",
             "media_type": "image",
-            "model": job.extra.get("model", oxen_id(find_variant(job.request.model))) if job else None,
+            "model": extra.get("model") or (oxen_id(find_variant(model)) if model else None),
             "url": result_url(runtime, outputs[0]) if outputs else None,
         }
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
@@ -509,7 +516,8 @@ def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
         frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
     own = _OWN_EVENTS.get(event.type)
     if own is not None:
-        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **event.data}
+        shown = {k: v for k, v in event.data.items() if k not in _INTERNAL_DATA}
+        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **shown}
         frames.append(_frame(data=_compact(data), event=own, id=str(event.seq)))
     return frames
 

@@ -333,6 +333,7 @@ def test_full_request_round_trips() -> None:
         "output_format": OutputFormat.JPEG,
         "negative_prompt": None,
         "safety_check": True,
+        "safety_tolerance": None,
     }
     again = GenerationRequest.parse(dumped)
     assert again == request

@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 from kleinserve.jobs.events import EventBus, StoreEventBus
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKeyStore
 from kleinserve.settings import Settings
+from kleinserve.webhooks.store import WebhookStore
 
 SQLITE_FILE = "jobs.sqlite3"
 
@@ -45,7 +45,7 @@ def job_store(settings: Settings) -> JobStore:
         from kleinserve.jobs.store.postgres import PgJobStore
 
         assert settings.database_url is not None
-        return cast(JobStore, PgJobStore(settings.database_url))
+        return PgJobStore(settings.database_url)
     from kleinserve.jobs.store.sqlite import SQLiteJobStore
 
     return SQLiteJobStore(sqlite_path(settings))
@@ -53,9 +53,15 @@ def job_store(settings: Settings) -> JobStore:
 
 def event_bus(settings: Settings, store: JobStore) -> EventBus:
     """The event bus over ``store``: it reads the store's event log in order and polls for what
-    other processes wrote (every ``KLEINSERVE_EVENT_POLL`` seconds). With PostgreSQL a
-    ``LISTEN`` thread may call :meth:`StoreEventBus.notify` on each ``NOTIFY`` to cut that wait
-    (``kleinserve.postgres.notify``); polling alone is already correct, only slower."""
+    other processes wrote (every ``KLEINSERVE_EVENT_POLL`` seconds). With PostgreSQL a ``LISTEN``
+    thread also wakes it on every ``NOTIFY`` (``kleinserve.postgres.bus``), so events other processes
+    write arrive at once and the poll (at least every second there) is only a safety net."""
+    if uses_postgres(settings):
+        from kleinserve.jobs.store.postgres import PgJobStore
+        from kleinserve.postgres.bus import PgEventBus
+
+        assert isinstance(store, PgJobStore)
+        return PgEventBus(store, poll_interval=max(settings.event_poll, 1.0))
     return StoreEventBus(store, poll_interval=settings.event_poll)
 
 
@@ -69,6 +75,18 @@ def key_store(settings: Settings) -> ApiKeyStore:
     from kleinserve.keys import KeyStore
 
     return KeyStore(sqlite_path(settings))
+
+
+def webhook_store(settings: Settings) -> WebhookStore:
+    """The webhook delivery store the settings ask for (close it when done)."""
+    if uses_postgres(settings):
+        from kleinserve.postgres.webhooks import PgWebhookStore
+
+        assert settings.database_url is not None
+        return PgWebhookStore(settings.database_url)
+    from kleinserve.webhooks.store import SQLiteWebhookStore
+
+    return SQLiteWebhookStore(sqlite_path(settings))
 
 
 @contextlib.contextmanager

@@ -29,13 +29,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kleinserve.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
     from kleinserve.api.access_log import FinishedRequest
+    from kleinserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,58 @@ class DeviceMemoryCollector(Collector):
         yield family
 
 
+class PromptCacheCollector(Collector):
+    """The engine's prompt-embedding cache: hits and misses (counters), entries and bytes held."""
+
+    def __init__(self, read: Callable[[], tuple[int, int, int, int]]) -> None:
+        self.read = read  # -> (hits, misses, entries, bytes)
+
+    def collect(self) -> Iterator[Metric]:
+        hits, misses, entries, size = self.read()
+        yield CounterMetricFamily("kleinserve_prompt_cache_hits", "Prompts whose embedding was cached.", value=hits)
+        yield CounterMetricFamily("kleinserve_prompt_cache_misses", "Prompts encoded anew.", value=misses)
+        yield GaugeMetricFamily("kleinserve_prompt_cache_entries", "Embeddings held.", value=entries)
+        yield GaugeMetricFamily("kleinserve_prompt_cache_bytes", "Bytes the held embeddings take.", value=size)
+
+
 def watch(collector: Collector) -> Callable[[], None]:
     """Register ``collector``; returns the function that unregisters it."""
     REGISTRY.register(collector)
     return lambda: REGISTRY.unregister(collector)
+
+
+def watch_runtime(runtime: Runtime, *, queue: bool = True) -> Callable[[], None]:
+    """Register the scrape-time collectors of ``runtime`` (the queue unless ``queue=False``: a worker
+    leaves it to the API processes; device memory; the prompt cache); returns the undo."""
+
+    def queue_state() -> tuple[int, int, float | None]:
+        store = runtime.store
+        queued = store.list(statuses=[JobStatus.QUEUED], any_owner=True, limit=runtime.settings.max_queue + 1)
+        oldest = min((job.created_at for job in queued), default=None)
+        return store.count([JobStatus.QUEUED]), store.count([JobStatus.PROCESSING]), oldest
+
+    def device_memory() -> list[tuple[str, str, int]]:
+        if not runtime.device:  # models not loaded (or an API-only process): nothing to report
+            return []
+        from kleinserve.engine.device import memory_rows  # torch is loaded once a device is chosen
+
+        return memory_rows(runtime.device)
+
+    def prompt_cache() -> tuple[int, int, int, int]:
+        if runtime.prompt_cache is None:  # an API process: the workers hold the cache
+            return 0, 0, 0, 0
+        stats = runtime.prompt_cache.stats()
+        return stats.hits, stats.misses, stats.entries, stats.bytes
+
+    undo = [watch(DeviceMemoryCollector(device_memory)), watch(PromptCacheCollector(prompt_cache))]
+    if queue:
+        undo.append(watch(QueueCollector(queue_state)))
+
+    def unwatch() -> None:
+        for step in undo:
+            step()
+
+    return unwatch
 
 
 def serve_port(port: int, host: str = "127.0.0.1") -> None:

@@ -160,6 +160,13 @@ class GenerationRequest(BaseModel):
     safety_check: bool = Field(
         True, description="False asks to skip the safety checker (honoured only if the operator allows it)."
     )
+    safety_tolerance: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="BFL's scale, 0 strictest to 5: below 2 lowers the safety checker's threshold; above 2 "
+        "raises it only where the operator lets clients skip the checker (see safety.py).",
+    )
     loras: list[LoraChoice] = Field(
         default_factory=list, description="LoRA adapters to apply, with scales (see GET /v1/loras)."
     )

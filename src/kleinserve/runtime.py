@@ -36,6 +36,7 @@ from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
 from kleinserve.storage.factory import storage_from_settings
+from kleinserve.webhooks.store import WebhookStore
 
 if TYPE_CHECKING:  # the engine (torch) is imported only by roles that load models
     import torch
@@ -153,6 +154,8 @@ class Runtime:
     prompt_cache: PromptCache | None = field(default=None, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
     safety: SafetyChecker | None = field(default=None, init=False)
+    webhooks: WebhookStore | None = field(default=None, init=False)  # set while the dispatcher runs
+    webhook_secret: str | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
     load_error: str | None = field(default=None, init=False)
     device: str = field(default="", init=False)
@@ -362,12 +365,13 @@ class Runtime:
         return self.storage.read(key)
 
     def stop(self) -> None:
-        """Stop the workers (the running job is requeued) and close the store."""
+        """Stop the workers (the running job is requeued) and close the stores."""
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
         self.bus.close()
         self.store.close()
+        self.keys.close()
 
     def sweep(self) -> int:
         """Remove finished jobs and their files past the retention time; return how many."""
@@ -453,6 +457,11 @@ async def run_worker(settings: Settings, served: list[ServedModel] | None = None
     if not runtime.ready:
         await asyncio.to_thread(runtime.stop)
         return 1
+    # A worker has no HTTP API: its own metrics (jobs it ran, stages, device memory, the prompt
+    # cache) are on --metrics-port; the queue gauges come from the API processes.
+    metrics.watch_runtime(runtime, queue=False)
+    if settings.metrics_port is not None:
+        metrics.serve_port(settings.metrics_port, settings.metrics_host)
     log.info("worker %s serving %s", runtime.workers[0].id, ", ".join(runtime.served_ids()))
     tasks = [asyncio.create_task(runtime.reap_forever()), asyncio.create_task(runtime.sweep_forever())]
     try:

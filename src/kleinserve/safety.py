@@ -87,6 +87,23 @@ class SafetyChecker:
         """Whether ``request``'s images are checked (a client may opt out only if the operator allows)."""
         return request.safety_check or not self.allow_disable
 
+    def threshold_for(self, request: GenerationRequest) -> float:
+        """The nsfw score at which ``request``'s images are flagged: the operator's threshold, moved by
+        the request's ``safety_tolerance`` (BFL's 0-5 scale, 2 = the operator's threshold).
+
+        0 and 1 are stricter (the threshold times 0.5 and 0.75); 3-5 are looser (a quarter, half and
+        three quarters of the way from the threshold to 1), honoured only where the operator lets
+        clients skip the checker altogether (``--safety-allow-disable``): else 3-5 mean 2.
+        """
+        tolerance = request.safety_tolerance
+        if tolerance is None or tolerance == 2:
+            return self.threshold
+        if tolerance < 2:
+            return self.threshold * (0.5, 0.75)[tolerance]
+        if not self.allow_disable:
+            return self.threshold
+        return self.threshold + (1.0 - self.threshold) * (tolerance - 2) / 4
+
     def review(self, request: GenerationRequest, result: GenerationResult) -> SafetyReport | None:
         """Score ``result``'s images; blur flagged ones in place, or raise :class:`SafetyRefusal`."""
         if not self.wanted(request):
@@ -95,12 +112,13 @@ class SafetyChecker:
 
         images = [Image.open(io.BytesIO(encoded.data)) for encoded in result.images]
         scores = self.scorer.scores(images)
+        threshold = self.threshold_for(request)
         report = SafetyReport(
             checker=self.scorer.name,
             policy=self.policy,
-            threshold=self.threshold,
+            threshold=threshold,
             scores=[round(score, 6) for score in scores],
-            flagged=[score >= self.threshold for score in scores],
+            flagged=[score >= threshold for score in scores],
         )
         if self.policy is SafetyPolicy.REFUSE and report.any_flagged:
             raise SafetyRefusal(report)

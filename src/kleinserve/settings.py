@@ -151,6 +151,16 @@ class Settings(BaseSettings):
         False, description="Let clients skip the checker per request (Verda/1min.ai fields); off: always checked."
     )
 
+    # Webhooks (webhooks/ sends them).
+    webhook_secret: SecretStr | None = Field(
+        None, description="Server webhook secret (whsec_...); default: one kept in DATA_DIR/webhook.secret."
+    )
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="Seconds before each retry of a failed delivery (comma-separated in the environment).",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds a webhook receiver has to answer.")
+
     # Request bounds (request.py enforces them).
     max_prompt_chars: int = Field(4096, ge=1, description="Longest prompt accepted, in characters.")
     max_references: int = Field(4, ge=0, le=16, description="Most reference images per request.")
@@ -212,6 +222,13 @@ class Settings(BaseSettings):
     def _split_loras(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(item) for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("fetch_allow", mode="before")

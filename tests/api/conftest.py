@@ -142,7 +142,12 @@ def ops_server(
         str(classifiers["nsfw"]),
         "--safety-policy",
         "flag",
-        env={"KLEINSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
+        env={
+            "KLEINSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
+            # Webhook tests: the receiver is on loopback, and retries come quickly.
+            "KLEINSERVE_FETCH_ALLOW": "127.0.0.1",
+            "KLEINSERVE_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,0.2",
+        },
     ).start()
     yield OpsServer(server, secret, metrics_port)
     server.stop()

@@ -38,12 +38,14 @@ def fetch_image(url: str) -> Image.Image:
 def test_documented_python_example(server: ServerProcess) -> None:
     """BFL's quick-start flow: POST the prompt with x-key, poll the polling_url (with params={'id'})."""
     headers = {"accept": "application/json", "x-key": "YOUR_BFL_API_KEY", "Content-Type": "application/json"}
-    request = requests.post(
+    response = requests.post(
         f"{server.url}/v1/flux-2-klein-4b",
         headers=headers,
         json={"prompt": "ein fantastisches bild", "seed": 42, **SMALL},
         timeout=60,
-    ).json()
+    )
+    assert response.status_code == 200, response.text
+    request = response.json()
     assert set(request) == {"id", "polling_url", "cost", "input_mp", "output_mp"}
     assert request["polling_url"].endswith(f"/v1/get_result?id={request['id']}")
     assert request["output_mp"] == pytest.approx(64 * 64 / 1e6, abs=1e-4)

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import free_port
 
@@ -79,7 +80,7 @@ def api(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
 
 
 def test_api_and_worker_processes_share_the_queue(
-    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
+    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path, classifiers: dict[str, Path]
 ) -> None:
     url, api_process, data_dir = api
     # No live worker: the api has no models, and a known model is unavailable (503, Oxen's shape).
@@ -92,6 +93,7 @@ def test_api_and_worker_processes_share_the_queue(
     if maps.exists():
         assert "libtorch" not in maps.read_text()
 
+    metrics_port = free_port()
     worker = _start(
         [
             "worker",
@@ -103,6 +105,10 @@ def test_api_and_worker_processes_share_the_queue(
             "cpu",
             "--dtype",
             "float32",
+            "--metrics-port",
+            str(metrics_port),
+            "--safety-checker",  # the safety checker runs where the images are made
+            str(classifiers["normal"]),
         ],
         data_dir / "worker.log",
     )
@@ -114,6 +120,20 @@ def test_api_and_worker_processes_share_the_queue(
         assert sync.status_code == 200, sync.text
         image = httpx.get(sync.json()["images"][0]["url"], timeout=30)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        (done_item,) = httpx.get(f"{url}/api/ai/queue", params={"status": "succeeded"}, timeout=10).json()[
+            "generations"
+        ]
+        assert done_item["safety"]["flagged"] == [False] and done_item["safety"]["policy"] == "blur"
+        # The worker counted the job it ran, on its own metrics port (it has no HTTP API).
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(scraped)
+            for sample in family.samples
+        }
+        finished = (("dialect", "oxen"), ("model", MODEL), ("outcome", "succeeded"))
+        assert samples[("kleinserve_jobs_finished_total", finished)] == 1
+        assert samples[("kleinserve_stage_seconds_count", (("model", MODEL), ("stage", "denoise")))] == 1
         response = httpx.post(
             f"{url}/api/ai/queue",
             json={**SMALL, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50},
@@ -142,3 +162,47 @@ def test_api_and_worker_processes_share_the_queue(
     assert "Traceback" not in (data_dir / "worker.log").read_text()
     # The worker said goodbye: the api stops advertising its model.
     _until(lambda: httpx.get(f"{url}/api/ai/models").json()["data"] == [])
+
+
+def test_a_job_of_a_killed_worker_finishes_on_another(
+    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
+) -> None:
+    """kill -9 of a worker mid-job: the reaper hands the job back and a second worker finishes it,
+    the interrupted run counted as an attempt."""
+    from kleinserve.jobs.store.sqlite import SQLiteJobStore
+
+    url, _, data_dir = api
+    args = ["worker", "--model", f"{MODEL}={tiny_distilled}", "--data-dir", str(data_dir), "--device", "cpu"]
+    first = _start([*args, "--dtype", "float32"], data_dir / "worker1.log")
+    try:
+        _until(lambda: httpx.get(f"{url}/api/ai/models").json()["data"])
+        response = httpx.post(
+            f"{url}/api/ai/queue",
+            json={**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 40, "seed": 5},
+            timeout=30,
+        )
+        generation_id = response.json()["generations"][0]["generation_id"]
+        _until(lambda: httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json()["progress_step"] >= 1)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        _stop(first)
+    second = _start([*args, "--dtype", "float32"], data_dir / "worker2.log")
+    try:
+        done = _until(
+            lambda: (
+                (j := httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json())["status"]
+                in ("succeeded", "failed", "cancelled")
+                and j
+            ),
+            timeout=300,
+        )
+        assert done["status"] == "succeeded", done
+    finally:
+        assert _stop(second) == 0
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+    try:
+        job = store.get(generation_id)
+        assert job is not None and job.attempts == 2
+    finally:
+        store.close()

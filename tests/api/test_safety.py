@@ -193,3 +193,41 @@ def test_a_normal_verdict_changes_nothing_under_any_policy(classifiers: dict[str
         assert result.images == [encoded]
         skipped = SafetyChecker(scorer, policy, 0.85, allow_disable=True).review(request, result)
         assert skipped is None  # the operator lets clients skip, and this one did
+
+
+def test_bfl_content_moderated_and_fal_verdict(case: Case) -> None:
+    """BFL answers a refused job as ``Content Moderated``; fal's ``has_nsfw_concepts`` is the verdict."""
+    headers = {"x-key": case.headers["Authorization"].split()[1]} if case.headers else {}
+    body = {"prompt": "p", "width": 64, "height": 64, "seed": 3, "safety_tolerance": 0}
+    submitted = httpx.post(f"{url(case)}/v1/flux-2-klein-4b", json=body, headers=headers, timeout=60).json()
+    deadline = time.monotonic() + 120
+    while (result := httpx.get(submitted["polling_url"], headers=headers, timeout=10).json())["status"] == "Pending":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert result["status"] == ("Content Moderated" if case.refused else "Ready"), result
+    fal = httpx.post(
+        f"{url(case)}/fal-ai/flux-2/klein/4b",
+        json={"prompt": "p", "image_size": {"width": 64, "height": 64}},
+        headers=headers,
+        timeout=60,
+    ).json()
+    while httpx.get(fal["status_url"], headers=headers, timeout=10).json()["status"] != "COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    answer = httpx.get(fal["response_url"], headers=headers, timeout=30)
+    if case.refused:
+        assert answer.status_code == 400 and answer.json()["error_type"] == "content_policy_violation"
+    else:
+        assert answer.json()["has_nsfw_concepts"] == [True]
+
+
+def test_safety_tolerance_moves_the_threshold() -> None:
+    from kleinserve.request import GenerationRequest
+    from kleinserve.safety import SafetyChecker, SafetyPolicy
+
+    def threshold(tolerance: int | None, allow_disable: bool) -> float:
+        checker = SafetyChecker(None, SafetyPolicy.FLAG, 0.8, allow_disable=allow_disable)  # type: ignore[arg-type]
+        return checker.threshold_for(GenerationRequest(prompt="p", safety_tolerance=tolerance))
+
+    assert [threshold(t, False) for t in (None, 0, 1, 2, 3, 4, 5)] == pytest.approx([0.8, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8])
+    assert [threshold(t, True) for t in (2, 3, 4, 5)] == pytest.approx([0.8, 0.85, 0.9, 0.95])

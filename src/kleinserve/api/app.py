@@ -33,7 +33,9 @@ from kleinserve.api.dialects.verda import VerdaDialect
 from kleinserve.api.errors import install_error_handlers
 from kleinserve.api.jobs_http import DEMO_HEADER
 from kleinserve.api.loras_http import loras_router
-from kleinserve.api.metrics_http import metrics_router, watch_runtime
+from kleinserve.api.metrics_http import metrics_router
+from kleinserve.api.webhooks_http import router as webhooks_router
+from kleinserve.api.webhooks_http import start_dispatcher
 from kleinserve.api.workbench import workbench_router
 from kleinserve.errors import NotFoundError
 from kleinserve.runtime import Role, Runtime
@@ -159,7 +161,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        unwatch = watch_runtime(runtime)  # queue and device gauges, read at scrape time
+        unwatch = metrics.watch_runtime(runtime)  # queue, device and cache gauges, read at scrape time
+        stop_webhooks = start_dispatcher(runtime)  # finished jobs -> signed POSTs, retried durably
         tasks = [
             asyncio.create_task(runtime.start()),
             asyncio.create_task(runtime.sweep_forever()),
@@ -175,6 +178,7 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(runtime.stop)
             unwatch()
+            await asyncio.to_thread(stop_webhooks)
 
     app = FastAPI(
         title="kleinserve",
@@ -240,4 +244,5 @@ def create_app(
     app.include_router(loras_router(), dependencies=[Depends(authenticate)])
     app.include_router(workbench_router())
     app.include_router(metrics_router())
+    app.include_router(webhooks_router)
     return app

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,8 +17,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kleinserve import metrics
 from kleinserve.api.jobs_http import runtime_of
 from kleinserve.errors import AuthenticationError, NotFoundError
-from kleinserve.jobs.job import JobStatus
-from kleinserve.runtime import Runtime
 
 
 def metrics_router() -> APIRouter:
@@ -44,28 +41,3 @@ def metrics_router() -> APIRouter:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def watch_runtime(runtime: Runtime) -> Callable[[], None]:
-    """Register the scrape-time collectors of ``runtime`` (queue, device memory); returns the undo."""
-
-    def queue() -> tuple[int, int, float | None]:
-        store = runtime.store
-        queued = store.list(statuses=[JobStatus.QUEUED], any_owner=True, limit=runtime.settings.max_queue + 1)
-        oldest = min((job.created_at for job in queued), default=None)
-        return store.count([JobStatus.QUEUED]), store.count([JobStatus.PROCESSING]), oldest
-
-    def device_memory() -> list[tuple[str, str, int]]:
-        if not runtime.device:  # models not loaded (or an API-only process): nothing to report
-            return []
-        from kleinserve.engine.device import memory_rows  # torch is loaded once a device is chosen
-
-        return memory_rows(runtime.device)
-
-    undo = [metrics.watch(metrics.QueueCollector(queue)), metrics.watch(metrics.DeviceMemoryCollector(device_memory))]
-
-    def unwatch() -> None:
-        for step in undo:
-            step()
-
-    return unwatch

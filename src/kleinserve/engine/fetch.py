@@ -272,3 +272,19 @@ def _read_response(
         check_byte_size(total, index, policy)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def vetted_targets(url: str, policy: InputPolicy) -> list[_Target]:
+    """Where a request to ``url`` may go under the image-URL rules (http(s), a host, no private or
+    local address unless allowed): one (URL with a vetted IP, headers, extensions) per address.
+
+    For other outgoing requests, such as webhooks, so they pass the same SSRF guard. Raises
+    :class:`InvalidImageError` naming ``policy.field`` (without an index).
+    """
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as err:
+        raise InvalidImageError(None, f"{url} is not a valid URL ({err})", field=policy.field) from None
+    if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        raise InvalidImageError(None, f"{url} must be an http(s) URL with a host", field=policy.field)
+    return _targets(parsed, url, None, policy)  # type: ignore[arg-type]

@@ -106,6 +106,7 @@ class Job(BaseModel):
     owner: str | None = Field(None, description="Id of the API key that submitted the job.")
     dialect: str = Field("kleinserve", description="API the job came through.")
     request_id: str | None = Field(None, description="X-Request-ID of the HTTP request that submitted the job.")
+    webhook_url: str | None = Field(None, description="Where to POST the job's view when it finishes.")
     request: GenerationRequest
     extra: dict[str, object] = Field(
         default_factory=dict, description="Dialect-specific fields echoed back (e.g. Oxen's aspect_ratio)."

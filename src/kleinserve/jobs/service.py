@@ -84,6 +84,7 @@ class JobService:
         owner: str | None = None,
         dialect: str = "kleinserve",
         extra: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
     ) -> builtins.list[Job]:
         """Queue one job per request (all or none); each gets a fixed seed now if it has none.
 
@@ -106,6 +107,7 @@ class JobService:
                     extra=dict(extra or {}),
                     cost=cost,
                     request_id=context.request_id,
+                    webhook_url=webhook_url,
                 )
             )
         admission = Admission(

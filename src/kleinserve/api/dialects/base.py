@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from kleinserve.api.auth import Caller
 from kleinserve.api.jobs_http import wait_for_jobs, with_lora_header
+from kleinserve.api.webhooks_http import webhook_from_header
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidImageError, InvalidParameterError, InvalidRequestError, KleinserveError
 from kleinserve.jobs.job import Job
@@ -190,7 +191,10 @@ async def submit_and_wait(
     errors naming ``images_field`` as the client sent it.
     """
     requests = with_lora_header(request, requests, runtime.settings)  # adapters named in the header
-    jobs = await asyncio.to_thread(runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra)
+    webhook_url = await webhook_from_header(request, runtime)
+    jobs = await asyncio.to_thread(
+        runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra, webhook_url=webhook_url
+    )
     try:
         return await wait_for_jobs(request, runtime, jobs)
     except InvalidRequestError as err:

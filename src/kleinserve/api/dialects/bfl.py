@@ -13,9 +13,11 @@ Compatibility notes: docs/api/bfl.md. BFL's API is asynchronous only: a submit a
   the first reference. Leaving ``width``/``height`` out (or 0, BFL's default) gives the first input's
   size, else 1024 x 1024; both must be multiples of 16 within the server's size rule.
 - ``output_format`` defaults to ``jpeg`` as BFL's does; ``png`` and ``webp`` too.
-- ``safety_tolerance`` (0-5, default 2) is validated and stored; kleinserve runs no moderation on
-  inputs, so ``Request Moderated`` is never answered, and ``Content Moderated`` is answered for a
-  job the output safety checker refused (when the operator runs one).
+- ``safety_tolerance`` (0-5, default 2) moves the output safety checker's threshold when the operator
+  runs one (safety.py: 2 is the operator's threshold, 0-1 stricter, 3-5 looser only where clients may
+  skip the checker); without a checker it is accepted and has no effect. kleinserve moderates no
+  inputs, so ``Request Moderated`` is never answered; ``Content Moderated`` is a job the checker
+  refused (policy ``refuse``).
 - ``webhook_url``: kleinserve has no webhook delivery yet, so a request with one is a 400 naming
   it (never accepted and silently not called). ``webhook_secret`` alone does nothing, as at BFL.
 - Unknown body fields are a 400 naming the field (BFL would ignore them; a klein client sending
@@ -97,6 +99,7 @@ def to_generation_request(body: BflKleinRequest, variant_id: str, runtime: Runti
             "height": height,
             "seed": body.seed,
             "output_format": body.output_format or "jpeg",
+            "safety_tolerance": body.safety_tolerance,
         },
         runtime.settings,
         NAMES,

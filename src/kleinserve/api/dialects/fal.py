@@ -18,8 +18,9 @@ answers ``{"request_id", "response_url", "status_url", "cancel_url", "queue_posi
 - ``num_images`` 1-4 (the server's ``KLEINSERVE_MAX_IMAGES`` may lower it); image *i* uses ``seed + i``.
 - ``output_format`` ``png`` (default), ``jpeg``, ``webp``. ``sync_mode: true`` returns the images
   as data URIs in the result (the files are still kept until retention removes them).
-- ``enable_safety_checker`` is accepted; ``has_nsfw_concepts`` is all false because kleinserve runs
-  no checker unless the operator configures one (then a refused job ends as an error).
+- ``enable_safety_checker: false`` skips the output safety checker where the operator runs one and
+  lets clients skip it; ``has_nsfw_concepts`` is the checker's verdict per image (all false when no
+  checker ran); a job the checker refused (policy ``refuse``) ends as an error.
 - There is no separate synchronous host (fal.run): a client submits and polls, as fal's queue
   clients do. A result fetched before completion is a 400 ``Request is still in progress``; a failed
   job's result is its error. Unknown fields are a 400 naming them.
@@ -97,7 +98,7 @@ class FalKleinInput(BaseModel):
     num_images: int = Field(1, ge=1, le=4, description="Images to generate.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed; default random.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Output format.")
-    enable_safety_checker: bool = Field(True, description="Accepted; see the README on safety.")
+    enable_safety_checker: bool = Field(True, description="False skips the safety checker, where allowed.")
     sync_mode: bool = Field(False, description="Return the images as data URIs.")
 
 
@@ -132,6 +133,7 @@ def to_generation_request(endpoint: str, body: FalKleinInput, runtime: Runtime) 
             "seed": body.seed,
             "num_images": body.num_images,
             "output_format": body.output_format,
+            "safety_check": body.enable_safety_checker,
         },
         runtime.settings,
         NAMES,
@@ -182,7 +184,7 @@ def result_body(runtime: Runtime, job: Job) -> dict[str, Any]:
         "images": images,
         "seed": job.request.seed,
         "prompt": job.request.prompt,
-        "has_nsfw_concepts": [False] * len(images),
+        "has_nsfw_concepts": list(job.safety.flagged) if job.safety else [False] * len(images),
         "timings": timings,
     }
 

@@ -33,6 +33,7 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     with_lora_header,
 )
+from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
@@ -126,6 +127,9 @@ class OxenImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = Field("url", description="Return URLs or base64.")
     target_namespace: str | None = Field(None, description="Accepted for compatibility; results stay here.")
     num_generations: int = Field(1, ge=1, le=4, description="Generations to run (queue), or images (sync).")
+    webhook_url: str | None = Field(
+        None, description="kleinserve extension (queue): POST the generation here when it finishes, signed."
+    )
     loras: list[LoraChoice] | None = Field(
         None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
     )
@@ -179,7 +183,7 @@ def to_generation_request(
 
 def _echo(body: OxenImageRequest) -> dict[str, Any]:
     """The parameters a client sent, echoed on generation objects."""
-    return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace"})
+    return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace", "webhook_url"})
 
 
 NAME = "oxen"
@@ -251,8 +255,16 @@ async def edit(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, 
 async def enqueue(request: Request, body: OxenImageRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
     requests = [to_generation_request(body, runtime, seed_offset=i) for i in range(body.num_generations)]
     requests = with_lora_header(request, requests, runtime.settings)
+    webhook_url = await checked_webhook(runtime, body.webhook_url, "webhook_url") or await webhook_from_header(
+        request, runtime
+    )
     jobs = await asyncio.to_thread(
-        runtime.service.submit, requests, key=caller.key, dialect=NAME, extra={"model": body.model, **_echo(body)}
+        runtime.service.submit,
+        requests,
+        key=caller.key,
+        dialect=NAME,
+        extra={"model": body.model, **_echo(body)},
+        webhook_url=webhook_url,
     )
     return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
 

@@ -20,8 +20,9 @@ with ``{"input": {...}}`` queues a job and answers the prediction object (201); 
   as 1; png ignores it).
 - ``guidance`` (1-10, default 4) only on the Base models, as Replicate's schemas have it; sent to a
   distilled model it is a 422 naming it. ``go_fast`` is accepted and changes nothing (kleinserve has
-  one code path, already its fastest exact one). ``disable_safety_checker`` is accepted; kleinserve
-  runs no safety checker unless the operator configures one.
+  one code path, already its fastest exact one). ``disable_safety_checker: true`` skips the output
+  safety checker where the operator runs one and lets clients skip it (``--safety-allow-disable``);
+  a job the checker refused fails with the checker's reason.
 - Unknown ``input`` fields are refused naming them; errors are Replicate's problem details
   ``{"title", "detail", "status"}`` (plus ``invalid_fields`` for input errors). The status follows
   kleinserve's one error table: bad input is 400 where Replicate answers 422 (its client raises
@@ -98,7 +99,7 @@ class KleinInput(BaseModel):
     go_fast: bool = Field(False, description="Accepted; changes nothing here.")
     output_format: Literal["webp", "jpg", "png"] = Field("jpg", description="Format of the output images.")
     output_quality: int = Field(95, ge=0, le=100, description="JPEG/WebP quality 0-100.")
-    disable_safety_checker: bool = Field(False, description="Accepted; see the README on safety.")
+    disable_safety_checker: bool = Field(False, description="Skip the safety checker, where the operator allows.")
     guidance: float | None = Field(None, ge=1, le=10, allow_inf_nan=False, description="Base models only.")
 
     @field_validator("output_megapixels", mode="before")
@@ -142,6 +143,7 @@ def to_generation_request(name: str, inputs: KleinInput, runtime: Runtime) -> Ge
             "seed": inputs.seed,
             "output_format": inputs.output_format,
             "quality": max(1, inputs.output_quality),
+            "safety_check": not inputs.disable_safety_checker,
         },
         runtime.settings,
         NAMES,

@@ -66,3 +66,16 @@ def test_the_cursor_only_moves_forward(store: WebhookStore) -> None:
     store.set_cursor("job-events", 10)
     store.set_cursor("job-events", 7)  # a slower scanner in another process
     assert store.cursor("job-events") == 10
+
+
+def test_retention_forgets_only_finished_deliveries(store: WebhookStore) -> None:
+    now = time.time()
+    done, gone, waiting = delivery("done", now - 100), delivery("gone", now - 100), delivery("waiting", now - 100)
+    for item in (done, gone, waiting):
+        store.add(item)
+    store.record(Attempt(delivery_id=done.id, number=1, at=now), DeliveryStatus.DELIVERED, now)
+    store.record(Attempt(delivery_id=gone.id, number=1, at=now, error="HTTP 500"), DeliveryStatus.FAILED, now)
+    assert store.remove_finished_before(now - 200) == 0  # none that old
+    assert store.remove_finished_before(now - 50) == 2
+    assert store.get(done.id) is None and store.attempts(done.id) == [] and store.get(gone.id) is None
+    assert store.get(waiting.id) is not None  # still being retried

@@ -119,6 +119,15 @@ class PgWebhookStore:
             ).fetchall()
         return [attempt_from(row) for row in rows]
 
+    def remove_finished_before(self, cutoff: float) -> int:
+        finished = (DeliveryStatus.DELIVERED.value, DeliveryStatus.FAILED.value)
+        with self._database.transaction() as db:
+            old = "SELECT id FROM webhook_deliveries WHERE status IN (%s, %s) AND created_at < %s"
+            db.execute(f"DELETE FROM webhook_attempts WHERE delivery_id IN ({old})", (*finished, cutoff))
+            return db.execute(
+                "DELETE FROM webhook_deliveries WHERE status IN (%s, %s) AND created_at < %s", (*finished, cutoff)
+            ).rowcount
+
     def cursor(self, name: str) -> int | None:
         with self._database.connection() as db:
             row = db.execute("SELECT seq FROM webhook_cursors WHERE name = %s", (name,)).fetchone()

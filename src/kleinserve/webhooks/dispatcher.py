@@ -15,6 +15,8 @@ One background thread per API process (``kleinserve serve`` included), every ``p
    attempt and retried after the next delay of ``KLEINSERVE_WEBHOOK_RETRY_SCHEDULE`` (by default
    5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: eight tries over about 28 hours, Standard Webhooks'
    suggested schedule); after the last one the delivery is ``failed``.
+3. **Forget.** Every ``KLEINSERVE_CLEANUP_INTERVAL``, delivered and failed deliveries older than
+   ``KLEINSERVE_RETENTION_SECONDS`` are removed with their attempts, as finished jobs are.
 
 The job view's result links are signed for ``KLEINSERVE_URL_EXPIRY`` from when the job finished;
 a receiver that comes later reads the job again (its API issues fresh links).
@@ -104,6 +106,7 @@ class WebhookDispatcher:
         self.schedule = list(settings.webhook_retry_schedule)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_sweep = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
@@ -119,6 +122,9 @@ class WebhookDispatcher:
             try:
                 self.scan()
                 self.send_due()
+                if time.time() >= self._next_sweep:
+                    self._next_sweep = time.time() + self.settings.cleanup_interval
+                    self.deliveries.remove_finished_before(time.time() - self.settings.retention_seconds)
             except Exception:
                 log.exception("webhooks: dispatch failed; retrying")
             self._stopping.wait(self.poll)

@@ -78,6 +78,10 @@ class WebhookStore(Protocol):
 
     def attempts(self, delivery_id: str) -> list[Attempt]: ...
 
+    def remove_finished_before(self, cutoff: float) -> int:
+        """Forget delivered and failed deliveries created before ``cutoff``, with their attempts."""
+        ...
+
     def cursor(self, name: str) -> int | None: ...
 
     def set_cursor(self, name: str, seq: int) -> None: ...
@@ -189,6 +193,15 @@ class SQLiteWebhookStore:
             f"SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE delivery_id = ? ORDER BY number", (delivery_id,)
         )
         return [attempt_from(row) for row in rows]
+
+    def remove_finished_before(self, cutoff: float) -> int:
+        finished = (DeliveryStatus.DELIVERED.value, DeliveryStatus.FAILED.value)
+        with self._database.write() as db:
+            old = "SELECT id FROM webhook_deliveries WHERE status IN (?, ?) AND created_at < ?"
+            db.execute(f"DELETE FROM webhook_attempts WHERE delivery_id IN ({old})", (*finished, cutoff))
+            return db.execute(
+                "DELETE FROM webhook_deliveries WHERE status IN (?, ?) AND created_at < ?", (*finished, cutoff)
+            ).rowcount
 
     def cursor(self, name: str) -> int | None:
         row = self._database.connection().execute("SELECT seq FROM webhook_cursors WHERE name = ?", (name,)).fetchone()

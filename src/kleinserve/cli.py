@@ -197,6 +197,10 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     device_memory: Annotated[
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
@@ -278,6 +282,7 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        devices=devices,
         offload=offload,
         quantize=quantize,
         quantize_text_encoder=quantize_text_encoder,
@@ -428,6 +433,10 @@ def worker(
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
     fetch_allow: Annotated[
         Optional[str],
@@ -468,6 +477,7 @@ def worker(
         models=model,
         data_dir=data_dir,
         device=device,
+        devices=devices,
         dtype=dtype,
         fetch_allow=fetch_allow,
         log_level=log_level,

@@ -206,6 +206,7 @@ def create_app(
             "models": runtime.served_ids(),
             "device": runtime.device,
             "dtype": runtime.dtype,
+            "devices": [state.describe() for state in runtime.device_states],
         }
         if runtime.load_error:
             body["error"] = runtime.load_error

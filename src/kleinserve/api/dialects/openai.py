@@ -6,10 +6,10 @@ Compatibility notes: docs/api/openai.md. Choices where OpenAI's API has no klein
   ``WxH`` in multiples of 16; ``aspect_ratio`` (+ ``megapixels``) is our extension, as are ``seed``,
   ``num_inference_steps`` and ``guidance_scale``; left out, steps and guidance are the variant's;
 - ``response_format`` defaults to ``url`` (AIgateway), ``output_compression`` is the JPEG/WebP
-  quality (0 means 1), ``quality``, ``style``, ``moderation``, ``input_fidelity`` and ``user`` are
-  accepted and have no effect; ``background: transparent``, ``mask`` and ``stream: true`` are
-  refused with a 400 naming the parameter (klein has no alpha output, no inpainting, no partial
-  images here: AIgateway also says klein does not stream);
+  quality (0 means 1); every other parameter the ``openai`` SDK sends is accepted without effect,
+  recorded, or refused with a 400 naming it, as :class:`ImageParams` says field by field
+  (``background: transparent`` and ``mask``: klein has no alpha output and no inpainting here);
+- ``stream: true`` answers Server-Sent Events (:mod:`kleinserve.api.dialects.openai_stream`);
 - image *i* of ``n`` uses ``seed + i``; the seed of image 0 is returned as ``seed``.
 - errors: ``{"error": {"message", "type", "param", "code"}}``; ``type`` is AIgateway's identifier
   for the status (``invalid_request_error`` for 400), ``code`` is kleinserve's stable error code.
@@ -21,12 +21,13 @@ import asyncio
 import json
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.dialects.base import Example, FieldNames, parse_body, submit_and_wait, to_request
+from kleinserve.api.dialects.openai_stream import Kind, image_stream
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -113,8 +114,10 @@ class ImageParams(BaseModel):
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; no classifier runs.")
     style: Literal["vivid", "natural"] | None = Field(None, description="Accepted; no effect on klein.")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted; no effect on klein.")
-    stream: bool = Field(False, description="Refused when true: klein does not stream here.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Partial images while streaming.")
+    stream: bool = Field(False, description="true: Server-Sent Events, one *.completed event per image.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Accepted; no partial images are sent yet (OpenAI allows fewer)."
+    )
     user: str | None = Field(None, description="Accepted; recorded with the job.")
     safety_identifier: str | None = Field(None, description="Accepted; recorded with the job (replaces user).")
     frame_count: int | None = Field(None, description="Refused: only with output_format gif.")
@@ -177,12 +180,12 @@ def _size(params: ImageParams) -> tuple[int | None, int | None]:
     return int(width), int(height)
 
 
+# The quality values OpenAI's stream events may carry; the older ones are reported as "auto".
+_STREAM_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
 _GIF_ONLY = "is only for output_format gif, which FLUX.2 [klein] cannot make (it draws still images)"
 
 
 def _refuse_unsupported(params: ImageParams) -> None:
-    if params.stream:
-        raise InvalidParameterError("stream", "streaming is not supported for FLUX.2 [klein]; omit stream")
     if params.background == "transparent":
         raise InvalidParameterError("background", "FLUX.2 [klein] cannot make transparent images; use opaque or auto")
     if params.output_format in ("gif", "svg"):
@@ -348,27 +351,50 @@ class OpenAIDialect:
 
 
 async def _run(
-    request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
-) -> dict[str, Any]:
+    request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams, kind: Kind
+) -> dict[str, Any] | Response:
     extra: dict[str, Any] = {"model": params.model, "size": params.size, "response_format": params.response_format}
     if params.end_user():
         extra["end_user"] = params.end_user()
+    if params.stream:
+        fields = {
+            "background": "opaque",
+            "quality": params.quality if params.quality in _STREAM_QUALITIES else "auto",
+            "output_format": "jpeg" if params.output_format == "jpg" else params.output_format,
+            **({"safety_identifier": params.end_user()} if params.end_user() else {}),
+        }
+        return await image_stream(
+            request,
+            runtime,
+            caller,
+            gen,
+            kind=kind,
+            dialect=NAME,
+            extra=extra,
+            fields=fields,
+            error_body=OpenAIDialect().error_body,
+        )
     (job,) = await submit_and_wait(request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image")
     # Off the event loop: reading results may be a network call (S3).
     return await asyncio.to_thread(images_response, runtime, job, params)
 
 
-@router.post("/images/generations", summary="Create images from a prompt.")
+@router.post(
+    "/images/generations",
+    summary="Create images from a prompt (JSON, or Server-Sent Events with stream: true).",
+    response_model=None,
+)
 async def generations(
     request: Request, params: ImageParams, runtime: ReadyRuntime, caller: CallerDep
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     gen = to_generation_request(params, runtime, [], default_square=True)
-    return await _run(request, runtime, caller, gen, params)
+    return await _run(request, runtime, caller, gen, params, "image_generation")
 
 
 @router.post(
     "/images/edits",
-    summary="Edit or combine 1-4 images (multipart files, or JSON image URLs).",
+    summary="Edit or combine 1-4 images (multipart files, or JSON image URLs); stream: true for SSE.",
+    response_model=None,
     openapi_extra={
         "requestBody": {
             "content": {
@@ -383,12 +409,12 @@ async def generations(
         }
     },
 )
-async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any] | Response:
     params, references = await _edit_params(request, runtime)
     if not references:
         raise InvalidParameterError("image", "at least one image is required")
     gen = to_generation_request(params, runtime, references, default_square=False)
-    return await _run(request, runtime, caller, gen, params)
+    return await _run(request, runtime, caller, gen, params, "image_edit")
 
 
 @router.get("/usage", summary="The calling API key's usage, credits and limits.")

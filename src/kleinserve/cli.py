@@ -108,6 +108,9 @@ def generate(
     negative_prompt: Annotated[
         Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
     ] = None,
+    strength: Annotated[
+        Optional[float], typer.Option(help="Image-to-image from the first -i image: 0-1 of the schedule.")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -137,6 +140,7 @@ def generate(
                 "model": spec.variant.id,
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
+                "strength": strength,
                 "images": image or [],
                 "width": w,
                 "height": h,

@@ -26,6 +26,7 @@ import httpx
 import psycopg
 import pytest
 
+from kleinserve.postgres.keys import PgKeyStore
 from tests.api.conftest import free_port
 from tests.services.postgres import PostgresServer
 from tests.services.seaweed import S3Server
@@ -161,12 +162,14 @@ def cluster(
         "KLEINSERVE_KEEPALIVE_INTERVAL": "1",
     }
     cluster = Cluster(pg_url, prefix, env, log_dir, tiny_distilled)
-    # Keys first, in PostgreSQL, with the CLI: the api processes then require them from their start.
-    for name, limits in (("bulk", []), ("limited", ["--rate", "2/min"])):
-        created = subprocess.run([sys.executable, "-m", "kleinserve", "keys", "create", "--name", name, *limits],
-                                 env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert created.returncode == 0, created.stderr
-        cluster.keys[name] = created.stdout.strip()
+    # Keys first, in PostgreSQL (tests/test_keys.py drives `kleinserve keys` against it): the api
+    # processes then require them from their start.
+    keys = PgKeyStore(pg_url)
+    try:
+        cluster.keys["bulk"] = keys.create("bulk")[1]
+        cluster.keys["limited"] = keys.create("limited", requests_per_minute=2)[1]  # a burst of 2, then 1 every 30 s
+    finally:
+        keys.close()
     try:
         cluster.start_worker("worker1")
         cluster.start_worker("worker2")

@@ -109,6 +109,9 @@ def generate(
     negative_prompt: Annotated[
         Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
     ] = None,
+    strength: Annotated[
+        Optional[float], typer.Option(help="Image-to-image from the first -i image: 0-1 of the schedule.")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -138,6 +141,7 @@ def generate(
                 "model": spec.variant.id,
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
+                "strength": strength,
                 "images": image or [],
                 "width": w,
                 "height": h,
@@ -198,6 +202,10 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     device_memory: Annotated[
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
@@ -278,6 +286,7 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        devices=devices,
         offload=offload,
         quantize=quantize,
         quantize_text_encoder=quantize_text_encoder,
@@ -421,6 +430,10 @@ def worker(
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
     fetch_allow: Annotated[
         Optional[str],
@@ -461,6 +474,7 @@ def worker(
         models=model,
         data_dir=data_dir,
         device=device,
+        devices=devices,
         dtype=dtype,
         fetch_allow=fetch_allow,
         log_level=log_level,

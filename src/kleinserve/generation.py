@@ -93,6 +93,7 @@ def run_request(
             width=request.width,
             height=request.height,
             negative_prompt=request.negative_prompt or "",
+            strength=request.strength,
         ),
         on_progress=on_progress,
         should_cancel=should_cancel,

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Bytes of prompt embeddings kept for reuse (LRU by model and prompt); 0 turns the cache off.",
     )
+    devices: str | None = Field(
+        None,
+        description="Several devices, one worker each, all taking jobs from the same queue: 'cuda:0,cuda:1', "
+        "'cpu,cpu' or 'auto' (every visible GPU). Default: one worker on --device.",
+    )
     device_memory: float | None = Field(
         None,
         gt=0,

@@ -95,7 +95,8 @@ def test_task_not_found_and_error_status(server: ServerProcess) -> None:
 @pytest.mark.parametrize(
     ("change", "loc"),
     [
-        ({"webhook_url": "https://example.com/hook"}, ["body", "webhook_url"]),
+        ({"webhook_secret": "s3cret"}, ["body", "webhook_secret"]),
+        ({"webhook_url": "http://169.254.169.254/latest"}, ["body", "webhook_url"]),
         ({"safety_tolerance": 6}, ["body", "safety_tolerance"]),
         ({"width": 100, "height": 64}, ["body", "width"]),
         ({"output_format": "gif"}, ["body", "output_format"]),

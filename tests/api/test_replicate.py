@@ -154,13 +154,14 @@ def test_unknown_model_and_prediction_are_404(server: ServerProcess, client: rep
     assert info.value.status == 404
 
 
-def test_webhook_is_refused_not_ignored(server: ServerProcess) -> None:
-    response = httpx.post(
-        f"{server.url}/v1/models/black-forest-labs/flux-2-klein-4b/predictions",
-        json={"input": {"prompt": "p"}, "webhook": "https://example.com/hook"},
-        timeout=10,
-    )
-    assert response.status_code == 400 and "webhook" in response.json()["detail"]
+def test_webhook_filters_without_completed_and_unsafe_urls_are_refused(server: ServerProcess) -> None:
+    url = f"{server.url}/v1/models/black-forest-labs/flux-2-klein-4b/predictions"
+    for extra, field in (
+        ({"webhook": "http://169.254.169.254/latest"}, "webhook"),
+        ({"webhook": "https://example.com/hook", "webhook_events_filter": ["start"]}, "webhook_events_filter"),
+    ):
+        response = httpx.post(url, json={"input": {"prompt": "p"}, **extra}, timeout=30)
+        assert response.status_code == 400 and response.json()["invalid_fields"][0]["field"] == field
 
 
 def test_the_token_is_the_api_key(ops_server: OpsServer) -> None:

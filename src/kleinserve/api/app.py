@@ -188,6 +188,7 @@ def create_app(
             "models": runtime.served_ids(),
             "device": runtime.device,
             "dtype": runtime.dtype,
+            "devices": [state.describe() for state in runtime.device_states],
         }
         if runtime.load_error:
             body["error"] = runtime.load_error
@@ -223,7 +224,7 @@ def create_app(
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
     app.include_router(loras_router(), dependencies=[Depends(authenticate)])
-    app.include_router(workbench_router())
+    app.include_router(workbench_router(dialects))
     app.include_router(metrics_router())
     app.include_router(webhooks_router)
     return app

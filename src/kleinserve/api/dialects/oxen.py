@@ -111,6 +111,9 @@ class OxenImageRequest(BaseModel):
     negative_prompt: str | None = Field(
         None, description="kleinserve extension: what to steer away from (Base models only; true CFG)."
     )
+    strength: float | None = Field(
+        None, description="kleinserve extension: image-to-image from the first input_image, 0-1 (1: from noise)."
+    )
     input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
     image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
     aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
@@ -167,6 +170,7 @@ def to_generation_request(
             "model": runtime.service.check_model(body.model),
             "prompt": body.prompt,
             "negative_prompt": body.negative_prompt,
+            "strength": body.strength,
             "images": references,
             "width": width,
             "height": height,

@@ -215,6 +215,16 @@ _PARSE_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
         "over the limit of 10",
     ),
     ("negative not text", {"prompt": "p", "negative_prompt": 3}, {}, "negative_prompt", "valid string"),
+    ("strength without image", {"prompt": "p", "strength": 0.5}, {}, "strength", "needs an input image"),
+    (
+        "strength with a size",
+        {"prompt": "p", "images": ["u"], "strength": 0.5, "width": 64, "height": 64},
+        {},
+        "strength",
+        "first image's size",
+    ),
+    ("strength zero", {"prompt": "p", "images": ["u"], "strength": 0}, {}, "strength", "greater than 0"),
+    ("strength over 1", {"prompt": "p", "images": ["u"], "strength": 1.5}, {}, "strength", "less than or equal to 1"),
 ]
 
 
@@ -335,6 +345,7 @@ def test_full_request_round_trips() -> None:
         "safety_check": True,
         "cache": None,
         "safety_tolerance": None,
+        "strength": None,
     }
     again = GenerationRequest.parse(dumped)
     assert again == request

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 from kleinserve.jobs.events import EventBus, StoreEventBus
 from kleinserve.jobs.store.base import JobStore
@@ -46,7 +45,7 @@ def job_store(settings: Settings) -> JobStore:
         from kleinserve.jobs.store.postgres import PgJobStore
 
         assert settings.database_url is not None
-        return cast(JobStore, PgJobStore(settings.database_url))
+        return PgJobStore(settings.database_url)
     from kleinserve.jobs.store.sqlite import SQLiteJobStore
 
     return SQLiteJobStore(sqlite_path(settings))
@@ -54,9 +53,15 @@ def job_store(settings: Settings) -> JobStore:
 
 def event_bus(settings: Settings, store: JobStore) -> EventBus:
     """The event bus over ``store``: it reads the store's event log in order and polls for what
-    other processes wrote (every ``KLEINSERVE_EVENT_POLL`` seconds). With PostgreSQL a
-    ``LISTEN`` thread may call :meth:`StoreEventBus.notify` on each ``NOTIFY`` to cut that wait
-    (``kleinserve.postgres.notify``); polling alone is already correct, only slower."""
+    other processes wrote (every ``KLEINSERVE_EVENT_POLL`` seconds). With PostgreSQL a ``LISTEN``
+    thread also wakes it on every ``NOTIFY`` (``kleinserve.postgres.bus``), so events other processes
+    write arrive at once and the poll (at least every second there) is only a safety net."""
+    if uses_postgres(settings):
+        from kleinserve.jobs.store.postgres import PgJobStore
+        from kleinserve.postgres.bus import PgEventBus
+
+        assert isinstance(store, PgJobStore)
+        return PgEventBus(store, poll_interval=max(settings.event_poll, 1.0))
     return StoreEventBus(store, poll_interval=settings.event_poll)
 
 

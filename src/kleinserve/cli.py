@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -108,6 +109,9 @@ def generate(
     negative_prompt: Annotated[
         Optional[str], typer.Option("--negative-prompt", help="What to steer away from (Base variants: true CFG).")
     ] = None,
+    strength: Annotated[
+        Optional[float], typer.Option(help="Image-to-image from the first -i image: 0-1 of the schedule.")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -137,6 +141,7 @@ def generate(
                 "model": spec.variant.id,
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
+                "strength": strength,
                 "images": image or [],
                 "width": w,
                 "height": h,
@@ -197,6 +202,10 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     device_memory: Annotated[
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
@@ -261,10 +270,9 @@ def serve(
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
 
-    import uvicorn
-
     from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
+    from kleinserve.api.server import run as run_http
     from kleinserve.engine.catalog import plan_models
     from kleinserve.engine.lora import check_sources
     from kleinserve.loras import parse_lora_options
@@ -278,6 +286,7 @@ def serve(
         device=device,
         dtype=dtype,
         device_memory=device_memory,
+        devices=devices,
         offload=offload,
         quantize=quantize,
         quantize_text_encoder=quantize_text_encoder,
@@ -302,6 +311,7 @@ def serve(
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
     # print) and one "serving" log line says the same.
     err_console.quiet = settings.log_format == "json"
+    os.umask(0o077)  # everything the server writes (jobs, keys, results, uploads, secret.key) is owner-only
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_store = _key_store(settings)
@@ -349,15 +359,7 @@ def serve(
         from kleinserve.metrics import serve_port
 
         serve_port(settings.metrics_port, settings.metrics_host)
-    uvicorn.run(
-        create_app(settings, served),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
-        access_log=False,  # api/access_log.py writes the access lines (with request ids and durations)
-        timeout_graceful_shutdown=30,
-    )
+    run_http(create_app(settings, served), settings)
 
 
 @app.command()
@@ -375,6 +377,9 @@ def api(
     ] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
     log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
+    metrics: Annotated[
+        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
+    ] = None,
 ) -> None:
     """Run the HTTP API only (no models, no torch): jobs go to `kleinserve worker` processes sharing
     the database (KLEINSERVE_DATABASE_URL) and the results storage."""
@@ -392,8 +397,10 @@ def api(
         fetch_allow=fetch_allow,
         log_level=log_level,
         log_format=log_format,
+        metrics=metrics,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    err_console.quiet = settings.log_format == "json"  # JSON logs: stderr carries JSON lines only
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if not _key_store(settings).any_active() and not is_loopback(settings.host) and not settings.insecure_no_auth:
@@ -423,6 +430,10 @@ def worker(
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+    ] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
     fetch_allow: Annotated[
         Optional[str],
@@ -433,6 +444,24 @@ def worker(
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Serve this worker's Prometheus metrics on this port.")
     ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+    ] = False,
+    safety_checker: Annotated[
+        Optional[str],
+        typer.Option(
+            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
+        ),
+    ] = None,
+    safety_policy: Annotated[
+        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
+    ] = None,
+    safety_threshold: Annotated[
+        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
+    ] = None,
+    safety_allow_disable: Annotated[
+        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
+    ] = False,
 ) -> None:
     """Run a worker (no HTTP): load the models and run queued jobs for them until SIGTERM, which
     hands the running job back to the queue."""
@@ -445,13 +474,20 @@ def worker(
         models=model,
         data_dir=data_dir,
         device=device,
+        devices=devices,
         dtype=dtype,
         fetch_allow=fetch_allow,
         log_level=log_level,
         log_format=log_format,
         metrics_port=metrics_port,
+        log_prompts=log_prompts or None,
+        safety_checker=safety_checker,
+        safety_policy=safety_policy,
+        safety_threshold=safety_threshold,
+        safety_allow_disable=safety_allow_disable or None,
     )
     configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    err_console.quiet = settings.log_format == "json"  # JSON logs: stderr carries JSON lines only
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         served = plan_models(settings.models, settings.data_dir)

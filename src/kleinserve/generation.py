@@ -107,6 +107,7 @@ def run_request(
             height=request.height,
             negative_prompt=request.negative_prompt or "",
             step_cache=step_cache_for(request, engine),
+            strength=request.strength,
         ),
         on_progress=on_progress,
         should_cancel=should_cancel,

@@ -172,6 +172,13 @@ class GenerationRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="How many images to generate.")
     output_format: OutputFormat = Field(OutputFormat.PNG, description="png, jpeg (or jpg) or webp.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP encoder quality, 1-100.")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Image-to-image: start from the first image noised this far (0-1]; None: from noise.",
+    )
     safety_check: bool = Field(
         True, description="False asks to skip the safety checker (honoured only if the operator allows it)."
     )
@@ -299,6 +306,12 @@ class GenerationRequest(BaseModel):
             _check_negative_prompt(self)
         if self.cache is not None and self.cache.type != "none":
             _check_step_cache(self)
+        if self.strength is not None and not self.images:
+            raise InvalidParameterError("strength", "needs an input image to start from (images is empty)")
+        if self.strength is not None and self.width is not None:
+            raise InvalidParameterError(
+                "strength", "the output has the first image's size (at most 1 MP); leave width/height out"
+            )
         return self
 
     @classmethod

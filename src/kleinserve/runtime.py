@@ -17,14 +17,15 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-from kleinserve import backends, metrics
+from kleinserve import backends, logs, metrics
 from kleinserve.access import Access
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
+from kleinserve.inputs import InputStager
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
@@ -65,25 +66,56 @@ class ModelInfo:
         return self.served.variant.id
 
 
-def load_options_for(settings: Settings) -> tuple[torch.device, LoadOptions]:
+def devices_for(settings: Settings) -> list[torch.device]:
+    """The devices to run workers on: ``--devices`` (one worker each), else the one ``--device``."""
+    from kleinserve.engine.device import pick_device, pick_devices
+
+    return pick_devices(settings.devices) if settings.devices else [pick_device(settings.device)]
+
+
+def load_options_for(settings: Settings, device: torch.device | None = None) -> tuple[torch.device, LoadOptions]:
     """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
-    from kleinserve.engine.device import pick_device, pick_dtype
+    from kleinserve.engine.device import pick_dtype
     from kleinserve.engine.loading import LoadOptions, check_options
     from kleinserve.engine.memory import MemoryMode
 
-    device = pick_device(settings.device)
+    device = device if device is not None else devices_for(settings)[0]
     mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
     options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
     check_options(device, options)
     return device, options
 
 
-def memory_plan_for(settings: Settings, served: list[ServedModel]) -> MemoryPlan:
-    """The memory plan of ``served`` on the settings' device, dtype, memory mode and memory limit."""
+def memory_plan_for(settings: Settings, served: list[ServedModel], device: torch.device | None = None) -> MemoryPlan:
+    """The memory plan of ``served`` on one of the settings' devices (default: the first); workers
+    sharing that device (``--devices cpu,cpu``) each hold their own copy, so the plan holds them all."""
     from kleinserve.engine.memory import plan_served
 
-    device, options = load_options_for(settings)
-    return plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+    device, options = load_options_for(settings, device)
+    plan = plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+    sharing = sum(1 for other in devices_for(settings) if other == device)
+    if sharing > 1:
+        plan = replace(plan, models=plan.models * sharing)
+    return plan
+
+
+@dataclass
+class DeviceState:
+    """One device's worker as /readyz reports it."""
+
+    device: str
+    state: str = "loading"  # loading, ready or error
+    error: str | None = None
+    worker: Worker | None = None
+
+    def describe(self) -> dict[str, object]:
+        body: dict[str, object] = {"device": self.device, "state": self.state}
+        if self.worker is not None:
+            body["worker"] = self.worker.name
+            body["job"] = self.worker.current_job_id
+        if self.error:
+            body["error"] = self.error
+        return body
 
 
 Role = Literal["serve", "api", "worker"]
@@ -114,6 +146,7 @@ class Runtime:
     store: JobStore = field(init=False)
     keys: ApiKeyStore = field(init=False)
     access: Access = field(init=False)
+    inputs: InputStager = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: Storage = field(init=False)
@@ -131,6 +164,7 @@ class Runtime:
     dtype: str = field(default="", init=False)
     memory: MemoryPlan | None = field(default=None, init=False)
     loras: dict[str, LoraSource] = field(default_factory=dict, init=False)  # offered LoRA adapters
+    device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     started_at: float = field(default_factory=time.time, init=False)
     advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
 
@@ -153,6 +187,9 @@ class Runtime:
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
+        # References are checked, fetched and stored before a job is queued (inputs.py).
+        self.inputs = InputStager(self.settings, self.storage, self.store, self.keys)
+        self.service.prepare = self.inputs.stage
 
     def served_ids(self) -> list[str]:
         return [m.variant.id for m in self.models()]
@@ -182,14 +219,9 @@ class Runtime:
             self.ready = True
             log.info("ready: api; models of live workers: %s", ", ".join(self.served_ids()) or "none yet")
             return
-        from kleinserve.engine.cache import PromptCache
-        from kleinserve.engine.catalog import load_engines, plan_models
-        from kleinserve.engine.classifier import safety_checker_from_settings
+        from kleinserve.engine.catalog import plan_models
         from kleinserve.engine.device import dtype_name
-        from kleinserve.engine.loading import warm_up
         from kleinserve.engine.lora import check_sources
-        from kleinserve.engine.stepcache import StepCache
-        from kleinserve.jobs.worker import Worker
 
         try:
             if self.served is None:
@@ -198,45 +230,80 @@ class Runtime:
             self.loras = parse_lora_options(self.settings.loras)
             check_sources(self.loras)
             self.service.served_loras = list(self.loras)
-            device, options = load_options_for(self.settings)
-            self.device, self.dtype = str(device), dtype_name(options.dtype)
-            self.memory = await asyncio.to_thread(memory_plan_for, self.settings, self.served)
-            self.memory.check()
-            self.engines = await asyncio.to_thread(
-                load_engines, self.served, device, options.dtype, options, self.loras, self.settings.lora_cache
-            )
-            self.prompt_cache = PromptCache(self.settings.prompt_cache_bytes)
-            for engine in self.engines.values():
-                engine.prompt_cache = self.prompt_cache
-                engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
-                engine.step_cache = StepCache.parse(self.settings.step_cache)
-            if options.compile:  # compile now, not in the first request
-                for engine in {id(e.pipeline): e for e in self.engines.values()}.values():
-                    await asyncio.to_thread(warm_up, engine)
-            self.safety = await asyncio.to_thread(safety_checker_from_settings, self.settings, device)
+            devices = devices_for(self.settings)
+            self.device_states = [DeviceState(str(device)) for device in devices]
+            _, options = load_options_for(self.settings, devices[0])
+            self.device, self.dtype = ",".join(str(d) for d in devices), dtype_name(options.dtype)
+            for device in dict.fromkeys(devices):  # every distinct device must hold its workers' models
+                plan = await asyncio.to_thread(memory_plan_for, self.settings, self.served, device)
+                self.memory = self.memory or plan
+                plan.check()
+            caches: dict[str, PromptCache] = {}  # one per device: entries live on their device
+            loaded = []
+            for device in devices:
+                loaded.append(await asyncio.to_thread(self._load_device, device, caches))
+            self.engines, self.safety = loaded[0]
+            self.prompt_cache = caches[str(devices[0])]
+            logs.adopt_library_loggers()  # imported by now: their later lines take our format too
         except KleinserveError as err:
             self.load_error = err.message
+            for state in self.device_states:
+                state.state, state.error = "error", err.message
             log.error("cannot load models: %s", err.message)
             return
         await asyncio.to_thread(self.reap)
+        for index, (engines, safety) in enumerate(loaded):
+            await self._start_worker(index, engines, safety)
+        self.ready = True
+        log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
+
+    def _load_device(
+        self, device: torch.device, caches: dict[str, PromptCache]
+    ) -> tuple[dict[str, Engine], SafetyChecker | None]:
+        """Load every served model onto ``device`` (warmed up when compiled), with its prompt cache."""
+        from kleinserve.engine.cache import PromptCache
+        from kleinserve.engine.catalog import load_engines
+        from kleinserve.engine.classifier import safety_checker_from_settings
+        from kleinserve.engine.loading import warm_up
+        from kleinserve.engine.stepcache import StepCache
+
+        assert self.served is not None
+        _, options = load_options_for(self.settings, device)
+        engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
+        cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
+        for engine in engines.values():
+            engine.prompt_cache = cache
+            engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
+            engine.step_cache = StepCache.parse(self.settings.step_cache)
+        if options.compile:  # compile now, not in the first request
+            for engine in {id(e.pipeline): e for e in engines.values()}.values():
+                warm_up(engine)
+        return engines, safety_checker_from_settings(self.settings, device)
+
+    async def _start_worker(self, index: int, engines: dict[str, Engine], safety: SafetyChecker | None) -> None:
+        """Start the worker of device ``index``; every worker claims from the same queue."""
+        from kleinserve.jobs.worker import Worker
+
+        assert self.served is not None
+        state = self.device_states[index]
         worker = Worker(
             self.store,
             self.bus,
             self.storage,
-            self.engines,
+            engines,
             InputPolicy.from_settings(self.settings, read_asset=self.read_asset),
+            name=f"worker-{index}",
             lease_seconds=self.settings.lease_seconds,
             heartbeat_seconds=self.settings.heartbeat_seconds,
             on_succeeded=self.charge,
-            info={"device": self.device, "dtype": self.dtype, "demo": [m.variant.id for m in self.served if m.demo]},
+            info={"device": state.device, "dtype": self.dtype, "demo": [m.variant.id for m in self.served if m.demo]},
             claim_any=self.role == "serve",
-            safety=self.safety,
+            safety=safety,
         )
         self.workers.append(worker)
         await asyncio.to_thread(worker.start)
         self.service.on_queued.append(worker.wake)
-        self.ready = True
-        log.info("ready: %s on %s (%s)", ", ".join(self.served_ids()), self.device, self.dtype)
+        state.state, state.worker = "ready", worker
 
     def reap(self) -> tuple[int, int]:
         """Hand back jobs whose worker is gone (lease expired, or a dead process on this host):
@@ -306,12 +373,13 @@ class Runtime:
         return self.storage.read(key)
 
     def stop(self) -> None:
-        """Stop the workers (the running job is requeued) and close the store."""
+        """Stop the workers (the running job is requeued) and close the stores."""
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
         self.bus.close()
         self.store.close()
+        self.keys.close()
 
     def sweep(self) -> int:
         """Remove finished jobs and their files past the retention time; return how many."""

@@ -80,7 +80,7 @@ def api(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
 
 
 def test_api_and_worker_processes_share_the_queue(
-    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
+    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path, classifiers: dict[str, Path]
 ) -> None:
     url, api_process, data_dir = api
     # No live worker: the api has no models, and a known model is unavailable (503, Oxen's shape).
@@ -107,6 +107,8 @@ def test_api_and_worker_processes_share_the_queue(
             "float32",
             "--metrics-port",
             str(metrics_port),
+            "--safety-checker",  # the safety checker runs where the images are made
+            str(classifiers["normal"]),
         ],
         data_dir / "worker.log",
     )
@@ -118,6 +120,10 @@ def test_api_and_worker_processes_share_the_queue(
         assert sync.status_code == 200, sync.text
         image = httpx.get(sync.json()["images"][0]["url"], timeout=30)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        (done_item,) = httpx.get(f"{url}/api/ai/queue", params={"status": "succeeded"}, timeout=10).json()[
+            "generations"
+        ]
+        assert done_item["safety"]["flagged"] == [False] and done_item["safety"]["policy"] == "blur"
         # The worker counted the job it ran, on its own metrics port (it has no HTTP API).
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         samples = {
@@ -156,3 +162,47 @@ def test_api_and_worker_processes_share_the_queue(
     assert "Traceback" not in (data_dir / "worker.log").read_text()
     # The worker said goodbye: the api stops advertising its model.
     _until(lambda: httpx.get(f"{url}/api/ai/models").json()["data"] == [])
+
+
+def test_a_job_of_a_killed_worker_finishes_on_another(
+    api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
+) -> None:
+    """kill -9 of a worker mid-job: the reaper hands the job back and a second worker finishes it,
+    the interrupted run counted as an attempt."""
+    from kleinserve.jobs.store.sqlite import SQLiteJobStore
+
+    url, _, data_dir = api
+    args = ["worker", "--model", f"{MODEL}={tiny_distilled}", "--data-dir", str(data_dir), "--device", "cpu"]
+    first = _start([*args, "--dtype", "float32"], data_dir / "worker1.log")
+    try:
+        _until(lambda: httpx.get(f"{url}/api/ai/models").json()["data"])
+        response = httpx.post(
+            f"{url}/api/ai/queue",
+            json={**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 40, "seed": 5},
+            timeout=30,
+        )
+        generation_id = response.json()["generations"][0]["generation_id"]
+        _until(lambda: httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json()["progress_step"] >= 1)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        _stop(first)
+    second = _start([*args, "--dtype", "float32"], data_dir / "worker2.log")
+    try:
+        done = _until(
+            lambda: (
+                (j := httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json())["status"]
+                in ("succeeded", "failed", "cancelled")
+                and j
+            ),
+            timeout=300,
+        )
+        assert done["status"] == "succeeded", done
+    finally:
+        assert _stop(second) == 0
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+    try:
+        job = store.get(generation_id)
+        assert job is not None and job.attempts == 2
+    finally:
+        store.close()

@@ -221,3 +221,50 @@ def test_negative_prompt_goes_through_the_prompt_cache(tiny_base: Path) -> None:
     again = engine_images(engine, inputs)
     assert engine.prompt_cache.stats().hits == 3  # the get above, the prompt and the negative
     assert np.array_equal(first[0], again[0])
+
+
+def inpaint_with_white_mask(engine: Engine, images: list[Image.Image], **kwargs: object) -> list[np.ndarray]:
+    """diffusers' Flux2KleinInpaintPipeline on the engine's modules, repainting everywhere."""
+    from diffusers import Flux2KleinInpaintPipeline
+
+    pipe = Flux2KleinInpaintPipeline(**engine.pipeline.components)
+    pipe.set_progress_bar_config(disable=True)
+    mask = Image.new("L", images[0].size, 255)
+    reference = images[1] if len(images) > 1 else None
+    output = pipe(image=images[0], image_reference=reference, mask_image=mask, **kwargs)  # type: ignore[arg-type]
+    return [np.asarray(image) for image in output.images]
+
+
+def test_strength_matches_the_inpaint_pipeline_with_a_white_mask(distilled_engine: Engine) -> None:
+    (image,) = reference_images(1)
+    expected = inpaint_with_white_mask(
+        distilled_engine,
+        [image],
+        prompt="a fox",
+        strength=0.6,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        num_images_per_prompt=2,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in (5, 6)],
+    )
+    output = distilled_engine.generate(EngineInputs("a fox", 4, 1.0, 5, num_images=2, references=[image], strength=0.6))
+    assert (output.width, output.height) == (80, 64)  # the first image's size
+    assert all(np.array_equal(np.asarray(g), e) for g, e in zip(output.images, expected, strict=True))
+    # strength matters: a stronger one moves further from the image.
+    stronger = engine_images(distilled_engine, EngineInputs("a fox", 4, 1.0, 5, references=[image], strength=1.0))
+    assert not np.array_equal(stronger[0], expected[0])
+
+
+def test_strength_with_cfg_and_a_second_reference_matches(base_engine: Engine) -> None:
+    first, second = reference_images(2)
+    expected = inpaint_with_white_mask(
+        base_engine,
+        [first, second],
+        prompt="a cat",
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=torch.Generator("cpu").manual_seed(2),
+    )
+    got = engine_images(base_engine, EngineInputs("a cat", 4, 3.0, 2, references=[first, second], strength=0.5))
+    assert np.array_equal(got[0], expected[0])

@@ -41,3 +41,26 @@ def _store_bus(store: JobStore) -> EventBus:
 BACKENDS: dict[str, Backend] = {
     "sqlite": Backend(_sqlite_store, _store_bus, _sqlite_keys),
 }
+
+
+def _postgres_store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
+    from kleinserve.jobs.store.postgres import PgJobStore
+
+    return PgJobStore(request.getfixturevalue("pg_url"))  # a fresh database for the test
+
+
+def _postgres_bus(store: JobStore) -> EventBus:
+    from kleinserve.jobs.store.postgres import PgJobStore
+    from kleinserve.postgres.bus import PgEventBus
+
+    assert isinstance(store, PgJobStore)
+    return PgEventBus(store, poll_interval=30)  # a poll too slow for any test: NOTIFY alone must wake it
+
+
+def _postgres_keys(request: pytest.FixtureRequest, tmp_path: Path) -> ApiKeyStore:
+    from kleinserve.postgres.keys import PgKeyStore
+
+    return PgKeyStore(request.getfixturevalue("pg_url"))  # the same database as the store
+
+
+BACKENDS["postgres"] = Backend(_postgres_store, _postgres_bus, _postgres_keys)

@@ -36,6 +36,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def pick_devices(spec: str) -> list[torch.device]:
+    """The devices of ``--devices``: a comma-separated list (repeats allowed: ``cpu,cpu`` runs two
+    workers on the CPU), or ``auto`` for every visible CUDA GPU (one device from ``auto`` without)."""
+    if spec.strip() == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", i) for i in range(count)] or [pick_device("auto")]
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise InvalidParameterError("devices", "name at least one device, e.g. cuda:0,cuda:1 or cpu,cpu")
+    devices = []
+    for name in names:
+        device = pick_device(name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", 0)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidParameterError("devices", f"{name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        devices.append(device)
+    return devices
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); emulated bf16 is slow."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

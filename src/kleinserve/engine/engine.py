@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -70,6 +70,9 @@ class EngineInputs:
     negative_prompt: str = ""
     # Step caching of the Base variants (engine/stepcache.py); None: every step runs in full.
     step_cache: StepCache | None = None
+    # Image-to-image (engine/img2img.py): start from references[0] noised to this part of the
+    # schedule, 0 < strength <= 1; None: text-to-image / reference editing.
+    strength: float | None = None
 
 
 @dataclass
@@ -297,6 +300,10 @@ class Engine:
             negative_ids = pipe._prepare_text_ids(negative_embeds).to(self.device)
         timings["encode_prompt"] = time.perf_counter() - started
 
+        if inputs.strength is not None and inputs.references:
+            return self._generate_from_image(inputs, report, cancelled, timings, prompt_embeds, text_ids, cfg,
+                                             negative_embeds, negative_ids)  # fmt: skip
+
         ref_latents = ref_ids = None
         width, height = inputs.width, inputs.height
         if inputs.references:
@@ -332,14 +339,81 @@ class Engine:
         timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
 
+        kv = None
+        if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:
+            # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
+            kv = ReferenceKV(ref_latents, ref_ids)
+        return self._denoise_and_decode(
+            inputs, report, cancelled, timings, started, seeds, scheduler, timesteps, latents, latent_ids,
+            ref_latents, ref_ids, kv, prompt_embeds, text_ids, cfg, negative_embeds, negative_ids, width, height,
+        )  # fmt: skip
+
+    def _generate_from_image(
+        self,
+        inputs: EngineInputs,
+        report: ProgressCallback,
+        cancelled: CancelCheck,
+        timings: dict[str, float],
+        prompt_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        cfg: bool,
+        negative_embeds: torch.Tensor | None,
+        negative_ids: torch.Tensor | None,
+    ) -> EngineOutput:
+        """Image-to-image with ``inputs.strength`` (engine/img2img.py): the output has the first image's size."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from kleinserve.engine.img2img import starting_point
+
+        if inputs.strength is None or not 0 < inputs.strength <= 1:
+            raise ValueError("strength must be in (0, 1]")
+        started = time.perf_counter()
+        report(Progress("encode_references", 0, len(inputs.references)))
+        seeds = [inputs.seed + i for i in range(inputs.num_images)]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        start = starting_point(
+            self.pipeline, inputs.references, inputs.strength, inputs.steps, scheduler, generators,
+            prompt_embeds.dtype, self.device,
+        )  # fmt: skip
+        timings["encode_references"] = time.perf_counter() - started
+        self._check_cancel(cancelled)
+        return self._denoise_and_decode(
+            inputs, report, cancelled, timings, time.perf_counter(), seeds, scheduler, start.timesteps,
+            start.latents, start.latent_ids, start.condition_latents, start.condition_ids, None, prompt_embeds,
+            text_ids, cfg, negative_embeds, negative_ids, start.width, start.height,
+        )  # fmt: skip
+
+    def _denoise_and_decode(
+        self,
+        inputs: EngineInputs,
+        report: ProgressCallback,
+        cancelled: CancelCheck,
+        timings: dict[str, float],
+        started: float,
+        seeds: list[int],
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        latent_ids: torch.Tensor,
+        ref_latents: torch.Tensor | None,
+        ref_ids: torch.Tensor | None,
+        kv: ReferenceKV | None,
+        prompt_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        cfg: bool,
+        negative_embeds: torch.Tensor | None,
+        negative_ids: torch.Tensor | None,
+        width: int,
+        height: int,
+    ) -> EngineOutput:
+        """The denoising loop and the VAE decode, shared by every kind of generation."""
+        pipe = self.pipeline
+        steps = inputs.steps
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
         # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does.
         cond, uncond = in_cache_context(transformer, "cond"), in_cache_context(transformer, "uncond")
-        # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
-        kv = None
-        if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:
-            kv = ReferenceKV(ref_latents, ref_ids)
         for i, t in enumerate(timesteps):
             self._check_cancel(cancelled)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)

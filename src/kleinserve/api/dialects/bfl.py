@@ -18,8 +18,12 @@ Compatibility notes: docs/api/bfl.md. BFL's API is asynchronous only: a submit a
   skip the checker); without a checker it is accepted and has no effect. kleinserve moderates no
   inputs, so ``Request Moderated`` is never answered; ``Content Moderated`` is a job the checker
   refused (policy ``refuse``).
-- ``webhook_url``: kleinserve has no webhook delivery yet, so a request with one is a 400 naming
-  it (never accepted and silently not called). ``webhook_secret`` alone does nothing, as at BFL.
+- ``webhook_url``: delivered by kleinserve's webhook machinery (api/webhooks_http.py): when the task
+  ends, a POST of kleinserve's job payload (``type`` ``job.succeeded``/``job.failed``/...,
+  ``data.id`` = the task id, ``data.outputs[].url``), signed as Standard Webhooks say with the
+  caller's secret (``GET /api/webhooks/secret``); the URL is checked now (a 400 names it). BFL's own
+  payload shape is not reproduced, and ``webhook_secret`` (BFL's per-request secret) is a 400: a
+  delivery is never signed with a secret other than the one the server reports.
 - Unknown body fields are a 400 naming the field (BFL would ignore them; a klein client sending
   e.g. ``aspect_ratio`` or ``steps`` would silently get something else).
 - ``get_result`` of an unknown id (or another key's) answers 200 with ``status: "Task not found"``,
@@ -40,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kleinserve.api.auth import CallerDep
 from kleinserve.api.dialects.base import Example, FieldNames, to_request
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
+from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidParameterError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
@@ -75,8 +80,10 @@ class BflKleinRequest(BaseModel):
     height: int | None = Field(None, description="Output height (multiple of 16); 0 or absent: automatic.")
     safety_tolerance: int = Field(2, ge=0, le=5, description="0 strictest .. 5 least strict (see the README).")
     output_format: Literal["jpeg", "png", "webp"] | None = Field("jpeg", description="Image format.")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2083, description="Refused: no webhooks yet.")
-    webhook_secret: str | None = Field(None, description="Signature secret of webhook_url.")
+    webhook_url: str | None = Field(
+        None, min_length=1, max_length=2083, description="POSTed (signed, kleinserve's payload) when the task ends."
+    )
+    webhook_secret: str | None = Field(None, description="Refused: deliveries are signed with the key's secret.")
 
     def images(self) -> list[str]:
         return [value for name in IMAGE_FIELDS if (value := getattr(self, name)) is not None]
@@ -84,9 +91,11 @@ class BflKleinRequest(BaseModel):
 
 def to_generation_request(body: BflKleinRequest, variant_id: str, runtime: Runtime) -> GenerationRequest:
     """The canonical request for ``body`` on ``variant_id`` (errors name BFL's fields)."""
-    if body.webhook_url is not None:
+    if body.webhook_secret is not None:
         raise InvalidParameterError(
-            "webhook_url", "webhooks are not delivered by this server; poll the polling_url instead"
+            "webhook_secret",
+            "per-request secrets are not supported: deliveries are signed with your key's Standard Webhooks "
+            "secret (GET /api/webhooks/secret)",
         )
     width = body.width or None  # 0 is BFL's "automatic"
     height = body.height or None
@@ -154,10 +163,17 @@ def polling_url(runtime: Runtime, task_id: str) -> str:
 router = APIRouter(prefix=PREFIX, tags=["bfl"])
 
 
-async def _submit(endpoint: str, body: BflKleinRequest, runtime: Runtime, caller: CallerDep) -> dict[str, Any]:
+async def _submit(
+    request: Request, endpoint: str, body: BflKleinRequest, runtime: Runtime, caller: CallerDep
+) -> dict[str, Any]:
     gen = to_generation_request(body, ENDPOINTS[endpoint], runtime)
+    webhook_url = await checked_webhook(runtime, body.webhook_url, "webhook_url") or await webhook_from_header(
+        request, runtime
+    )
     extra = {"model": endpoint, "safety_tolerance": body.safety_tolerance}
-    (job,) = await asyncio.to_thread(runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra)
+    (job,) = await asyncio.to_thread(
+        runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+    )
     output_mp = round(gen.width * gen.height / 1_000_000, 4) if gen.width and gen.height else None
     return {
         "id": job.id,
@@ -169,8 +185,10 @@ async def _submit(endpoint: str, body: BflKleinRequest, runtime: Runtime, caller
 
 
 def _add_endpoint(endpoint: str) -> None:
-    async def submit(body: BflKleinRequest, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
-        return await _submit(endpoint, body, runtime, caller)
+    async def submit(
+        request: Request, body: BflKleinRequest, runtime: ReadyRuntime, caller: CallerDep
+    ) -> dict[str, Any]:
+        return await _submit(request, endpoint, body, runtime, caller)
 
     summary = f"Generate or edit an image with {endpoint} (BFL API; poll the polling_url)."
     router.add_api_route(f"/{endpoint}", submit, methods=["POST"], summary=summary, name=f"bfl_{endpoint}")

@@ -24,6 +24,9 @@ answers ``{"request_id", "response_url", "status_url", "cancel_url", "queue_posi
 - There is no separate synchronous host (fal.run): a client submits and polls, as fal's queue
   clients do. A result fetched before completion is a 400 ``Request is still in progress``; a failed
   job's result is its error. Unknown fields are a 400 naming them.
+- ``?fal_webhook=<url>`` on a submit (what ``fal-client``'s ``webhook_url`` sends) is delivered by
+  kleinserve's webhook machinery when the request ends: kleinserve's signed job payload (Standard
+  Webhooks), not fal's webhook body.
 - Errors: FastAPI's shape (fal's apps are FastAPI-style): ``{"detail": [{"loc", "msg", "type"}]}``
   for a bad parameter (HTTP 400 where fal says 422), ``{"detail": "<message>"}`` otherwise.
 """
@@ -42,6 +45,7 @@ from kleinserve.api.auth import CallerDep
 from kleinserve.api.dialects.base import Example, FieldNames, to_request
 from kleinserve.api.dialects.oxen import IMAGE_SIZE_PRESETS
 from kleinserve.api.jobs_http import ReadyRuntime, job_error, outputs_of, result_url, runtime_of
+from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError
 from kleinserve.jobs.job import Job, JobStatus
@@ -193,10 +197,21 @@ router = APIRouter(prefix=APP, tags=["fal"])
 
 
 def _add_endpoint(endpoint: str) -> None:
-    async def submit(body: FalKleinInput, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+    async def submit(
+        request: Request,
+        body: FalKleinInput,
+        runtime: ReadyRuntime,
+        caller: CallerDep,
+        fal_webhook: str | None = Query(None, max_length=2048),
+    ) -> dict[str, Any]:
         gen = to_generation_request(endpoint, body, runtime)
+        webhook_url = await checked_webhook(runtime, fal_webhook, "fal_webhook") or await webhook_from_header(
+            request, runtime
+        )
         extra = {"model": f"fal-ai/flux-2/{endpoint}", "sync_mode": body.sync_mode}
-        (job,) = await asyncio.to_thread(runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra)
+        (job,) = await asyncio.to_thread(
+            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+        )
         position = (await asyncio.to_thread(runtime.service.queue_positions, [job])).get(job.id, 0)
         return {"request_id": job.id, **request_urls(runtime, job.id), "status": "IN_QUEUE", "queue_position": position}
 

@@ -6,10 +6,10 @@ Compatibility notes: docs/api/openai.md. Choices where OpenAI's API has no klein
   ``WxH`` in multiples of 16; ``aspect_ratio`` (+ ``megapixels``) is our extension, as are ``seed``,
   ``num_inference_steps`` and ``guidance_scale``; left out, steps and guidance are the variant's;
 - ``response_format`` defaults to ``url`` (AIgateway), ``output_compression`` is the JPEG/WebP
-  quality (0 means 1), ``quality``, ``style``, ``moderation``, ``input_fidelity`` and ``user`` are
-  accepted and have no effect; ``background: transparent``, ``mask`` and ``stream: true`` are
-  refused with a 400 naming the parameter (klein has no alpha output, no inpainting, no partial
-  images here: AIgateway also says klein does not stream);
+  quality (0 means 1); every other parameter the ``openai`` SDK sends is accepted without effect,
+  recorded, or refused with a 400 naming it, as :class:`ImageParams` says field by field
+  (``background: transparent`` and ``mask``: klein has no alpha output and no inpainting here);
+- ``stream: true`` answers Server-Sent Events (:mod:`kleinserve.api.dialects.openai_stream`);
 - image *i* of ``n`` uses ``seed + i``; the seed of image 0 is returned as ``seed``.
 - errors: ``{"error": {"message", "type", "param", "code"}}``; ``type`` is AIgateway's identifier
   for the status (``invalid_request_error`` for 400), ``code`` is kleinserve's stable error code.
@@ -21,12 +21,13 @@ import asyncio
 import json
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.dialects.base import Example, FieldNames, parse_body, submit_and_wait, to_request
+from kleinserve.api.dialects.openai_stream import Kind, image_stream
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -61,8 +62,10 @@ _ERROR_TYPES = {
     402: "insufficient_credits",
     403: "permission_error",
     404: "not_found",
+    408: "request_timeout",
     409: "conflict",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -98,7 +101,7 @@ class ImageParams(BaseModel):
     model: str | None = Field(None, description="Default: the first model this server serves.")
     prompt: str = Field(..., description="What to draw, or how to edit the images.")
     n: int = Field(1, ge=1, le=10, description="Images to generate; image i uses seed + i.")
-    size: str = Field("auto", description="'auto' or 'WxH' in multiples of 16.")
+    size: str = Field("auto", max_length=32, description="'auto' or 'WxH' in multiples of 16.")
     response_format: Literal["url", "b64_json"] = "url"
     output_format: Literal["png", "jpeg", "jpg", "webp", "gif", "svg"] = Field(
         "png", description="png, jpeg or webp; gif and svg are refused (klein draws raster stills)."
@@ -113,8 +116,10 @@ class ImageParams(BaseModel):
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; no classifier runs.")
     style: Literal["vivid", "natural"] | None = Field(None, description="Accepted; no effect on klein.")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted; no effect on klein.")
-    stream: bool = Field(False, description="Refused when true: klein does not stream here.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Partial images while streaming.")
+    stream: bool = Field(False, description="true: Server-Sent Events, one *.completed event per image.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Accepted; no partial images are sent yet (OpenAI allows fewer)."
+    )
     user: str | None = Field(None, description="Accepted; recorded with the job.")
     safety_identifier: str | None = Field(None, description="Accepted; recorded with the job (replaces user).")
     frame_count: int | None = Field(None, description="Refused: only with output_format gif.")
@@ -172,17 +177,18 @@ def _size(params: ImageParams) -> tuple[int | None, int | None]:
     if params.size == "auto":
         return None, None
     width, sep, height = params.size.lower().partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
+    # Digits bounded before int(): past 4300 of them Python refuses to convert (a 500, not a 400).
+    if not (sep and width.isdigit() and height.isdigit() and len(width) <= 6 and len(height) <= 6):
         raise InvalidParameterError("size", f"must be 'auto' or 'WIDTHxHEIGHT', e.g. 1024x1024; got {params.size!r}")
     return int(width), int(height)
 
 
+# The quality values OpenAI's stream events may carry; the older ones are reported as "auto".
+_STREAM_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
 _GIF_ONLY = "is only for output_format gif, which FLUX.2 [klein] cannot make (it draws still images)"
 
 
 def _refuse_unsupported(params: ImageParams) -> None:
-    if params.stream:
-        raise InvalidParameterError("stream", "streaming is not supported for FLUX.2 [klein]; omit stream")
     if params.background == "transparent":
         raise InvalidParameterError("background", "FLUX.2 [klein] cannot make transparent images; use opaque or auto")
     if params.output_format in ("gif", "svg"):
@@ -269,7 +275,7 @@ def _set_form_field(fields: dict[str, Any], key: str, value: str) -> None:
     node[path[-1]] = value
 
 
-async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, list[str]]:
+async def _edit_params(request: Request, runtime: Runtime, caller: Caller) -> tuple[EditParams, list[str]]:
     """Edit parameters and reference sources from a multipart form or a JSON body."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -294,8 +300,12 @@ async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, 
         params = parse_body(EditParams, fields)
         if len(uploads) > runtime.settings.max_references:
             raise InvalidParameterError("image", f"at most {runtime.settings.max_references} images are allowed")
+        # Priced with the default model when none is named: refusing (402/429) before decoding.
+        model = params.model or next(iter(runtime.served_ids()), None)
+        cost = runtime.inputs.price_of(model, params.n)
         references = [
-            await store_upload(runtime, await upload.read(), index, "image") for index, upload in enumerate(uploads)
+            await store_upload(runtime, await upload.read(), index, "image", caller.key, cost, 1)
+            for index, upload in enumerate(uploads)
         ]
         return params, references + params.references()
     try:
@@ -316,6 +326,7 @@ class OpenAIDialect:
 
     name = NAME
     prefixes: tuple[str, ...] = (PREFIX,)
+    upload_paths: tuple[str, ...] = (f"{PREFIX}/images/edits",)  # multipart/form-data accepted here
 
     def router(self) -> APIRouter:
         return router
@@ -348,27 +359,50 @@ class OpenAIDialect:
 
 
 async def _run(
-    request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams
-) -> dict[str, Any]:
+    request: Request, runtime: Runtime, caller: Caller, gen: GenerationRequest, params: ImageParams, kind: Kind
+) -> dict[str, Any] | Response:
     extra: dict[str, Any] = {"model": params.model, "size": params.size, "response_format": params.response_format}
     if params.end_user():
         extra["end_user"] = params.end_user()
+    if params.stream:
+        fields = {
+            "background": "opaque",
+            "quality": params.quality if params.quality in _STREAM_QUALITIES else "auto",
+            "output_format": "jpeg" if params.output_format == "jpg" else params.output_format,
+            **({"safety_identifier": params.end_user()} if params.end_user() else {}),
+        }
+        return await image_stream(
+            request,
+            runtime,
+            caller,
+            gen,
+            kind=kind,
+            dialect=NAME,
+            extra=extra,
+            fields=fields,
+            error_body=OpenAIDialect().error_body,
+        )
     (job,) = await submit_and_wait(request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image")
     # Off the event loop: reading results may be a network call (S3).
     return await asyncio.to_thread(images_response, runtime, job, params)
 
 
-@router.post("/images/generations", summary="Create images from a prompt.")
+@router.post(
+    "/images/generations",
+    summary="Create images from a prompt (JSON, or Server-Sent Events with stream: true).",
+    response_model=None,
+)
 async def generations(
     request: Request, params: ImageParams, runtime: ReadyRuntime, caller: CallerDep
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     gen = to_generation_request(params, runtime, [], default_square=True)
-    return await _run(request, runtime, caller, gen, params)
+    return await _run(request, runtime, caller, gen, params, "image_generation")
 
 
 @router.post(
     "/images/edits",
-    summary="Edit or combine 1-4 images (multipart files, or JSON image URLs).",
+    summary="Edit or combine 1-4 images (multipart files, or JSON image URLs); stream: true for SSE.",
+    response_model=None,
     openapi_extra={
         "requestBody": {
             "content": {
@@ -383,12 +417,12 @@ async def generations(
         }
     },
 )
-async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
-    params, references = await _edit_params(request, runtime)
+async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any] | Response:
+    params, references = await _edit_params(request, runtime, caller)
     if not references:
         raise InvalidParameterError("image", "at least one image is required")
     gen = to_generation_request(params, runtime, references, default_square=False)
-    return await _run(request, runtime, caller, gen, params)
+    return await _run(request, runtime, caller, gen, params, "image_edit")
 
 
 @router.get("/usage", summary="The calling API key's usage, credits and limits.")

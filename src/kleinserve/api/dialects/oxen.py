@@ -83,8 +83,10 @@ _ERROR_TYPES = {
     402: ("insufficient_credits", "Insufficient credits for this request."),
     403: ("forbidden", "Access to this resource is forbidden."),
     404: ("resource_not_found", "The requested resource could not be found"),
+    408: ("request_timeout", "The request took too long to arrive."),
     409: ("conflict", "The request conflicts with the state of the resource."),
     413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "The request body must be application/json."),
     429: ("rate_limited", "Too many requests, please retry later."),
     503: ("service_unavailable", "The service is temporarily unavailable, please retry later."),
 }
@@ -115,6 +117,9 @@ class OxenImageRequest(BaseModel):
     prompt: str = Field(..., description="Text prompt; may refer to inputs as @Image1, @Image2, ...")
     negative_prompt: str | None = Field(
         None, description="kleinserve extension: what to steer away from (Base models only; true CFG)."
+    )
+    strength: float | None = Field(
+        None, description="kleinserve extension: image-to-image from the first input_image, 0-1 (1: from noise)."
     )
     input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
     image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
@@ -175,6 +180,7 @@ def to_generation_request(
             "model": runtime.service.check_model(body.model),
             "prompt": body.prompt,
             "negative_prompt": body.negative_prompt,
+            "strength": body.strength,
             "images": references,
             "width": width,
             "height": height,
@@ -336,7 +342,8 @@ async def events(
     runtime = runtime_of(request)
     if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
         # Beyond SQLite's integers nothing can follow: resume after everything stored.
-        after = min(int(last_event_id), 2**63 - 1)
+        # Digits bounded before int(): past 4300 of them Python refuses to convert (a 500).
+        after = min(int(last_event_id), 2**63 - 1) if len(last_event_id) <= 19 else 2**63 - 1
     else:
         # Oxen's own examples enqueue first and connect after, so a fast job could finish
         # in between; a short replay window closes that race (clients filter by id).

@@ -28,7 +28,10 @@ with ``{"input": {...}}`` queues a job and answers the prediction object (201); 
   kleinserve's one error table: bad input is 400 where Replicate answers 422 (its client raises
   ``ReplicateError`` for either).
 - ``Prefer: wait`` that runs out answers the prediction as ``starting``, as Replicate does (its
-  client then polls ``urls.get``); ``webhook`` is refused with a 400 (no webhook delivery yet).
+  client then polls ``urls.get``).
+- ``webhook``: delivered by kleinserve's webhook machinery when the prediction ends (kleinserve's
+  signed job payload, Standard Webhooks, not Replicate's prediction body); ``webhook_events_filter``
+  must include ``completed`` (the only event sent), else a 400.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kleinserve.api.auth import CallerDep
 from kleinserve.api.dialects.base import Example, FieldNames, parse_body, to_request
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
+from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidParameterError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
@@ -117,8 +121,8 @@ class PredictionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: dict[str, Any] = Field(..., description="The model's inputs.")
-    webhook: str | None = Field(None, description="Refused: no webhooks yet.")
-    webhook_events_filter: list[str] | None = Field(None, description="Refused with webhook.")
+    webhook: str | None = Field(None, description="POSTed (signed, kleinserve's job payload) when it ends.")
+    webhook_events_filter: list[str] | None = Field(None, description="Must include completed.")
     stream: bool | None = Field(None, description="Accepted; the model does not stream.")
 
 
@@ -223,13 +227,18 @@ async def create_prediction(
 ) -> JSONResponse:
     if owner != OWNER or name not in MODELS:
         raise NotFoundError(f"model {owner}/{name} not found; this server runs {', '.join(_model_names())}")
-    if body.webhook is not None:
-        raise InvalidParameterError("webhook", "webhooks are not delivered by this server; poll urls.get instead")
+    if body.webhook_events_filter is not None and "completed" not in body.webhook_events_filter:
+        raise InvalidParameterError(
+            "webhook_events_filter", "only the completed event is sent; include completed (or leave it out)"
+        )
     wait = wait_seconds(prefer)
     inputs = parse_body(KleinInput, body.input, prefix="input.")
     gen = to_generation_request(name, inputs, runtime)
     extra = {"model": f"{OWNER}/{name}", "input": body.input}
-    (job,) = await asyncio.to_thread(runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra)
+    webhook_url = await checked_webhook(runtime, body.webhook, "webhook") or await webhook_from_header(request, runtime)
+    (job,) = await asyncio.to_thread(
+        runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+    )
     if wait:
         try:
             job = await runtime.service.wait(job.id, timeout=wait)

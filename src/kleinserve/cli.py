@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -269,10 +270,9 @@ def serve(
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
 
-    import uvicorn
-
     from kleinserve.access import Access, is_loopback
     from kleinserve.api.app import create_app
+    from kleinserve.api.server import run as run_http
     from kleinserve.engine.catalog import plan_models
     from kleinserve.engine.lora import check_sources
     from kleinserve.loras import parse_lora_options
@@ -311,6 +311,7 @@ def serve(
     # With JSON logs, stderr carries JSON lines only: the banner for people is muted (errors still
     # print) and one "serving" log line says the same.
     err_console.quiet = settings.log_format == "json"
+    os.umask(0o077)  # everything the server writes (jobs, keys, results, uploads, secret.key) is owner-only
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_store = _key_store(settings)
@@ -358,15 +359,7 @@ def serve(
         from kleinserve.metrics import serve_port
 
         serve_port(settings.metrics_port, settings.metrics_host)
-    uvicorn.run(
-        create_app(settings, served),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep configure_logging's handler; uvicorn's records go through it
-        access_log=False,  # api/access_log.py writes the access lines (with request ids and durations)
-        timeout_graceful_shutdown=30,
-    )
+    run_http(create_app(settings, served), settings)
 
 
 @app.command()

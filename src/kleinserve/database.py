@@ -24,6 +24,15 @@ class Database:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self.connection().executescript(schema)  # executescript manages its own transaction
+        # Owner-only: the file holds key hashes, prompts and inputs. SQLite gives new -wal and -shm
+        # files the database file's permissions; ones opened before this are set here too.
+        for path in (
+            self.path,
+            self.path.with_name(self.path.name + "-wal"),
+            self.path.with_name(self.path.name + "-shm"),
+        ):
+            if path.exists():
+                path.chmod(0o600)
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use)."""

@@ -13,8 +13,11 @@ and to each dialect's error body in one table, and the CLI prints ``message`` an
     │   ├── UnknownModelError               the model id names no known or served variant
     │   ├── NotFoundError                   a job, file or other resource does not exist
     │   ├── ContentPolicyError              the safety checker refused the output (policy "refuse")
-    │   └── PayloadTooLargeError            the request body is over the configured cap
+    │   ├── PayloadTooLargeError            the request body is over the configured cap
+    │   ├── UnsupportedMediaTypeError       the body's Content-Type is not one the route reads
+    │   └── RequestTimeoutError             the request body did not arrive in time
     ├── AuthenticationError                 no API key, or one that is unknown or revoked
+    ├── ForbiddenError                      refused whoever asks (a browser's cross-site write)
     ├── InsufficientCreditsError            the key's credits do not cover the request
     ├── RateLimitedError                    over the key's rate or concurrency limit (retry later)
     ├── WeightsUnavailableError             weights cannot be found, downloaded or loaded
@@ -97,6 +100,24 @@ class PayloadTooLargeError(InvalidRequestError):
     """The request body is larger than the server accepts."""
 
     code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The body is not in a media type the route accepts (JSON routes need application/json)."""
+
+    code = "unsupported_media_type"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """The client took longer than allowed to send its request."""
+
+    code = "request_timeout"
+
+
+class ForbiddenError(KleinserveError):
+    """The request is refused whatever key it carries."""
+
+    code = "forbidden"
 
 
 class AuthenticationError(KleinserveError):

@@ -141,6 +141,24 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+LIBRARY_LOGGERS = ("torch", "diffusers", "transformers", "huggingface_hub", "accelerate", "torchao", "peft")
+
+
+def adopt_library_loggers() -> None:
+    """Route the ML libraries' loggers through the root handler (our format), dropping their own.
+
+    torch, diffusers and transformers give their top logger a stderr handler of their own and turn
+    propagation off when they are imported, which happens after :func:`configure_logging` (the
+    engine is imported lazily). Called again once the models are loaded; lines those libraries
+    wrote while being imported stay in their own format.
+    """
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def configure_logging(fmt: LogFormat = "text", level: str = "info", *, log_prompts: bool = False) -> None:
     """Send every log record (kleinserve's, uvicorn's, libraries') to stderr in format ``fmt``."""
     global _log_prompts
@@ -158,3 +176,4 @@ def configure_logging(fmt: LogFormat = "text", level: str = "info", *, log_promp
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    adopt_library_loggers()

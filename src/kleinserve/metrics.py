@@ -214,7 +214,7 @@ def watch_runtime(runtime: Runtime, *, queue: bool = True) -> Callable[[], None]
             return []
         from kleinserve.engine.device import memory_rows  # torch is loaded once a device is chosen
 
-        return memory_rows(runtime.device)
+        return [row for device in runtime.device.split(",") for row in memory_rows(device)]  # "cuda:0,cuda:1"
 
     def prompt_cache() -> tuple[int, int, int, int]:
         if runtime.prompt_cache is None:  # an API process: the workers hold the cache

@@ -20,11 +20,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-from kleinserve import backends, metrics
+from kleinserve import backends, logs, metrics
 from kleinserve.access import Access
 from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
+from kleinserve.inputs import InputStager
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
@@ -145,6 +146,7 @@ class Runtime:
     store: JobStore = field(init=False)
     keys: ApiKeyStore = field(init=False)
     access: Access = field(init=False)
+    inputs: InputStager = field(init=False)
     quotas: Quotas = field(init=False)
     bus: EventBus = field(init=False)
     storage: Storage = field(init=False)
@@ -185,6 +187,9 @@ class Runtime:
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
         self.service.quotas = self.quotas
+        # References are checked, fetched and stored before a job is queued (inputs.py).
+        self.inputs = InputStager(self.settings, self.storage, self.store, self.keys)
+        self.service.prepare = self.inputs.stage
 
     def served_ids(self) -> list[str]:
         return [m.variant.id for m in self.models()]
@@ -239,6 +244,7 @@ class Runtime:
                 loaded.append(await asyncio.to_thread(self._load_device, device, caches))
             self.engines, self.safety = loaded[0]
             self.prompt_cache = caches[str(devices[0])]
+            logs.adopt_library_loggers()  # imported by now: their later lines take our format too
         except KleinserveError as err:
             self.load_error = err.message
             for state in self.device_states:
@@ -259,6 +265,7 @@ class Runtime:
         from kleinserve.engine.catalog import load_engines
         from kleinserve.engine.classifier import safety_checker_from_settings
         from kleinserve.engine.loading import warm_up
+        from kleinserve.engine.stepcache import StepCache
 
         assert self.served is not None
         _, options = load_options_for(self.settings, device)
@@ -267,6 +274,7 @@ class Runtime:
         for engine in engines.values():
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
+            engine.step_cache = StepCache.parse(self.settings.step_cache)
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)

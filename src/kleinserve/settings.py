@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     cfg_batch: Literal["auto", "on", "off"] = Field(
         "auto", description="Base variants' CFG passes as one batch: auto (on CUDA only), on or off."
     )
+    step_cache: str = Field(
+        "off",
+        pattern=r"^(off|none|taylorseer)(:[0-9]*\.?[0-9]+)?$",
+        description="Step caching for Base requests that do not choose: off or taylorseer[:INTERVAL] (5).",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,
@@ -174,6 +179,18 @@ class Settings(BaseSettings):
     # Reference image inputs (engine/images.py enforces them).
     max_image_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="Largest input image file.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest input image, in pixels.")
+    max_request_image_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Most input image bytes in one request, all images together."
+    )
+    max_decode_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Most memory decoding one input image may take, by its size and pixel mode (checked first).",
+    )
+    max_concurrent_decodes: int = Field(2, ge=1, description="Uploaded images decoded at once (others wait).")
+    fetch_deadline: float = Field(
+        30.0, gt=0, description="Seconds a whole image URL fetch may take, redirects and slow bodies included."
+    )
     fetch_timeout: float = Field(15.0, gt=0, description="Seconds to connect to / read from image URLs.")
     fetch_max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed when fetching an image.")
     fetch_allow: Annotated[list[str], NoDecode] = Field(
@@ -194,6 +211,25 @@ class Settings(BaseSettings):
         description="Seconds between checks for revoked keys: their jobs are cancelled, their event streams end.",
     )
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    body_timeout: float = Field(120, gt=0, description="Seconds a request's whole body may take to arrive (408).")
+    request_head_timeout: float = Field(
+        10, gt=0, description="Seconds a connection may take to send a request's headers (then it is closed)."
+    )
+    keep_alive_timeout: float = Field(5, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    limit_concurrency: int = Field(
+        512, ge=1, description="Most connections and requests at once (SSE streams included); past it, 503."
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Host names the server answers to (comma-separated; '*' for any). Default: the loopback names, "
+            "the bind address and the --public-url host; any host on a wildcard bind."
+        ),
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins whose pages may call the API from a browser (comma-separated; CORS).",
+    )
     price_per_image: dict[str, float] = Field(
         default_factory=lambda: {
             "flux-2-klein-4b": 0.04,
@@ -231,7 +267,7 @@ class Settings(BaseSettings):
             return [float(item) for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("fetch_allow", mode="before")
+    @field_validator("fetch_allow", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
     def _split_allow(cls, value: object) -> object:
         if isinstance(value, str):

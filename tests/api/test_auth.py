@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import time
@@ -148,7 +149,9 @@ def test_concurrency_limit(keyed: tuple[ServerProcess, Keys]) -> None:
 def test_credits_are_charged_only_for_success(keyed: tuple[ServerProcess, Keys], tmp_path: Path) -> None:
     server, keys = keyed
     headers = auth(keys, "thrifty")
-    failed = queue(server, headers, {**SMALL, "input_image": "http://127.0.0.1:1/missing.png"})
+    # A PNG whose header reads but whose pixels are cut short: accepted at submission, fails to decode.
+    truncated = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)[:-40]).decode()
+    failed = queue(server, headers, {**SMALL, "input_image": truncated})
     assert wait_done(server, headers, failed.json()["generations"][0]["generation_id"])["status"] == "failed"
     usage = httpx.get(f"{server.url}/v1/usage", headers=headers).json()
     assert usage["spent"] == 0 and usage["remaining"] == pytest.approx(0.1)

@@ -79,3 +79,18 @@ def test_every_dialect_gives_the_same_pixels(server: ServerProcess) -> None:
     assert reference.shape == (512, 512, 3)
     for dialect, data in got.items():
         assert np.array_equal(pixels(data), reference), dialect
+
+
+def test_workbench_config_lists_every_dialects_ids_and_example(server: ServerProcess) -> None:
+    config = httpx.get(f"{server.url}/workbench/config", timeout=30).json()
+    model = next(m for m in config["models"] if m["id"] == "flux-2-klein-4b")
+    names = {"oxen", "openai", "onemin", "verda"}
+    assert names <= set(model["ids"])
+    assert model["ids"]["oxen"] == "black-forest-labs-flux-2-klein-4b" == model["oxen"]
+    assert model["ids"]["verda"] == "flux2-klein-4b"
+    examples = {e["dialect"]: e for e in model["examples"]}
+    assert set(examples) == set(model["ids"])
+    assert examples["oxen"]["body"]["model"] == model["ids"]["oxen"]
+    assert examples["openai"]["body"]["model"] == model["ids"]["openai"]
+    assert examples["verda"]["path"] == "/flux2-klein-4b/generate"
+    assert examples["onemin"]["auth_header"] == "API-KEY"

@@ -11,8 +11,12 @@ SMALL = {"model": "black-forest-labs-flux-2-klein-4b", "prompt": "links", "image
 
 
 def test_links_ignore_the_host_header_and_cache_only_while_valid(server: ServerProcess) -> None:
+    # A foreign Host is refused outright (api/guard.py); an accepted one other than the bind address
+    # still does not make the links.
+    foreign = httpx.post(f"{server.url}/api/ai/images/generate", json=SMALL, headers={"Host": "evil.example.com"})
+    assert foreign.status_code == 400 and "evil.example.com" in foreign.json()["error"]["detail"]
     response = httpx.post(
-        f"{server.url}/api/ai/images/generate", json=SMALL, headers={"Host": "evil.example.com"}, timeout=120
+        f"{server.url}/api/ai/images/generate", json=SMALL, headers={"Host": f"localhost:{server.port}"}, timeout=120
     )
     assert response.status_code == 200, response.text
     url = response.json()["images"][0]["url"]

@@ -23,9 +23,14 @@ def small(prompt: str) -> dict[str, Any]:
     return {"model": MODEL, "prompt": prompt, "image_size": {"width": 64, "height": 64}}
 
 
+# Lines torch and diffusers write with their own handlers while being imported (before kleinserve
+# can route their loggers through its own; see logs.adopt_library_loggers).
+LIBRARY_LINE = re.compile(r"^[WIE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*torch/|^Unable to import `torchao`")
+
+
 def json_lines(server: ServerProcess) -> list[dict[str, Any]]:
-    """Every line of the log, each of which must be one JSON object."""
-    lines = [line for line in server.log().splitlines() if line.strip()]
+    """Every line of the log: each is one JSON object, but for the libraries' import-time lines."""
+    lines = [line for line in server.log().splitlines() if line.strip() and not LIBRARY_LINE.search(line)]
     return [json.loads(line) for line in lines]
 
 

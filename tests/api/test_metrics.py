@@ -3,6 +3,7 @@ real requests: the counters must move by exactly what the requests did."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import ADMIN_TOKEN, OpsServer, ServerProcess
+from tests.conftest import png_bytes
 
 MODEL = "flux-2-klein-4b"
 SMALL = {"model": MODEL, "prompt": "metrics", "image_size": {"width": 64, "height": 64}}
@@ -81,7 +83,8 @@ def test_counters_move_by_what_the_requests_did(server: ServerProcess) -> None:
     )
     assert openai.status_code == 200, openai.text
     done = queue(server, SMALL)
-    failed = queue(server, {**SMALL, "input_image": "http://127.0.0.1:1/nothing.png"})
+    truncated = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)[:-40]).decode()
+    failed = queue(server, {**SMALL, "input_image": truncated})  # accepted, then fails to decode
     statuses = {"succeeded": 0, "failed": 0}
     polls = 0
     for generation_id in (done, failed):
@@ -168,7 +171,9 @@ def test_metrics_off_is_404(tmp_path: Any) -> None:
     from kleinserve.api.app import create_app
     from kleinserve.settings import Settings
 
-    client = TestClient(create_app(Settings(data_dir=tmp_path), served=[]))  # no lifespan: nothing loads
+    client = TestClient(
+        create_app(Settings(data_dir=tmp_path), served=[]), base_url="http://localhost"
+    )  # no lifespan: nothing loads
     response = client.get("/metrics")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert response.headers["x-request-id"]

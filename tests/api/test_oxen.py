@@ -165,10 +165,15 @@ def test_num_generations_bounds(server: ServerProcess) -> None:
 
 
 def test_failed_generation_reports_its_reason(server: ServerProcess) -> None:
-    response = post(server, "/api/ai/queue", {**SMALL, "input_image": "http://127.0.0.1:1/nothing.png"})
+    # URLs are fetched at submission: an unreachable one is a 400 at once.
+    unreachable = post(server, "/api/ai/queue", {**SMALL, "input_image": "http://127.0.0.1:1/nothing.png"})
+    assert_oxen_error(unreachable, 400, "invalid_params", "images[0]: fetching http://127.0.0.1:1/nothing.png failed")
+    # A PNG whose header reads but whose pixels are cut short is accepted, and fails in the worker.
+    truncated = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)[:-40]).decode()
+    response = post(server, "/api/ai/queue", {**SMALL, "input_image": truncated})
     item = wait_terminal(server, response.json()["generations"][0]["generation_id"])
     assert item["status"] == "failed" and item["result_url"] is None
-    assert "images[0]: fetching http://127.0.0.1:1/nothing.png failed" in item["error_message"]
+    assert "images[0]: image data is corrupt or truncated" in item["error_message"]
 
 
 def test_unknown_generation_is_404(server: ServerProcess) -> None:
@@ -267,7 +272,8 @@ def test_events_keep_alive_comment(server: ServerProcess) -> None:
 
 
 def test_failed_generation_event(server: ServerProcess) -> None:
-    generation_id = post(server, "/api/ai/queue", {**SMALL, "input_image": "not an image!"}).json()["generations"][0][
+    truncated = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)[:-40]).decode()  # fails to decode
+    generation_id = post(server, "/api/ai/queue", {**SMALL, "input_image": truncated}).json()["generations"][0][
         "generation_id"
     ]
     frames = read_events(server, {}, f'"generation_id":"{generation_id}","status":"failed"')

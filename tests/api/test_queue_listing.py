@@ -20,7 +20,7 @@ def test_queue_lists_many_items_with_positions(tmp_path: Path) -> None:
     jobs = [Job(request=request, created_at=1000.0 + i) for i in range(120)]
     for job in jobs:
         store.add(job)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://localhost")
     body = client.get("/api/ai/queue").json()
     listed = body["generations"]
     assert body["count"] == len(listed) == 100  # newest first, the default page

@@ -201,7 +201,9 @@ def test_unserved_variant_is_404_before_the_body_is_checked(tmp_path: Path, tiny
     runtime = app.state.runtime
     runtime.ready = True
     try:
-        client = TestClient(app)  # no `with`: the lifespan (model loading, workers) does not run
+        client = TestClient(
+            app, base_url="http://localhost"
+        )  # no `with`: the lifespan (model loading, workers) does not run
         response = client.post("/flux2-klein-9b/generate", json={"width": 100, "colour": "red"})
         assert response.status_code == 404
         assert response.json() == {

@@ -239,7 +239,7 @@ def test_non_public_literal_is_refused_before_connecting(url: str, shown: str, k
 @pytest.mark.parametrize("host", ["localhost", "127.1", "2130706433", "0x7f.0.0.1"])
 def test_name_resolving_to_loopback_is_refused(host: str, network: Network) -> None:
     message = fetch_error(f"http://{host}:9/x.png", InputPolicy())
-    assert f"{host} resolves to 127.0.0.1, a loopback address" in message
+    assert f"{host} is not a public address" in message and "127.0.0.1" not in message  # no DNS answer told
     assert network.connects == []
 
 
@@ -247,7 +247,7 @@ def test_any_bad_address_of_a_name_refuses_it(network: Network) -> None:
     # 127.0.0.1 is allowed, but the name also resolves to a private address.
     network.names["mixed.test"] = ["127.0.0.1", "10.0.0.7"]
     message = fetch_error("http://mixed.test/x.png", LOOPBACK)
-    assert "mixed.test resolves to 10.0.0.7, a private address" in message
+    assert "mixed.test is not a public address" in message and "10.0.0.7" not in message
     assert network.connects == []
 
 
@@ -339,7 +339,7 @@ def test_redirect_to_a_refused_name_is_refused(server: Server, network: Network)
     first = f"{server.at('images.test')}/to?url={server.at('other.test')}/image.png"
     message = fetch_error(first, allowing("images.test"))
     assert f"refusing to fetch {server.at('other.test')}/image.png (redirected from {first})" in message
-    assert "other.test resolves to 127.0.0.1, a loopback address" in message
+    assert "other.test is not a public address" in message
     assert all(host != f"other.test:{server.port}" for _, host in server.seen)  # never reached
 
 
@@ -350,7 +350,7 @@ def test_redirect_to_a_refused_name_is_refused(server: Server, network: Network)
         ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is the cloud metadata address"),
         ("http://10.0.0.1/x.png", "10.0.0.1 is a private address"),
         ("http://[::ffff:127.0.0.1]:{port}/image.png", "IPv4 127.0.0.1 inside IPv6"),
-        ("http://localhost:{port}/image.png", "localhost resolves to 127.0.0.1"),
+        ("http://localhost:{port}/image.png", "localhost is not a public address"),
     ],
 )
 def test_redirect_to_a_refused_address_is_refused(server: Server, network: Network, target: str, fragment: str) -> None:
@@ -389,7 +389,7 @@ def test_scheme_relative_redirect_is_checked(server: Server, network: Network) -
     network.names["images.test"] = ["127.0.0.1"]
     network.names["other.test"] = ["127.0.0.1"]
     first = f"{server.at('images.test')}/to?url=//other.test:{server.port}/image.png"
-    assert "other.test resolves to 127.0.0.1" in fetch_error(first, allowing("images.test"))
+    assert "other.test is not a public address" in fetch_error(first, allowing("images.test"))
     assert fetch_url(first, 0, allowing("images.test", "other.test")) == PNG
 
 

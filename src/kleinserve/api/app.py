@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__, metrics
@@ -30,7 +30,8 @@ from kleinserve.api.dialects.openai import OpenAIDialect
 from kleinserve.api.dialects.oxen import OxenDialect
 from kleinserve.api.dialects.replicate import ReplicateDialect
 from kleinserve.api.dialects.verda import VerdaDialect
-from kleinserve.api.errors import install_error_handlers
+from kleinserve.api.errors import ErrorRenderer, install_error_handlers
+from kleinserve.api.guard import RequestGuard
 from kleinserve.api.jobs_http import DEMO_HEADER
 from kleinserve.api.loras_http import loras_router
 from kleinserve.api.metrics_http import metrics_router
@@ -73,45 +74,15 @@ class DemoHeaderMiddleware:
         await self.app(scope, receive, send_marked)
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over ``limit`` bytes with 413, counting as they stream in.
-
-    The refusal is raised from ``receive`` as an HTTPException, so it surfaces where the endpoint
-    reads its body and is rendered by the error handlers in the shape of the caller's dialect.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        too_big = f"request body is over the limit of {self.limit} bytes"
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            if declared.isdigit() and int(declared) > self.limit:
-                raise StarletteHTTPException(413, too_big)
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise StarletteHTTPException(413, too_big)
-            return message
-
-        await self.app(scope, counted, send)
-
-
 _ERROR_RESPONSES = {
     "400": "Invalid parameters, in the error shape of the route's provider API.",
     "401": "No valid API key (when the server has keys).",
     "402": "The key's credits do not cover the request.",
+    "403": "A browser's cross-site write without CORS consent (KLEINSERVE_CORS_ORIGINS).",
     "404": "Unknown model, generation or resource.",
+    "408": "The request body did not arrive within KLEINSERVE_BODY_TIMEOUT.",
     "413": "Request body over the configured cap.",
+    "415": "A body that is not application/json (or multipart/form-data where uploads are taken).",
     "429": "Over the key's rate or concurrency limit; see Retry-After.",
     "503": "Not ready yet, or the queue is full; see Retry-After.",
 }
@@ -187,10 +158,21 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    install_error_handlers(app, dialects)
+    renderer = ErrorRenderer(dialects)
+    install_error_handlers(app, renderer)
 
     app.add_middleware(DemoHeaderMiddleware, runtime=runtime)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # Host, cross-site, key, media type, body size and time: before any body byte (api/guard.py).
+    upload_paths = [path for d in dialects for path in getattr(d, "upload_paths", ())]
+    app.add_middleware(RequestGuard, runtime=runtime, renderer=renderer, upload_paths=upload_paths)
+    if settings.cors_origins:  # outside the guard: it answers preflights, which carry no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", DEMO_HEADER],
+        )
     # Outermost of ours: request id, access log and HTTP metrics around everything.
     app.add_middleware(AccessMiddleware, observers=[metrics.observe_request])
 
@@ -242,7 +224,7 @@ def create_app(
     # The Workbench page at /: public on purpose (it must load to ask for a key); it calls the
     # authenticated Oxen routes like any client.
     app.include_router(loras_router(), dependencies=[Depends(authenticate)])
-    app.include_router(workbench_router())
+    app.include_router(workbench_router(dialects))
     app.include_router(metrics_router())
     app.include_router(webhooks_router)
     return app

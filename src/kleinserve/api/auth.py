@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers
 
 from kleinserve import logs
 from kleinserve.api.jobs_http import runtime_of
@@ -42,26 +43,40 @@ class Caller:
         return {"owner": self.owner, "any_owner": self.key is None}
 
 
-def key_from_headers(request: Request) -> str | None:
+CALLER_SCOPE_KEY = "kleinserve.caller"  # where api/guard.py leaves the caller it authenticated
+
+
+def key_from_headers(headers: Headers) -> str | None:
     """The API key in whichever header the caller's provider uses."""
-    authorization = request.headers.get("authorization", "")
+    authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     # Bearer (most), Key (fal), Token (Replicate's older clients).
     if scheme.lower() in ("bearer", "key", "token") and token.strip():
         return token.strip()
     for header in ("api-key", "x-api-key", "x-key"):  # x-key: Black Forest Labs' API
-        value = request.headers.get(header, "").strip()
+        value = headers.get(header, "").strip()
         if value:
             return value
     return None
 
 
 async def authenticate(request: Request) -> Caller:
-    """The caller of ``request``; 401 without a valid key when keys exist, 429 over its rate."""
-    runtime = runtime_of(request)
+    """The caller of ``request``: the one api/guard.py authenticated before the body was read.
+
+    Checked here too when the guard did not run (a route it treats as public, or an app built
+    without it), so a route with this dependency is never served without the check.
+    """
+    cached = request.scope.get("state", {}).get(CALLER_SCOPE_KEY)
+    if isinstance(cached, Caller):
+        return cached
+    return await caller_for(runtime_of(request), request.headers)
+
+
+async def caller_for(runtime: Runtime, headers: Headers) -> Caller:
+    """The caller sending ``headers``; 401 without a valid key when keys are required, 429 over its rate."""
     if not await asyncio.to_thread(runtime.access.keys_required):
         return Caller(None)
-    secret = key_from_headers(request)
+    secret = key_from_headers(headers)
     if secret is None:
         raise AuthenticationError(
             "an API key is required: send it as 'Authorization: Bearer <key>', 'API-KEY: <key>' or 'X-API-Key: <key>'"

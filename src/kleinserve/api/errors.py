@@ -21,6 +21,7 @@ from kleinserve.api.access_log import REQUEST_ID_HEADER, SCOPE_KEY
 from kleinserve.api.dialects.base import Dialect, parameter_error
 from kleinserve.errors import (
     AuthenticationError,
+    ForbiddenError,
     GenerationCancelledError,
     InsufficientCreditsError,
     InvalidImageError,
@@ -30,9 +31,11 @@ from kleinserve.errors import (
     NotFoundError,
     PayloadTooLargeError,
     RateLimitedError,
+    RequestTimeoutError,
     ResourceExhaustedError,
     ServiceUnavailableError,
     UnknownModelError,
+    UnsupportedMediaTypeError,
     WeightsUnavailableError,
 )
 from kleinserve.storage.base import SignatureError
@@ -45,8 +48,11 @@ STATUS_BY_ERROR: dict[type[KleinserveError], int] = {
     UnknownModelError: 404,
     NotFoundError: 404,
     PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    RequestTimeoutError: 408,
     InvalidRequestError: 400,
     AuthenticationError: 401,
+    ForbiddenError: 403,
     InsufficientCreditsError: 402,
     RateLimitedError: 429,
     SignatureError: 403,
@@ -83,33 +89,51 @@ class HTTPStatusError(KleinserveError):
     """An HTTP-level refusal from the framework itself (unknown route, wrong method)."""
 
     def __init__(self, status: int, message: str) -> None:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            408: "request_timeout",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+        }
         super().__init__(message, code=codes.get(status, "http_error"))
         self.status = status
 
 
-def install_error_handlers(app: FastAPI, dialects: Sequence[Dialect]) -> None:
-    """Render every error in the shape of the dialect owning the request path."""
-    native = NativeDialect()
-    by_prefix = sorted(((p, d) for d in dialects for p in d.prefixes), key=lambda pd: -len(pd[0]))
+class ErrorRenderer:
+    """Errors as responses in the shape of the dialect that owns a path (also used by api/guard.py,
+    which answers some requests before any route runs)."""
 
-    def dialect_for(request: Request) -> Dialect | NativeDialect:
-        path = request.url.path
-        for prefix, dialect in by_prefix:
+    def __init__(self, dialects: Sequence[Dialect]) -> None:
+        self.native = NativeDialect()
+        self.dialects = list(dialects)
+        self._by_prefix = sorted(((p, d) for d in dialects for p in d.prefixes), key=lambda pd: -len(pd[0]))
+
+    def dialect_for(self, path: str) -> Dialect | NativeDialect:
+        for prefix, dialect in self._by_prefix:
             if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
                 return dialect
-        return native
+        return self.native
 
-    def respond(request: Request, error: KleinserveError, status: int) -> JSONResponse:
+    def response(self, path: str, error: KleinserveError, status: int | None = None) -> JSONResponse:
+        status = status if status is not None else status_for(error)
         headers = {}
         retry_after = getattr(error, "retry_after", None)
         if isinstance(error, ServiceUnavailableError | RateLimitedError) and retry_after:
             headers["Retry-After"] = str(retry_after)
         if isinstance(error, AuthenticationError):
             headers["WWW-Authenticate"] = 'Bearer realm="kleinserve"'
-
-        body = dialect_for(request).error_body(error, status)
+        if isinstance(error, RequestTimeoutError):
+            headers["Connection"] = "close"
+        body = self.dialect_for(path).error_body(error, status)
         return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, renderer: ErrorRenderer) -> None:
+    """Render every error in the shape of the dialect owning the request path."""
+
+    def respond(request: Request, error: KleinserveError, status: int) -> JSONResponse:
+        return renderer.response(request.url.path, error, status)
 
     @app.exception_handler(KleinserveError)
     async def domain_error(request: Request, error: KleinserveError) -> JSONResponse:

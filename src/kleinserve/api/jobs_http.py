@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from kleinserve.engine.images import ASSET_PREFIX, InputPolicy, decode_image, encode_image
+from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.errors import (
     ContentPolicyError,
     GenerationCancelledError,
@@ -20,9 +19,10 @@ from kleinserve.errors import (
     ServiceUnavailableError,
 )
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
+from kleinserve.keys import ApiKey
 from kleinserve.loras import LORA_HEADER, parse_lora_header
-from kleinserve.request import GenerationRequest, OutputFormat
-from kleinserve.runtime import UPLOADS, Runtime
+from kleinserve.request import GenerationRequest
+from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
 
 _DISCONNECT_POLL = 0.25
@@ -95,19 +95,20 @@ async def wait_for_jobs(request: Request, runtime: Runtime, jobs: list[Job]) -> 
     return finished
 
 
-async def store_upload(runtime: Runtime, data: bytes, index: int | None, field: str) -> str:
-    """Check an uploaded image and keep it as PNG in storage; return its ``asset:`` reference.
+async def store_upload(
+    runtime: Runtime, data: bytes, index: int | None, field: str, key: ApiKey | None, cost: float = 0.0, jobs: int = 0
+) -> str:
+    """Check an uploaded image and keep it as PNG in storage, as ``key``'s; return its ``asset:`` reference.
 
-    Decoding first refuses bad uploads at once (naming ``field[index]``, or ``field`` for a
-    single upload with ``index`` None) and stores the exact RGB
-    pixels a URL to the same file would give, so every transport yields the same generation.
+    The key's limits are checked first (``cost`` and ``jobs``: what the request will need), so a key
+    that could not use the upload pays no decoding. Decoding runs off the event loop, bounded
+    (kleinserve.inputs), and refuses bad uploads at once (naming ``field[index]``, or ``field`` for a
+    single upload with ``index`` None); it stores the exact RGB pixels a URL to the same file would
+    give, so every transport yields the same generation.
     """
-    policy = InputPolicy.from_settings(runtime.settings, field=field)
-    image = await asyncio.to_thread(decode_image, data, index, policy)
-    encoded = await asyncio.to_thread(encode_image, image, OutputFormat.PNG, 100)
-    key = f"{UPLOADS}/{uuid.uuid4()}/image.png"
-    await asyncio.to_thread(runtime.storage.put, key, encoded.data, encoded.media_type)
-    return ASSET_PREFIX + key
+    await asyncio.to_thread(runtime.inputs.precheck, key, cost, jobs)
+    owner = key.id if key else None
+    return ASSET_PREFIX + await asyncio.to_thread(runtime.inputs.store_upload, data, index, owner, field)
 
 
 def outputs_of(job: Job) -> list[JobOutput]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -133,10 +134,13 @@ def fetch_url(url: str, index: int, policy: InputPolicy) -> bytes:
         current = httpx.URL(url)
     except httpx.InvalidURL as err:
         raise InvalidImageError(index, f"{url} is not a valid URL ({err})", field=policy.field) from None
+    # One deadline for the whole fetch: per-read timeouts alone let a host sending a byte a second
+    # hold it for ever.
+    deadline = time.monotonic() + policy.deadline
     visited: list[httpx.URL] = []
     while True:
         where = str(current) if not visited else f"{current} (redirected from {url})"
-        result = _fetch_once(current, where, index, policy)
+        result = _fetch_once(current, where, index, policy, deadline)
         if isinstance(result, bytes):
             return result
         visited.append(current)
@@ -151,7 +155,7 @@ def fetch_url(url: str, index: int, policy: InputPolicy) -> bytes:
         current = result
 
 
-def _fetch_once(url: httpx.URL, where: str, index: int, policy: InputPolicy) -> bytes | httpx.URL:
+def _fetch_once(url: httpx.URL, where: str, index: int, policy: InputPolicy, deadline: float) -> bytes | httpx.URL:
     """One GET without following redirects: the body, or the URL a redirect points to."""
     if url.scheme not in ("http", "https"):
         raise InvalidImageError(
@@ -165,11 +169,12 @@ def _fetch_once(url: httpx.URL, where: str, index: int, policy: InputPolicy) -> 
         # for one name must never be reused for another name on the same address. When the hosts
         # are checked, proxies from the environment are ignored: the connection must go straight
         # to the checked address (and httpcore's HTTPS proxy tunnel would drop the SNI name).
-        with httpx.Client(timeout=policy.timeout, follow_redirects=False, trust_env=not policy.check_hosts) as client:
+        timeout = max(0.001, min(policy.timeout, deadline - time.monotonic()))
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=not policy.check_hosts) as client:
             requests = [client.build_request("GET", u, headers=h, extensions=e) for u, h, e in targets]
             response = _send_first(client, requests)
             try:
-                return _read_response(response, url, where, index, policy)
+                return _read_response(response, url, where, index, policy, deadline)
             finally:
                 response.close()
     except httpx.TimeoutException:
@@ -191,11 +196,11 @@ def _targets(url: httpx.URL, where: str, index: int, policy: InputPolicy) -> lis
         for address in addresses:
             kind = non_public_kind(address)
             if kind is not None and not policy.allows_address(address):
-                what = f"{address} is" if _is_literal(host, address) else f"{host} resolves to {address},"
+                # A name's DNS answer is not told: the error must not turn the server into a resolver
+                # of internal names for its callers. An address the caller wrote is named.
+                what = f"{address} is {kind}" if _is_literal(host, address) else f"{host} is not a public address"
                 raise InvalidImageError(
-                    index,
-                    f"refusing to fetch {where}: {what} {kind}; allow it with {ALLOW_ENV}",
-                    field=policy.field,
+                    index, f"refusing to fetch {where}: {what}; allow it with {ALLOW_ENV}", field=policy.field
                 )
     # DNS rebinding: the name was resolved once, above, and every address was vetted. Resolving it
     # again to connect could give another answer (a short-TTL record flipping to 127.0.0.1), so the
@@ -245,7 +250,7 @@ def _send_first(client: httpx.Client, requests: list[httpx.Request]) -> httpx.Re
 
 
 def _read_response(
-    response: httpx.Response, url: httpx.URL, where: str, index: int, policy: InputPolicy
+    response: httpx.Response, url: httpx.URL, where: str, index: int, policy: InputPolicy, deadline: float
 ) -> bytes | httpx.URL:
     status = response.status_code
     if status in _REDIRECT_STATUSES:
@@ -271,6 +276,10 @@ def _read_response(
         total += len(chunk)
         check_byte_size(total, index, policy)
         chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise InvalidImageError(
+                index, f"fetching {where} took longer than {policy.deadline:g}s in all", field=policy.field
+            )
     return b"".join(chunks)
 
 

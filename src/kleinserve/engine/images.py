@@ -52,7 +52,10 @@ class InputPolicy:
 
     max_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # Memory one decode may take, judged on the header by pixel count and mode (decode_memory()).
+    max_decode_bytes: int = 512 * 1024 * 1024
     timeout: float = 15.0
+    deadline: float = 30.0  # seconds for a whole fetch, redirects and slow bodies included
     allow_paths: bool = False
     field: str = "images"
     # Reads "asset:<key>" references (files uploaded to the server); None refuses them.
@@ -82,7 +85,9 @@ class InputPolicy:
         return cls(
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
             timeout=settings.fetch_timeout,
+            deadline=settings.fetch_deadline,
             allow_paths=allow_paths,
             field=field,
             read_asset=read_asset,
@@ -207,6 +212,14 @@ def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.I
         )
     if width < 1 or height < 1:
         raise InvalidImageError(index, "image is empty", field=policy.field)
+    needed = decode_memory(image.mode, width, height)
+    if needed > policy.max_decode_bytes:
+        raise InvalidImageError(
+            index,
+            f"is {width}x{height} pixels in mode {image.mode}; decoding it would take about {needed >> 20} MiB, "
+            f"over the limit of {policy.max_decode_bytes >> 20} MiB",
+            field=policy.field,
+        )
     try:
         image.seek(0)
         image.load()
@@ -221,6 +234,23 @@ def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.I
         return to_rgb(oriented)
     except Exception as err:
         raise InvalidImageError(index, f"image data cannot be converted ({err})", field=policy.field) from None
+
+
+# Bytes per pixel Pillow keeps for a decoded image of each mode (RGB is stored 4 bytes wide).
+_DECODED_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "RGB": 4, "RGBA": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 4}
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # scaled through float64 in to_rgb()
+
+
+def decode_memory(mode: str, width: int, height: int) -> int:
+    """Peak bytes decoding an image of this mode and size takes, to its RGB form included.
+
+    By mode, not only by pixel count: a 16-bit greyscale PNG that compresses to kilobytes decodes to
+    2 bytes a pixel, and to_rgb() scales it through float64 (8 more) before the 4-byte RGB result.
+    """
+    pixels = width * height
+    if mode in _WIDE_MODES:
+        return pixels * (4 + 8 + 4)
+    return pixels * (_DECODED_BYTES.get(mode, 4) + 4)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

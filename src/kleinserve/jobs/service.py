@@ -56,6 +56,10 @@ class JobService:
         self.retry_after = retry_after
         self.on_queued: builtins.list[Callable[[], None]] = []  # in-process workers' wake-ups
         self.quotas: Quotas | None = None
+        # Called first by submit: stores the requests' references (kleinserve.inputs.InputStager).
+        self.prepare: (
+            Callable[[Sequence[GenerationRequest], ApiKey | None], builtins.list[GenerationRequest]] | None
+        ) = None
         # ``api`` processes: models are served by workers elsewhere, so a known model no live
         # worker serves is "unavailable, retry" (503), not "unknown" (404).
         self.models_elsewhere = False
@@ -91,6 +95,10 @@ class JobService:
         With an API ``key`` the jobs are that key's (``owner`` is its id), priced, and admitted by
         its quotas; without one, ``owner`` (if any) is recorded as given.
         """
+        for request in requests:
+            self.check_model(request.model)
+        if self.prepare is not None:
+            requests = self.prepare(requests, key)
         jobs = []
         context = logs.current()  # the HTTP request's log context: its id goes onto the jobs
         for request in requests:

@@ -147,6 +147,9 @@ class Worker:
             try:
                 with logs.log_context(request_id=job.request_id, job_id=job.id, key_id=job.owner):
                     self._process(job)
+            except Exception:  # e.g. the store was unreachable when the outcome was written
+                # The thread lives on; the job's lease runs out and the reaper hands it back.
+                log.exception("%s: job %s could not be finished; its lease will expire", self.name, job.id)
             finally:
                 with self._lock:
                     self._current = None

@@ -84,6 +84,8 @@ class Dialect(Protocol):
 
     name: str
     prefixes: tuple[str, ...]
+    # Optional ``upload_paths``: routes that take multipart/form-data; every other body must be
+    # JSON (api/guard.py answers 415 otherwise).
 
     def router(self) -> APIRouter:
         """The dialect's routes (its module-level router)."""
@@ -192,10 +194,11 @@ async def submit_and_wait(
     """
     requests = with_lora_header(request, requests, runtime.settings)  # adapters named in the header
     webhook_url = await webhook_from_header(request, runtime)
-    jobs = await asyncio.to_thread(
-        runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra, webhook_url=webhook_url
-    )
     try:
+        # Submitting checks and stores the references (kleinserve.inputs), so its errors are renamed too.
+        jobs = await asyncio.to_thread(
+            runtime.service.submit, requests, key=caller.key, dialect=dialect, extra=extra, webhook_url=webhook_url
+        )
         return await wait_for_jobs(request, runtime, jobs)
     except InvalidRequestError as err:
         if images_field == "images":

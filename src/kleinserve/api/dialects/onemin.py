@@ -47,7 +47,6 @@ from kleinserve.errors import (
     InvalidImageError,
     InvalidParameterError,
     KleinserveError,
-    NotFoundError,
 )
 from kleinserve.jobs.job import Job
 from kleinserve.request import MAX_SEED, GenerationRequest, size_for_aspect_ratio
@@ -180,16 +179,9 @@ def image_reference(runtime: Runtime, image_url: str) -> str:
     text = image_url.strip()
     if text.startswith(("http://", "https://", "data:")):
         return text
-    key = text.removeprefix(ASSET_PREFIX)
-    try:
-        found = runtime.storage.exists(key)
-    except NotFoundError:  # not even a well-formed key
-        found = False
-    if not found:
-        raise _param(
-            "imageUrl", f"no such asset {text!r}; use a key from /api/assets, a resultObject path or an http(s) URL"
-        ) from None
-    return ASSET_PREFIX + key
+    # Whether the asset exists, and is the caller's, is checked when the job is submitted
+    # (kleinserve.inputs): another key's asset gets the very answer a missing one does.
+    return ASSET_PREFIX + text.removeprefix(ASSET_PREFIX)
 
 
 def to_generation_request(body: FeatureRequest, runtime: Runtime) -> tuple[GenerationRequest, dict[str, Any]]:
@@ -277,6 +269,7 @@ class OneMinDialect:
 
     name = NAME
     prefixes: tuple[str, ...] = ("/api/features", "/api/assets")
+    upload_paths: tuple[str, ...] = ("/api/assets",)  # multipart/form-data accepted here
 
     def router(self) -> APIRouter:
         return router
@@ -308,7 +301,6 @@ class OneMinDialect:
 async def features(
     request: Request, body: FeatureRequest, runtime: ReadyRuntime, caller: CallerDep, api_key: ApiKey = None
 ) -> dict[str, Any]:
-    # In a thread: checking an asset reference may be a network call (S3).
     gen, echo = await asyncio.to_thread(to_generation_request, body, runtime)
     extra = {"model": body.model, "type": body.type, "promptObject": echo}
     (job,) = await submit_and_wait(
@@ -328,6 +320,7 @@ async def features(
 async def assets(
     request: Request,
     asset: Annotated[UploadFile, File(description="The image file.")],
+    caller: CallerDep,
     api_key: ApiKey = None,
 ) -> dict[str, Any]:
     runtime = runtime_of(request)
@@ -335,7 +328,7 @@ async def assets(
     if asset.size is not None and asset.size > limit:
         raise InvalidImageError(None, f"is {asset.size} bytes, over the limit of {limit} bytes", field="asset")
     data = await asset.read()
-    key = (await store_upload(runtime, data, None, "asset")).removeprefix(ASSET_PREFIX)
+    key = (await store_upload(runtime, data, None, "asset", caller.key)).removeprefix(ASSET_PREFIX)
     name = key.rsplit("/", 1)[-1]
     location = await asyncio.to_thread(runtime.storage.url, key)
     return {
@@ -349,6 +342,11 @@ async def assets(
             "location": location,
             "contentType": media_type_for(key),  # what is kept: the decoded pixels as PNG
         },
-        # The upload's folder in storage is a fresh UUID: it serves as the asset's id.
-        "fileContent": {"uuid": key.split("/")[-2], "path": key, "type": name.rsplit(".", 1)[-1], "name": name},
+        # The upload's folder in storage is "<owner>-<fresh UUID>": the UUID serves as the asset's id.
+        "fileContent": {
+            "uuid": key.split("/")[-2].partition("-")[2],
+            "path": key,
+            "type": name.rsplit(".", 1)[-1],
+            "name": name,
+        },
     }

@@ -62,8 +62,10 @@ _ERROR_TYPES = {
     402: "insufficient_credits",
     403: "permission_error",
     404: "not_found",
+    408: "request_timeout",
     409: "conflict",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -99,7 +101,7 @@ class ImageParams(BaseModel):
     model: str | None = Field(None, description="Default: the first model this server serves.")
     prompt: str = Field(..., description="What to draw, or how to edit the images.")
     n: int = Field(1, ge=1, le=10, description="Images to generate; image i uses seed + i.")
-    size: str = Field("auto", description="'auto' or 'WxH' in multiples of 16.")
+    size: str = Field("auto", max_length=32, description="'auto' or 'WxH' in multiples of 16.")
     response_format: Literal["url", "b64_json"] = "url"
     output_format: Literal["png", "jpeg", "jpg", "webp", "gif", "svg"] = Field(
         "png", description="png, jpeg or webp; gif and svg are refused (klein draws raster stills)."
@@ -175,7 +177,8 @@ def _size(params: ImageParams) -> tuple[int | None, int | None]:
     if params.size == "auto":
         return None, None
     width, sep, height = params.size.lower().partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
+    # Digits bounded before int(): past 4300 of them Python refuses to convert (a 500, not a 400).
+    if not (sep and width.isdigit() and height.isdigit() and len(width) <= 6 and len(height) <= 6):
         raise InvalidParameterError("size", f"must be 'auto' or 'WIDTHxHEIGHT', e.g. 1024x1024; got {params.size!r}")
     return int(width), int(height)
 
@@ -272,7 +275,7 @@ def _set_form_field(fields: dict[str, Any], key: str, value: str) -> None:
     node[path[-1]] = value
 
 
-async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, list[str]]:
+async def _edit_params(request: Request, runtime: Runtime, caller: Caller) -> tuple[EditParams, list[str]]:
     """Edit parameters and reference sources from a multipart form or a JSON body."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -297,8 +300,12 @@ async def _edit_params(request: Request, runtime: Runtime) -> tuple[EditParams, 
         params = parse_body(EditParams, fields)
         if len(uploads) > runtime.settings.max_references:
             raise InvalidParameterError("image", f"at most {runtime.settings.max_references} images are allowed")
+        # Priced with the default model when none is named: refusing (402/429) before decoding.
+        model = params.model or next(iter(runtime.served_ids()), None)
+        cost = runtime.inputs.price_of(model, params.n)
         references = [
-            await store_upload(runtime, await upload.read(), index, "image") for index, upload in enumerate(uploads)
+            await store_upload(runtime, await upload.read(), index, "image", caller.key, cost, 1)
+            for index, upload in enumerate(uploads)
         ]
         return params, references + params.references()
     try:
@@ -319,6 +326,7 @@ class OpenAIDialect:
 
     name = NAME
     prefixes: tuple[str, ...] = (PREFIX,)
+    upload_paths: tuple[str, ...] = (f"{PREFIX}/images/edits",)  # multipart/form-data accepted here
 
     def router(self) -> APIRouter:
         return router
@@ -410,7 +418,7 @@ async def generations(
     },
 )
 async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any] | Response:
-    params, references = await _edit_params(request, runtime)
+    params, references = await _edit_params(request, runtime, caller)
     if not references:
         raise InvalidParameterError("image", "at least one image is required")
     gen = to_generation_request(params, runtime, references, default_square=False)

@@ -38,7 +38,14 @@ from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
-from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
+from kleinserve.request import (
+    ASPECT_RATIOS,
+    MAX_SEED,
+    GenerationRequest,
+    LoraChoice,
+    StepCacheChoice,
+    size_for_aspect_ratio,
+)
 from kleinserve.runtime import AdvertisedModel, Runtime
 
 if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
@@ -76,8 +83,10 @@ _ERROR_TYPES = {
     402: ("insufficient_credits", "Insufficient credits for this request."),
     403: ("forbidden", "Access to this resource is forbidden."),
     404: ("resource_not_found", "The requested resource could not be found"),
+    408: ("request_timeout", "The request took too long to arrive."),
     409: ("conflict", "The request conflicts with the state of the resource."),
     413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "The request body must be application/json."),
     429: ("rate_limited", "Too many requests, please retry later."),
     503: ("service_unavailable", "The service is temporarily unavailable, please retry later."),
 }
@@ -136,6 +145,9 @@ class OxenImageRequest(BaseModel):
     loras: list[LoraChoice] | None = Field(
         None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
     )
+    cache: StepCacheChoice | None = Field(
+        None, description="kleinserve extension: step caching on Base models ({type, threshold}; changes pixels)."
+    )
 
     def references(self) -> list[str]:
         source = self.input_image if self.input_image is not None else self.image
@@ -179,6 +191,7 @@ def to_generation_request(
             "output_format": body.output_format,
             "quality": QUALITY[body.output_quality],
             "loras": body.loras or [],
+            "cache": body.cache,
         },
         runtime.settings,
         NAMES,
@@ -329,7 +342,8 @@ async def events(
     runtime = runtime_of(request)
     if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
         # Beyond SQLite's integers nothing can follow: resume after everything stored.
-        after = min(int(last_event_id), 2**63 - 1)
+        # Digits bounded before int(): past 4300 of them Python refuses to convert (a 500).
+        after = min(int(last_event_id), 2**63 - 1) if len(last_event_id) <= 19 else 2**63 - 1
     else:
         # Oxen's own examples enqueue first and connect after, so a fast job could finish
         # in between; a short replay window closes that race (clients filter by id).

@@ -12,15 +12,14 @@ served without an API key: the page must load to ask for one, and nothing here i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 
-from kleinserve.api.dialects.openai import openai_id
-from kleinserve.api.dialects.oxen import oxen_id
-from kleinserve.api.dialects.verda import verda_slug
+from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.jobs_http import runtime_of
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
 
@@ -37,25 +36,31 @@ def _read(name: str) -> bytes:
     return resources.files(__package__).joinpath(name).read_bytes()
 
 
-def workbench_config(request: Request) -> dict[str, Any]:
-    """What the page needs to build requests in every dialect for this server."""
+def workbench_config(request: Request, dialects: Sequence[Dialect] = ()) -> dict[str, Any]:
+    """What the page needs to build requests in every dialect for this server.
+
+    Each model carries its id in every dialect (``ids``, from the :class:`Dialect` contract; also
+    flat under each dialect's name, as the page reads them) and ``examples``: one ready request per
+    dialect, from the dialect itself, so no wire format is re-encoded by hand in JavaScript.
+    """
     runtime = runtime_of(request)
     settings = runtime.settings
-    models = [
-        {
-            "id": m.variant.id,
-            "name": m.variant.display_name,
-            "distilled": m.variant.distilled,
-            "steps": m.variant.default_steps,
-            "guidance": m.variant.default_guidance,
-            "demo": m.demo,
-            "oxen": oxen_id(m.variant),
-            "openai": openai_id(m.variant),
-            "onemin": openai_id(m.variant),  # 1min.ai spells ids as AIgateway does
-            "verda": verda_slug(m.variant.id),
-        }
-        for m in runtime.models()
-    ]
+    models = []
+    for m in runtime.models():
+        ids = {d.name: d.model_id(m.variant) for d in dialects}
+        models.append(
+            {
+                "id": m.variant.id,
+                "name": m.variant.display_name,
+                "distilled": m.variant.distilled,
+                "steps": m.variant.default_steps,
+                "guidance": m.variant.default_guidance,
+                "demo": m.demo,
+                **ids,
+                "ids": ids,
+                "examples": [d.example(m.variant).as_json() for d in dialects],
+            }
+        )
     sizes = {ratio: {f"{mp:g}": list(size_for_aspect_ratio(ratio, mp)) for mp in MEGAPIXELS} for ratio in ASPECT_RATIOS}
     return {
         "public_url": settings.public_url,
@@ -76,8 +81,9 @@ def workbench_config(request: Request) -> dict[str, Any]:
     }
 
 
-def workbench_router() -> APIRouter:
-    """Routes of the Workbench: the page at ``/``, its two assets, and its config."""
+def workbench_router(dialects: Sequence[Dialect] = ()) -> APIRouter:
+    """Routes of the Workbench: the page at ``/``, its two assets, and its config (``dialects``: the
+    provider APIs the app serves, whose ids and example requests the config lists)."""
     router = APIRouter(include_in_schema=False)
     page = _read("index.html")
     assets = {name: _read(name) for name in ASSETS}
@@ -88,7 +94,7 @@ def workbench_router() -> APIRouter:
 
     @router.get(PREFIX + "/config")
     async def config(request: Request) -> dict[str, Any]:
-        body = workbench_config(request)
+        body = workbench_config(request, dialects)
         body["auth_required"] = await asyncio.to_thread(runtime_of(request).access.keys_required)
         return body
 

@@ -343,6 +343,7 @@ def test_full_request_round_trips() -> None:
         "output_format": OutputFormat.JPEG,
         "negative_prompt": None,
         "safety_check": True,
+        "cache": None,
         "safety_tolerance": None,
         "strength": None,
     }

@@ -16,6 +16,7 @@ from PIL import Image
 
 from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, ProgressCallback
 from kleinserve.engine.images import EncodedImage, encode_image
+from kleinserve.engine.stepcache import DEFAULT_THRESHOLDS, StepCache
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError
 from kleinserve.request import GenerationRequest, random_seed
@@ -58,6 +59,18 @@ def resolved_parameters(request: GenerationRequest, variant: Variant) -> tuple[i
     return steps, guidance, seed
 
 
+def step_cache_for(request: GenerationRequest, engine: Engine) -> StepCache | None:
+    """The request's step caching, else the server's default; only ever on the Base variants."""
+    if not engine.variant.uses_cfg:
+        return None
+    choice = request.cache
+    if choice is None:
+        return engine.step_cache
+    if choice.type == "none":
+        return None
+    return StepCache(choice.type, choice.threshold or DEFAULT_THRESHOLDS[choice.type])
+
+
 def run_request(
     request: GenerationRequest,
     engine: Engine,
@@ -93,6 +106,7 @@ def run_request(
             width=request.width,
             height=request.height,
             negative_prompt=request.negative_prompt or "",
+            step_cache=step_cache_for(request, engine),
             strength=request.strength,
         ),
         on_progress=on_progress,

@@ -18,7 +18,7 @@ import math
 import secrets
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -127,6 +127,21 @@ class LoraChoice(BaseModel):
     scale: float = Field(1.0, ge=-8, le=8, allow_inf_nan=False, description="Strength; 1.0 is the trained one.")
 
 
+class StepCacheChoice(BaseModel):
+    """A request's step caching (Base variants): ``none`` turns the server's default off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["taylorseer", "none"] = Field(..., description="taylorseer, or none to turn the default off.")
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
+        description="taylorseer: the interval between full steps (default 5).",
+    )
+
+
 class GenerationRequest(BaseModel):
     """One text-to-image or reference-editing request, in kleinserve's own terms.
 
@@ -176,6 +191,9 @@ class GenerationRequest(BaseModel):
     )
     loras: list[LoraChoice] = Field(
         default_factory=list, description="LoRA adapters to apply, with scales (see GET /v1/loras)."
+    )
+    cache: StepCacheChoice | None = Field(
+        None, description="Step caching (Base variants only; changes pixels); default: the server's."
     )
 
     @field_validator("prompt")
@@ -286,6 +304,8 @@ class GenerationRequest(BaseModel):
             raise ValueError(problem)
         if self.negative_prompt is not None:
             _check_negative_prompt(self)
+        if self.cache is not None and self.cache.type != "none":
+            _check_step_cache(self)
         if self.strength is not None and not self.images:
             raise InvalidParameterError("strength", "needs an input image to start from (images is empty)")
         if self.strength is not None and self.width is not None:
@@ -305,6 +325,18 @@ class GenerationRequest(BaseModel):
             return cls.model_validate(dict(data), context={"settings": settings or Settings()})
         except ValidationError as err:
             raise _to_parameter_error(err) from None
+
+
+def _check_step_cache(request: GenerationRequest) -> None:
+    """Step caching is for the Base variants' many steps; a distilled variant's 4 steps have none to skip."""
+    try:
+        variant = find_variant(request.model)
+    except UnknownModelError:
+        return
+    if not variant.uses_cfg:
+        raise InvalidParameterError(
+            "cache", f"{variant.id} is a 4-step distilled variant; step caching works on the Base variants"
+        )
 
 
 def _check_negative_prompt(request: GenerationRequest) -> None:

@@ -265,6 +265,7 @@ class Runtime:
         from kleinserve.engine.catalog import load_engines
         from kleinserve.engine.classifier import safety_checker_from_settings
         from kleinserve.engine.loading import warm_up
+        from kleinserve.engine.stepcache import StepCache
 
         assert self.served is not None
         _, options = load_options_for(self.settings, device)
@@ -273,6 +274,7 @@ class Runtime:
         for engine in engines.values():
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
+            engine.step_cache = StepCache.parse(self.settings.step_cache)
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     cfg_batch: Literal["auto", "on", "off"] = Field(
         "auto", description="Base variants' CFG passes as one batch: auto (on CUDA only), on or off."
     )
+    step_cache: str = Field(
+        "off",
+        pattern=r"^(off|none|taylorseer)(:[0-9]*\.?[0-9]+)?$",
+        description="Step caching for Base requests that do not choose: off or taylorseer[:INTERVAL] (5).",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,

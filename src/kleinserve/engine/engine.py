@@ -25,6 +25,7 @@ from PIL import Image
 from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.guidance import guided_noise_one_batch
 from kleinserve.engine.kv import ReferenceKV, use_kv_processors
+from kleinserve.engine.stepcache import StepCache, in_cache_context, step_caching
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -67,6 +68,8 @@ class EngineInputs:
     # The CFG negative of the Base variants; "" is diffusers' own negative. Ignored without CFG
     # (the request layer refuses a negative prompt there, so nothing is dropped silently).
     negative_prompt: str = ""
+    # Step caching of the Base variants (engine/stepcache.py); None: every step runs in full.
+    step_cache: StepCache | None = None
     # Image-to-image (engine/img2img.py): start from references[0] noised to this part of the
     # schedule, 0 < strength <= 1; None: text-to-image / reference editing.
     strength: float | None = None
@@ -123,6 +126,7 @@ class Engine:
         self.prompt_cache: PromptCache | None = None
         # CFG's two passes as one batch (engine/guidance.py); None: on CUDA only (KLEINSERVE_CFG_BATCH).
         self.cfg_batch: bool | None = None
+        self.step_cache: StepCache | None = None  # the server's default for Base requests (KLEINSERVE_STEP_CACHE)
 
     @property
     def device(self) -> torch.device:
@@ -257,7 +261,9 @@ class Engine:
         :class:`ResourceExhaustedError` when the device runs out of memory.
         """
         try:
-            return self._generate(inputs, on_progress, should_cancel, prompt_embedding)
+            step_cache = inputs.step_cache if self.variant.uses_cfg else None  # never on distilled variants
+            with step_caching(self.pipeline.transformer, step_cache):
+                return self._generate(inputs, on_progress, should_cancel, prompt_embedding)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -406,6 +412,8 @@ class Engine:
         steps = inputs.steps
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
+        # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does.
+        cond, uncond = in_cache_context(transformer, "cond"), in_cache_context(transformer, "uncond")
         for i, t in enumerate(timesteps):
             self._check_cancel(cancelled)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
@@ -416,7 +424,8 @@ class Engine:
                 continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
             model_input = model_input.to(transformer.dtype)
-            if cfg and self.cfg_in_one_batch and negative_embeds is not None and negative_ids is not None:
+            one_batch = self.cfg_in_one_batch and cond is transformer  # step-cache hooks want one pass per branch
+            if cfg and one_batch and negative_embeds is not None and negative_ids is not None:
                 noise = guided_noise_one_batch(
                     transformer, model_input, timestep / 1000, prompt_embeds, negative_embeds, text_ids,
                     negative_ids, model_input_ids, latents.size(1), inputs.guidance,
@@ -424,7 +433,7 @@ class Engine:
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 report(Progress("denoise", i + 1, len(timesteps)))
                 continue
-            noise = transformer(
+            noise = cond(
                 hidden_states=model_input,
                 timestep=timestep / 1000,
                 guidance=None,
@@ -434,7 +443,7 @@ class Engine:
                 return_dict=False,
             )[0][:, : latents.size(1)]
             if cfg:
-                negative = transformer(
+                negative = uncond(
                     hidden_states=model_input,
                     timestep=timestep / 1000,
                     guidance=None,

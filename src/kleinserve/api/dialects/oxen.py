@@ -38,7 +38,14 @@ from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError, NotFoundError
 from kleinserve.jobs.events import Event, EventType
 from kleinserve.jobs.job import Job, JobOutput, JobStatus
-from kleinserve.request import ASPECT_RATIOS, MAX_SEED, GenerationRequest, LoraChoice, size_for_aspect_ratio
+from kleinserve.request import (
+    ASPECT_RATIOS,
+    MAX_SEED,
+    GenerationRequest,
+    LoraChoice,
+    StepCacheChoice,
+    size_for_aspect_ratio,
+)
 from kleinserve.runtime import AdvertisedModel, Runtime
 
 if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
@@ -138,6 +145,9 @@ class OxenImageRequest(BaseModel):
     loras: list[LoraChoice] | None = Field(
         None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
     )
+    cache: StepCacheChoice | None = Field(
+        None, description="kleinserve extension: step caching on Base models ({type, threshold}; changes pixels)."
+    )
 
     def references(self) -> list[str]:
         source = self.input_image if self.input_image is not None else self.image
@@ -181,6 +191,7 @@ def to_generation_request(
             "output_format": body.output_format,
             "quality": QUALITY[body.output_quality],
             "loras": body.loras or [],
+            "cache": body.cache,
         },
         runtime.settings,
         NAMES,

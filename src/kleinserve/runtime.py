@@ -275,6 +275,7 @@ class Runtime:
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
             engine.step_cache = StepCache.parse(self.settings.step_cache)
+            engine.vae_tile_above_pixels = self.settings.vae_tile_above_pixels
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         pattern=r"^(off|none|taylorseer)(:[0-9]*\.?[0-9]+)?$",
         description="Step caching for Base requests that do not choose: off or taylorseer[:INTERVAL] (5).",
     )
+    vae_tile_above_pixels: int = Field(
+        0,
+        ge=0,
+        description="Decode images with more pixels than this in VAE tiles (less memory, other pixels); 0: never.",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,

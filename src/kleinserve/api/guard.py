@@ -48,7 +48,10 @@ from kleinserve.errors import ForbiddenError, InvalidRequestError, KleinserveErr
 from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
 
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# /metrics checks its own admin token (api/metrics_http.py), which is not an API key.
+PUBLIC_PATHS = frozenset(
+    {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics"}
+)
 PUBLIC_PREFIXES = ("/files/", "/workbench/")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

@@ -26,6 +26,7 @@ from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.guidance import guided_noise_one_batch
 from kleinserve.engine.kv import ReferenceKV, use_kv_processors
 from kleinserve.engine.stepcache import StepCache, in_cache_context, step_caching
+from kleinserve.engine.vae import decode_latents
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -126,6 +127,7 @@ class Engine:
         self.prompt_cache: PromptCache | None = None
         # CFG's two passes as one batch (engine/guidance.py); None: on CUDA only (KLEINSERVE_CFG_BATCH).
         self.cfg_batch: bool | None = None
+        self.vae_tile_above_pixels = 0  # tiled VAE decoding above this many pixels (engine/vae.py); 0: never
         self.step_cache: StepCache | None = None  # the server's default for Base requests (KLEINSERVE_STEP_CACHE)
 
     @property
@@ -487,7 +489,7 @@ class Engine:
             latents.device, latents.dtype
         )
         latents = pipe._unpatchify_latents(latents * std + mean)
-        decoded = vae.decode(latents.to(self.device), return_dict=False)[0]
+        decoded = decode_latents(vae, latents.to(self.device), self.vae_tile_above_pixels, pipe.vae_scale_factor)
         images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
         return images
 

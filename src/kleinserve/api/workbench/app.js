@@ -424,7 +424,8 @@ async function generate(event) {
     showTab('tab-results');
     await poll(true);
   } catch (err) {
-    showError(err.message);
+    // References are checked when the job is submitted, so their errors come back here.
+    showError(failure(err.message));
   } finally {
     $('generate').disabled = false;
   }

@@ -150,7 +150,8 @@ def test_without_an_allow_list_loopback_images_are_refused(
 ) -> None:
     server = make_server().start()
     url = image_server.add("private.png", png_bytes(64, 64))
-    generation_id = enqueue(server, {**QUICK, "input_image": url})
-    failed = wait_terminal(server, generation_id)
-    assert failed["status"] == "failed" and "loopback address" in failed["error_message"]
-    assert "KLEINSERVE_FETCH_ALLOW" in failed["error_message"]
+    # URLs are fetched (and refused) when the job is submitted: a 400 at once, no job.
+    response = httpx.post(f"{server.url}/api/ai/queue", json={**QUICK, "input_image": url}, timeout=30)
+    assert response.status_code == 400
+    detail = response.json()["error"]["detail"]
+    assert "loopback address" in detail and "KLEINSERVE_FETCH_ALLOW" in detail

@@ -19,6 +19,7 @@ from PIL import Image
 from verda.inference_client import AsyncStatus, InferenceClient
 
 from tests.api.conftest import ServerProcess
+from tests.conftest import png_bytes
 
 SMALL: dict[str, Any] = {"prompt": "a small test", "width": 64, "height": 64, "seed": 21}
 SLUG = "flux2-klein-4b"
@@ -79,7 +80,8 @@ def test_async_protocol_headers_and_errors(server: ServerProcess) -> None:
 
 
 def test_async_failure_is_reported_on_the_result(server: ServerProcess) -> None:
-    body = {**SMALL, "input_images": ["http://127.0.0.1:1/nothing.png"]}
+    # Header fine, pixels cut short: accepted at submission (where URLs are checked), fails in the worker.
+    body = {**SMALL, "input_images": [base64.b64encode(png_bytes(64, 64)[:-40]).decode()]}
     accepted = httpx.post(f"{server.url}/{SLUG}/generate", json=body, headers={"Prefer": "respond-async"}, timeout=60)
     headers = {"X-Inference-Id": accepted.json()["Id"]}
     deadline = time.monotonic() + 120

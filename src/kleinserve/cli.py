@@ -86,6 +86,52 @@ def _output_paths(output: Path, fmt: OutputFormat, prompt: str, seeds: list[int]
     return paths
 
 
+# Options more than one command takes, declared once.
+DataDirOption = Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DevicesOption = Annotated[
+    Optional[str],
+    typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
+]
+DtypeOption = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")]
+FetchAllowOption = Annotated[
+    Optional[str],
+    typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
+]
+HostOption = Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")]
+InsecureNoAuthOption = Annotated[
+    bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
+]
+LogFormatOption = Annotated[Optional[str], typer.Option("--log-format", help="text or json.")]
+LogLevelOption = Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")]
+LogPromptsOption = Annotated[
+    bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
+]
+MetricsOption = Annotated[
+    Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
+]
+ModelOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--model", "-m", help="ID or ID=PATH, repeatable; 'auto' (default) falls back to demo weights."),
+]
+NameOption = Annotated[str, typer.Argument(help="The key's name.")]
+PortOption = Annotated[Optional[int], typer.Option(help="Port (default 8000).")]
+PublicUrlOption = Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")]
+SafetyAllowDisableOption = Annotated[
+    bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
+]
+SafetyCheckerOption = Annotated[
+    Optional[str],
+    typer.Option("--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."),
+]
+SafetyPolicyOption = Annotated[
+    Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
+]
+SafetyThresholdOption = Annotated[
+    Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
+]
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw, or how to edit the reference images.")],
@@ -118,8 +164,8 @@ def generate(
         Optional[str], typer.Option("--format", "-f", help="png, jpeg (jpg) or webp (default: from -o, else png).")
     ] = None,
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality, 1-100.")] = 95,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory (created) or file name.")] = Path("out"),
 ) -> None:
     """Generate images from a prompt, optionally editing 1-4 reference images."""
@@ -193,19 +239,13 @@ def generate(
 
 @app.command()
 def serve(
-    model: Annotated[
-        Optional[list[str]],
-        typer.Option("--model", "-m", help="ID or ID=PATH, repeatable; 'auto' (default) falls back to demo weights."),
-    ] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    model: ModelOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, results and demo weights.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
-    devices: Annotated[
-        Optional[str],
-        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
-    ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    devices: DevicesOption = None,
     device_memory: Annotated[
         Optional[float],
         typer.Option("--device-memory", help="GB the models may use on the device (default: what is free)."),
@@ -230,42 +270,22 @@ def serve(
         Optional[list[str]],
         typer.Option("--lora", help="LoRA adapter to offer: NAME=PATH_OR_HUB_ID, a directory or a file; repeatable."),
     ] = None,
-    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
-    insecure_no_auth: Annotated[
-        bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
-    ] = False,
-    fetch_allow: Annotated[
-        Optional[str],
-        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
-    ] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    public_url: PublicUrlOption = None,
+    insecure_no_auth: InsecureNoAuthOption = False,
+    fetch_allow: FetchAllowOption = None,
+    log_level: LogLevelOption = None,
     log_format: Annotated[
         Optional[str], typer.Option("--log-format", help="text (default) or json: one JSON object per line.")
     ] = None,
-    log_prompts: Annotated[
-        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
-    ] = False,
-    metrics: Annotated[
-        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
-    ] = None,
+    log_prompts: LogPromptsOption = False,
+    metrics: MetricsOption = None,
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Also serve metrics on this port (no auth).")
     ] = None,
-    safety_checker: Annotated[
-        Optional[str],
-        typer.Option(
-            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
-        ),
-    ] = None,
-    safety_policy: Annotated[
-        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
-    ] = None,
-    safety_threshold: Annotated[
-        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
-    ] = None,
-    safety_allow_disable: Annotated[
-        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
-    ] = False,
+    safety_checker: SafetyCheckerOption = None,
+    safety_policy: SafetyPolicyOption = None,
+    safety_threshold: SafetyThresholdOption = None,
+    safety_allow_disable: SafetyAllowDisableOption = False,
 ) -> None:
     """Run the HTTP server (Oxen.ai API and more) until interrupted."""
     import logging
@@ -364,22 +384,15 @@ def serve(
 
 @app.command()
 def api(
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
-    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL for result links.")] = None,
-    insecure_no_auth: Annotated[
-        bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback address without API keys.")
-    ] = False,
-    fetch_allow: Annotated[
-        Optional[str],
-        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
-    ] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
-    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
-    metrics: Annotated[
-        Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
-    ] = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    data_dir: DataDirOption = None,
+    public_url: PublicUrlOption = None,
+    insecure_no_auth: InsecureNoAuthOption = False,
+    fetch_allow: FetchAllowOption = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
+    metrics: MetricsOption = None,
 ) -> None:
     """Run the HTTP API only (no models, no torch): jobs go to `kleinserve worker` processes sharing
     the database (KLEINSERVE_DATABASE_URL) and the results storage."""
@@ -424,44 +437,22 @@ def api(
 
 @app.command()
 def worker(
-    model: Annotated[
-        Optional[list[str]],
-        typer.Option("--model", "-m", help="ID or ID=PATH, repeatable; 'auto' (default) falls back to demo weights."),
-    ] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs and results (with SQLite).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    devices: Annotated[
-        Optional[str],
-        typer.Option(help="One worker per device, one queue: cuda:0,cuda:1, cpu,cpu or auto (every GPU)."),
-    ] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
-    fetch_allow: Annotated[
-        Optional[str],
-        typer.Option("--fetch-allow", help="Comma-separated hosts or CIDR networks image URLs may reach."),
-    ] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug, info, warning or error.")] = None,
-    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text or json.")] = None,
+    model: ModelOption = None,
+    data_dir: DataDirOption = None,
+    device: DeviceOption = None,
+    devices: DevicesOption = None,
+    dtype: DtypeOption = None,
+    fetch_allow: FetchAllowOption = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
     metrics_port: Annotated[
         Optional[int], typer.Option("--metrics-port", help="Serve this worker's Prometheus metrics on this port.")
     ] = None,
-    log_prompts: Annotated[
-        bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
-    ] = False,
-    safety_checker: Annotated[
-        Optional[str],
-        typer.Option(
-            "--safety-checker", help="off (default) or an image classifier, e.g. Falconsai/nsfw_image_detection."
-        ),
-    ] = None,
-    safety_policy: Annotated[
-        Optional[str], typer.Option("--safety-policy", help="flag, blur (default) or refuse a flagged image.")
-    ] = None,
-    safety_threshold: Annotated[
-        Optional[float], typer.Option("--safety-threshold", help="nsfw score that flags an image (0.85).")
-    ] = None,
-    safety_allow_disable: Annotated[
-        bool, typer.Option("--safety-allow-disable", help="Let clients skip the checker per request.")
-    ] = False,
+    log_prompts: LogPromptsOption = False,
+    safety_checker: SafetyCheckerOption = None,
+    safety_policy: SafetyPolicyOption = None,
+    safety_threshold: SafetyThresholdOption = None,
+    safety_allow_disable: SafetyAllowDisableOption = False,
 ) -> None:
     """Run a worker (no HTTP): load the models and run queued jobs for them until SIGTERM, which
     hands the running job back to the queue."""
@@ -566,7 +557,7 @@ def keys_list(data_dir: DataDir = None) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
+def keys_revoke(name: NameOption, data_dir: DataDir = None) -> None:
     """Revoke a key: it stops working at once."""
     try:
         with _keys(data_dir) as store:
@@ -577,7 +568,7 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], da
 
 
 @keys_app.command("usage")
-def keys_usage(name: Annotated[str, typer.Argument(help="The key's name.")], data_dir: DataDir = None) -> None:
+def keys_usage(name: NameOption, data_dir: DataDir = None) -> None:
     """What a key has generated and spent."""
     try:
         with _keys(data_dir) as store:
@@ -640,8 +631,8 @@ def make_tiny_command(
 @app.command()
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="ID=PATH (or ID) of the weights to measure.")],
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     size: Annotated[int, typer.Option(help="Output width and height, a multiple of 16.")] = 512,
     steps: Annotated[Optional[int], typer.Option(help="Steps of the distilled cases (default: the variant's).")] = None,
     base_steps: Annotated[int, typer.Option("--base-steps", help="Steps of the Base (CFG) cases.")] = 50,

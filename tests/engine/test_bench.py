@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kleinserve.cli import app
+from kleinserve.engine.bench.cases import CASES, prompts_for
 from kleinserve.engine.bench.measure import STAGES
 from kleinserve.engine.tiny import make_tiny
 
@@ -76,3 +77,15 @@ def test_bench_measures_a_memory_mode(tmp_path: Path, tiny_distilled: Path) -> N
     assert report["cases"][0]["max_pixel_diff"] == 0  # both sides run the same quantised modules
     refused = CliRunner().invoke(app, ["bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--quantize", "fp8"])
     assert refused.exit_code == 1 and "fp8 needs a CUDA GPU" in refused.stderr
+
+
+def test_unique_prompts_never_repeat_across_cases() -> None:
+    # A prompt met by an earlier case would be a prompt-cache hit, timed as if it were new.
+    seen: set[str] = set()
+    for case in CASES.values():
+        if not case.unique_prompts:
+            continue
+        for run in range(3):
+            prompts = prompts_for(case, run)
+            assert not seen & set(prompts), case.name
+            seen |= set(prompts)

@@ -63,10 +63,14 @@ BENCH_GUIDANCE = 4.0
 
 
 def prompts_for(case: Case, run: int) -> list[str]:
-    """The prompts of one run: new ones per run (and per request), or one fixed prompt."""
+    """The prompts of one run: new ones per case, run and request, or one fixed prompt.
+
+    The case name is part of a unique prompt: with the run number alone, a later case met the
+    prompts an earlier case had already put in the prompt cache, and timed cache hits as "unique".
+    """
     if not case.unique_prompts:
         return ["a lighthouse on a cliff at dusk, oil painting"] * case.requests
-    return [f"a red fox number {run}-{i} in fresh snow, photo" for i in range(case.requests)]
+    return [f"a red fox number {case.name}-{run}-{i} in fresh snow, photo" for i in range(case.requests)]
 
 
 def reference_images(count: int, size: int) -> list[Image.Image]:

@@ -82,3 +82,24 @@ def test_two_cpu_workers_take_jobs_from_one_queue_at_once(tmp_path: Path, tiny_d
         assert seen == {"worker-0", "worker-1"}
     finally:
         runtime.stop()
+
+
+def test_readyz_reports_each_device(tmp_path: Path, tiny_distilled: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from kleinserve.api.app import create_app
+
+    settings = Settings(data_dir=tmp_path, devices="cpu,cpu", dtype="float32")
+    # A loopback Host: the request guard refuses TestClient's default "testserver" with a 400.
+    app = create_app(settings, [ServedModel(KLEIN_4B, tiny_distilled)])
+    with TestClient(app, base_url="http://localhost") as client:
+        deadline = time.monotonic() + 300
+        while (response := client.get("/readyz")).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        body = response.json()
+    assert response.status_code == 200, body
+    assert body["device"] == "cpu,cpu"
+    assert [(d["device"], d["state"], d["worker"], d["job"]) for d in body["devices"]] == [
+        ("cpu", "ready", "worker-0", None),
+        ("cpu", "ready", "worker-1", None),
+    ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
@@ -187,6 +188,18 @@ class Job(BaseModel):
         if new is JobStatus.SUCCEEDED and fields.get("result") is None:
             raise InvalidTransitionError("a succeeded job needs its result")
         return self._to(new, completed_at=at, lease_until=None, **fields)
+
+    def forced(self, new: JobStatus, expect: Iterable[JobStatus] | None, at: float, **fields: object) -> Job | None:
+        """A status change outside the leased path (tests and maintenance): ``None`` unless the job
+        is in ``expect`` (default: any status) and the lifecycle allows ``new``; a terminal status
+        gets ``completed_at`` unless ``fields`` set it."""
+        allowed = set(expect) if expect is not None else set(JobStatus)
+        if self.status not in allowed or new not in ALLOWED_TRANSITIONS[self.status]:
+            return None
+        changed = self.model_copy(update={"status": new, **fields})
+        if new.terminal and changed.completed_at is None:
+            changed.completed_at = at
+        return changed
 
     def with_cancel_request(self, at: float) -> Job:
         """A queued job cancelled now; a processing one flagged for its worker; others unchanged."""

@@ -37,7 +37,7 @@ from psycopg.types.json import Jsonb
 
 from kleinserve.jobs.admission import Admission, take_or_refuse
 from kleinserve.jobs.events import Event, EventType, lifecycle_event
-from kleinserve.jobs.job import ALLOWED_TRANSITIONS, Job, JobStatus, now
+from kleinserve.jobs.job import Job, JobStatus, now
 from kleinserve.jobs.store.base import WorkerInfo
 from kleinserve.keys import ApiKey
 from kleinserve.postgres.database import PgDatabase, advisory_key
@@ -293,13 +293,8 @@ class PgJobStore:
             job = self._lock(db, job_id)
             if job is None:
                 return None
-            allowed = set(expect) if expect is not None else set(JobStatus)
-            if job.status not in allowed or new not in ALLOWED_TRANSITIONS[job.status]:
-                return None
-            changed = job.model_copy(update={"status": new, **fields})
-            if new.terminal and changed.completed_at is None:
-                changed.completed_at = now()
-            return self._save(db, job, changed)
+            changed = job.forced(new, expect, now(), **fields)
+            return None if changed is None else self._save(db, job, changed)
 
     def update(self, job_id: str, **fields: Any) -> Job | None:
         """Set fields that are not the status (tests and maintenance)."""

@@ -17,7 +17,6 @@ import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kleinserve.engine.engine import (
@@ -28,6 +27,7 @@ from kleinserve.engine.engine import (
     EngineOutput,
     Progress,
     ProgressCallback,
+    denoising_schedule,
 )
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -76,9 +76,6 @@ def generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]:
 
 
 def _generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-
     pipe = engine.pipeline
     first = items[0].inputs
     counts = [item.inputs.num_images for item in items]
@@ -125,14 +122,7 @@ def _generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]
         device=engine.device,
         generator=generators,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    steps = first.steps
-    sigmas: np.ndarray | None = np.linspace(1.0, 1 / steps, steps)
-    if getattr(scheduler.config, "use_flow_sigmas", False):
-        sigmas = None
-    mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
-    timesteps, _ = retrieve_timesteps(scheduler, steps, engine.device, sigmas=sigmas, mu=mu)
-    scheduler.set_begin_index(0)
+    scheduler, timesteps = denoising_schedule(pipe, first.steps, latents.shape[1], engine.device)
 
     # owner[r]: the item whose image is row r of every batched tensor.
     owner = [index for index, n in enumerate(counts) for _ in range(n)]
@@ -196,7 +186,7 @@ def _generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]
                 seeds=seeds[index],
                 width=mine[0].width,
                 height=mine[0].height,
-                steps=steps,
+                steps=first.steps,
                 guidance=items[index].inputs.guidance,
                 cfg=cfg,
                 timings=dict(timings),

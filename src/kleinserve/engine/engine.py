@@ -94,6 +94,23 @@ class _StopEncoding(Exception):
     """Raised from a forward hook once the deepest tapped text-encoder layer has run."""
 
 
+def denoising_schedule(pipe: Any, steps: int, image_seq_len: int, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """A private scheduler (the pipeline's own carries step state) set to ``steps`` timesteps as
+    ``Flux2KleinPipeline`` sets them: linear sigmas unless the config uses flow sigmas, shifted by
+    the empirical mu of the image's sequence length. Returns (scheduler, timesteps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sigmas: np.ndarray | None = np.linspace(1.0, 1 / steps, steps)
+    if getattr(scheduler.config, "use_flow_sigmas", False):
+        sigmas = None
+    mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+    scheduler.set_begin_index(0)
+    return scheduler, timesteps
+
+
 class Engine:
     """One loaded klein model on one device: typed inputs in, PIL images out.
 
@@ -281,9 +298,6 @@ class Engine:
         should_cancel: CancelCheck | None,
         prompt_embedding: torch.Tensor | None,
     ) -> EngineOutput:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-
         pipe = self.pipeline
         report = on_progress or (lambda _p: None)
         cancelled = should_cancel or (lambda: False)
@@ -331,15 +345,7 @@ class Engine:
             device=self.device,
             generator=generators,
         )
-        # A private scheduler per generation: the shared one carries step state.
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        steps = inputs.steps
-        sigmas: np.ndarray | None = np.linspace(1.0, 1 / steps, steps)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
-        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
+        scheduler, timesteps = denoising_schedule(pipe, inputs.steps, latents.shape[1], self.device)
 
         kv = None
         if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:

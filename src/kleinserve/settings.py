@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Decode images with more pixels than this in VAE tiles (less memory, other pixels); 0: never.",
     )
+    preview_decoder: str | None = Field(
+        None,
+        description="Tiny autoencoder for live previews: a directory or hub repo id in diffusers format "
+        "(fal/FLUX.2-Tiny-AutoEncoder); unset: a latent-to-RGB projection derived from the model's VAE.",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,

@@ -32,6 +32,7 @@ from kleinserve.errors import GenerationCancelledError, KleinserveError
 from kleinserve.generation import run_request
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
+from kleinserve.jobs.previews import PreviewWriter
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.safety import SafetyChecker, SafetyRefusal
 from kleinserve.storage.base import Storage
@@ -204,6 +205,7 @@ class Worker:
                         self._lost.set()
                         raise _LostLease()
                     self.bus.notify()
+                PreviewWriter(self.storage, self.bus).on_progress(job, progress)  # only if the job asked
 
             result = run_request(
                 job.request,

@@ -346,6 +346,7 @@ def test_full_request_round_trips() -> None:
         "cache": None,
         "safety_tolerance": None,
         "strength": None,
+        "previews": 0,
     }
     again = GenerationRequest.parse(dumped)
     assert again == request

@@ -377,7 +377,9 @@ def test_preview_events_are_opt_in(server: ServerProcess) -> None:
     until = f'"generation_id":"{generation_id}","status":"succeeded"'
     plain = read_events(server, {}, until)
     assert not [f for f in plain if f.get("event") == "kleinserve.generation.preview"]
-    frames = read_events(server, {}, until, path="/api/events?previews=true")
+    # The same events again, replayed from before this generation's first one, now with its previews.
+    first = min(int(f["id"]) for f in plain if generation_id in f.get("data", "") and "id" in f)
+    frames = read_events(server, {"Last-Event-ID": str(first - 1)}, until, path="/api/events?previews=true")
     previews = [json.loads(f["data"]) for f in frames if f.get("event") == "kleinserve.generation.preview"]
     assert [(p["index"], p["step"], p["total"]) for p in previews] == [(0, 1, 3), (1, 2, 3)]
     for preview in previews:

@@ -79,9 +79,12 @@ def test_incompatible_requests_have_other_keys(distilled_engine: Engine) -> None
     plain = EngineInputs("x", 4, 1.0, 1, width=64, height=64)
     assert batch_key(distilled_engine, plain, (("a", 1.0),)) != key
     assert batch_key(distilled_engine, plain, (("a", 1.0),)) != batch_key(distilled_engine, plain, (("a", 0.5),))
-    # What the batched loop does not implement runs alone: image-to-image, step caching.
+    # What the batched loop does not implement runs alone: image-to-image, inpainting, step caching.
     image = Image.new("RGB", (64, 64))
     assert batch_key(distilled_engine, EngineInputs("x", 4, 1.0, 1, references=[image], strength=0.5)) is None
+    assert (
+        batch_key(distilled_engine, EngineInputs("x", 4, 1.0, 1, references=[image], mask=image.convert("L"))) is None
+    )
     cached = EngineInputs("x", 4, 4.0, 1, width=64, height=64, step_cache=StepCache("taylorseer", 5))
     assert batch_key(distilled_engine, cached) is None
 

@@ -56,7 +56,7 @@ def batch_key(engine: Engine, inputs: EngineInputs, loras: tuple[tuple[str, floa
     The key holds the model, size, steps, guidance, the shapes of the references after their
     preprocessing and ``loras`` (the LoRA adapters and scales, which are set on the shared
     transformer). Inputs the batched loop does not implement run alone: image-to-image
-    (``strength``), step caching, the K/V-cached references of 9B-KV, and any other field of
+    (``strength``), inpainting (``mask``), step caching, the K/V-cached references of 9B-KV, and any other field of
     :class:`EngineInputs` away from its default (a new field runs alone until this path learns it).
     """
     if engine.variant.kv_cache and inputs.references:

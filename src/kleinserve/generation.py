@@ -16,6 +16,7 @@ from PIL import Image
 
 from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, ProgressCallback
 from kleinserve.engine.images import EncodedImage, encode_image
+from kleinserve.engine.masks import check_mask_size
 from kleinserve.engine.stepcache import DEFAULT_THRESHOLDS, StepCache
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError
@@ -76,13 +77,15 @@ def run_request(
     engine: Engine,
     references: Sequence[Image.Image] = (),
     *,
+    mask: Image.Image | None = None,
     on_progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> GenerationResult:
     """Generate and encode every image ``request`` asks for on ``engine``.
 
     ``references`` are ``request.images`` already loaded (:func:`~kleinserve.engine.images.load_references`),
-    so callers can refuse bad inputs before they load a model.
+    and ``mask`` is ``request.mask`` loaded (:func:`~kleinserve.engine.masks.load_mask`), so callers
+    can refuse bad inputs before they load a model.
     """
     variant = find_variant(request.model)
     if variant.id != engine.variant.id:
@@ -90,6 +93,10 @@ def run_request(
     steps, guidance, seed = resolved_parameters(request, variant)
     if len(references) != len(request.images):
         raise InvalidParameterError("images", "references were not loaded for this request")
+    if (mask is None) != (request.mask is None):
+        raise InvalidParameterError("mask", "the mask was not loaded for this request")
+    if mask is not None:
+        check_mask_size(mask.size, references[0].size)
     timings: dict[str, float] = {}
     if request.loras and engine.adapters is None:
         raise InvalidParameterError("loras", "this server offers no LoRA adapters")
@@ -108,6 +115,7 @@ def run_request(
             negative_prompt=request.negative_prompt or "",
             step_cache=step_cache_for(request, engine),
             strength=request.strength,
+            mask=mask,
         ),
         on_progress=on_progress,
         should_cancel=should_cancel,

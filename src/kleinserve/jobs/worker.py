@@ -28,6 +28,7 @@ from typing import Any
 from kleinserve import logs, metrics
 from kleinserve.engine.engine import Engine, Progress
 from kleinserve.engine.images import InputPolicy, load_references
+from kleinserve.engine.masks import load_mask
 from kleinserve.errors import GenerationCancelledError, KleinserveError
 from kleinserve.generation import run_request
 from kleinserve.jobs.events import EventBus
@@ -194,6 +195,7 @@ class Worker:
             if self._should_stop(job):
                 raise GenerationCancelledError()
             references = load_references(job.request.images, self.policy)
+            mask = load_mask(job.request.mask, self.policy) if job.request.mask else None
 
             def on_progress(progress: Progress) -> None:
                 if progress.stage == "denoise":
@@ -209,6 +211,7 @@ class Worker:
                 job.request,
                 engine,
                 references,
+                mask=mask,
                 on_progress=on_progress,
                 should_cancel=lambda: self._should_stop(job),
             )

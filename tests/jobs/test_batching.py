@@ -29,7 +29,7 @@ from kleinserve.jobs.events import StoreEventBus
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.service import JobService
 from kleinserve.jobs.store import SQLiteJobStore
-from kleinserve.jobs.worker import Worker
+from kleinserve.jobs.worker import Worker, auto_max_batch
 from kleinserve.loras import LoraSource
 from kleinserve.request import GenerationRequest
 from kleinserve.storage.local import LocalStorage
@@ -259,3 +259,29 @@ def test_a_lost_lease_drops_only_that_job_and_waiting_jobs_keep_theirs(system: S
     after = system.store.get(jobs[0].id)
     assert after is not None and after.status is JobStatus.PROCESSING and after.worker_id == "another-worker"
     assert after.result is None
+
+
+def test_the_settings_reach_the_runtime_worker(tmp_path: Path, tiny_distilled: Path) -> None:
+    """KLEINSERVE_MAX_BATCH / KLEINSERVE_BATCH_WINDOW_MS as a server gets them: jobs submitted at once batch."""
+    from kleinserve.engine.catalog import ServedModel
+    from kleinserve.runtime import Runtime
+    from kleinserve.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, device="cpu", dtype="float32", max_batch=3, batch_window_ms=50)
+    runtime = Runtime(settings, [ServedModel(find_variant(MODEL), tiny_distilled)])
+    try:
+        asyncio.run(runtime.start())
+        assert runtime.ready, runtime.load_error
+        [worker] = runtime.workers
+        assert (worker.max_batch, worker.batch_window) == (3, 0.05)
+        runs_before, jobs_before = batch_jobs_count()
+        requests = [GenerationRequest.parse({"prompt": f"at once {i}", "seed": i, **SMALL}) for i in range(2)]
+        jobs = runtime.service.submit(requests)
+        done = [asyncio.run(runtime.service.wait(job.id, TIMEOUT)) for job in jobs]
+        assert [job.status for job in done] == [JobStatus.SUCCEEDED] * 2
+        runs, jobs_total = batch_jobs_count()
+        assert (runs - runs_before, jobs_total - jobs_before) == (1, 2)
+    finally:
+        runtime.stop()
+    # Without the setting, a CPU server does not batch (CUDA ones batch 4).
+    assert Settings(data_dir=tmp_path).max_batch is None and auto_max_batch(worker.engines) == 1

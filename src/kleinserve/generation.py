@@ -17,6 +17,7 @@ from PIL import Image
 
 from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, EngineOutput, ProgressCallback
 from kleinserve.engine.images import EncodedImage, encode_image
+from kleinserve.engine.masks import check_mask_size
 from kleinserve.engine.stepcache import DEFAULT_THRESHOLDS, StepCache
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError
@@ -72,11 +73,17 @@ def step_cache_for(request: GenerationRequest, engine: Engine) -> StepCache | No
     return StepCache(choice.type, choice.threshold or DEFAULT_THRESHOLDS[choice.type])
 
 
-def prepare_inputs(request: GenerationRequest, engine: Engine, references: Sequence[Image.Image] = ()) -> EngineInputs:
+def prepare_inputs(
+    request: GenerationRequest,
+    engine: Engine,
+    references: Sequence[Image.Image] = (),
+    mask: Image.Image | None = None,
+) -> EngineInputs:
     """The engine's inputs for ``request`` (its defaults applied, a random seed drawn when it has none).
 
     ``references`` are ``request.images`` already loaded (:func:`~kleinserve.engine.images.load_references`),
-    so callers can refuse bad inputs before they load a model. Refuses what ``engine`` cannot run.
+    and ``mask`` is ``request.mask`` loaded (:func:`~kleinserve.engine.masks.load_mask`), so callers
+    can refuse bad inputs before they load a model. Refuses what ``engine`` cannot run.
     """
     variant = find_variant(request.model)
     if variant.id != engine.variant.id:
@@ -84,6 +91,10 @@ def prepare_inputs(request: GenerationRequest, engine: Engine, references: Seque
     steps, guidance, seed = resolved_parameters(request, variant)
     if len(references) != len(request.images):
         raise InvalidParameterError("images", "references were not loaded for this request")
+    if (mask is None) != (request.mask is None):
+        raise InvalidParameterError("mask", "the mask was not loaded for this request")
+    if mask is not None:
+        check_mask_size(mask.size, references[0].size)
     if request.loras and engine.adapters is None:
         raise InvalidParameterError("loras", "this server offers no LoRA adapters")
     return EngineInputs(
@@ -98,6 +109,7 @@ def prepare_inputs(request: GenerationRequest, engine: Engine, references: Seque
         negative_prompt=request.negative_prompt or "",
         step_cache=step_cache_for(request, engine),
         strength=request.strength,
+        mask=mask,
     )
 
 
@@ -141,13 +153,14 @@ def run_request(
     engine: Engine,
     references: Sequence[Image.Image] = (),
     *,
+    mask: Image.Image | None = None,
     on_progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> GenerationResult:
     """Generate and encode every image ``request`` asks for on ``engine``: :func:`prepare_inputs`,
     :func:`activate_loras`, :meth:`Engine.generate`, :func:`encode_output` (the worker's batched path
     runs the same steps around :func:`~kleinserve.engine.batch.generate_batch`)."""
-    inputs = prepare_inputs(request, engine, references)
+    inputs = prepare_inputs(request, engine, references, mask)
     activate_loras(request, engine)
     output = engine.generate(inputs, on_progress=on_progress, should_cancel=should_cancel)
     return encode_output(request, output)

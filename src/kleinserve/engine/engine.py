@@ -433,6 +433,7 @@ class Engine:
         def step(noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
             stepped: torch.Tensor = scheduler.step(noise, t, latents, return_dict=False)[0]
             return stepped if blend is None else blend(scheduler, i, stepped)
+
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
         # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does.

@@ -38,6 +38,7 @@ from kleinserve import logs, metrics
 from kleinserve.engine.batch import BatchItem, Outcome, batch_key, generate_batch
 from kleinserve.engine.engine import Engine, EngineInputs, EngineOutput, Progress
 from kleinserve.engine.images import InputPolicy, load_references
+from kleinserve.engine.masks import load_mask
 from kleinserve.errors import GenerationCancelledError, KleinserveError, ResourceExhaustedError
 from kleinserve.generation import activate_loras, encode_output, lora_key, prepare_inputs
 from kleinserve.jobs.events import EventBus
@@ -270,7 +271,8 @@ class Worker:
                     if self._should_stop(job):
                         raise GenerationCancelledError()
                     references = load_references(job.request.images, self.policy)
-                    inputs = prepare_inputs(job.request, engine, references)
+                    mask = load_mask(job.request.mask, self.policy) if job.request.mask else None
+                    inputs = prepare_inputs(job.request, engine, references, mask)
                     key = batch_key(engine, inputs, lora_key(job.request)) if self.max_batch > 1 else None
                 except Exception as err:
                     self._ended(job, err)

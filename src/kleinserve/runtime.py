@@ -167,6 +167,9 @@ class Runtime:
     device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     started_at: float = field(default_factory=time.time, init=False)
     advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
+    # Engines already loaded by the caller (``kleinserve bench`` serves the modules it times in
+    # process); every worker then uses them instead of loading ``served`` again.
+    preloaded: dict[str, Engine] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         data_dir = self.settings.data_dir
@@ -269,7 +272,10 @@ class Runtime:
 
         assert self.served is not None
         _, options = load_options_for(self.settings, device)
-        engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
+        if self.preloaded is not None:
+            engines = dict(self.preloaded)
+        else:
+            engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
         cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
         for engine in engines.values():
             engine.prompt_cache = cache

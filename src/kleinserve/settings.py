@@ -49,6 +49,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Decode images with more pixels than this in VAE tiles (less memory, other pixels); 0: never.",
     )
+    vae_channels_last: bool = Field(
+        False,
+        description="The VAE's convolutions in channels_last (faster on CPU and GPU; pixels differ from diffusers' "
+        "by float rounding).",
+    )
+    decoder: str = Field(
+        "full",
+        pattern=r"^(full|small(=.+)?)$",
+        description="VAE decoder: full (the checkpoint's), small (BFL's FLUX.2-small-decoder from the HF cache or "
+        "hub; faster, other pixels) or small=PATH (a local copy).",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,

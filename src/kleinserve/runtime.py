@@ -297,11 +297,17 @@ class Runtime:
         else:
             engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
         cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
+        tiny = None  # the previews' tiny autoencoder, one per device (engine/preview.py)
+        if self.settings.preview_decoder:
+            from kleinserve.engine.tiny_autoencoder import load_tiny_autoencoder
+
+            tiny = load_tiny_autoencoder(self.settings.preview_decoder, device, options.dtype)
         for engine in engines.values():
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
             engine.step_cache = StepCache.parse(self.settings.step_cache)
             engine.vae_tile_above_pixels = self.settings.vae_tile_above_pixels
+            engine.previews.tiny = tiny
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)

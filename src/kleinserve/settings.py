@@ -58,6 +58,22 @@ class Settings(BaseSettings):
         ge=0,
         description="Decode images with more pixels than this in VAE tiles (less memory, other pixels); 0: never.",
     )
+    vae_channels_last: bool = Field(
+        False,
+        description="The VAE's convolutions in channels_last (faster on CPU and GPU; pixels differ from diffusers' "
+        "by float rounding).",
+    )
+    decoder: str = Field(
+        "full",
+        pattern=r"^(full|small(=.+)?)$",
+        description="VAE decoder: full (the checkpoint's), small (BFL's FLUX.2-small-decoder from the HF cache or "
+        "hub; faster, other pixels) or small=PATH (a local copy).",
+    )
+    preview_decoder: str | None = Field(
+        None,
+        description="Tiny autoencoder for live previews: a directory or hub repo id in diffusers format "
+        "(fal/FLUX.2-Tiny-AutoEncoder); unset: a latent-to-RGB projection derived from the model's VAE.",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,

@@ -205,7 +205,7 @@ class Runtime:
             max_queue_per_key=self.settings.queue_share(),
         )
         self.service.models_elsewhere = self.role == "api"
-        self.keys = backends.key_store(self.settings)
+        self.keys = backends.key_store(self.settings, self.store)
         self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)

@@ -13,6 +13,7 @@ from kleinserve.cli.console import err_console, fail
 from kleinserve.cli.options import (
     BatchWindowOption,
     DataDirOption,
+    DecoderOption,
     DeviceOption,
     DevicesOption,
     DtypeOption,
@@ -31,6 +32,8 @@ from kleinserve.cli.options import (
     SafetyCheckerOption,
     SafetyPolicyOption,
     SafetyThresholdOption,
+    VaeChannelsLastOption,
+    VaeTileAboveOption,
     build_settings,
 )
 from kleinserve.errors import KleinserveError
@@ -72,6 +75,9 @@ def serve(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
     ] = None,
+    decoder: DecoderOption = None,
+    vae_channels_last: VaeChannelsLastOption = False,
+    vae_tile_above_pixels: VaeTileAboveOption = None,
     max_batch: MaxBatchOption = None,
     batch_window_ms: BatchWindowOption = None,
     lora: Annotated[
@@ -121,6 +127,9 @@ def serve(
         text_encoder_device=text_encoder_device,
         compile=compile_blocks or None,
         attention_backend=attention_backend,
+        decoder=decoder,
+        vae_channels_last=vae_channels_last or None,
+        vae_tile_above_pixels=vae_tile_above_pixels,
         max_batch=max_batch,
         batch_window_ms=batch_window_ms,
         loras=lora,
@@ -250,6 +259,9 @@ def worker(
     device: DeviceOption = None,
     devices: DevicesOption = None,
     dtype: DtypeOption = None,
+    decoder: DecoderOption = None,
+    vae_channels_last: VaeChannelsLastOption = False,
+    vae_tile_above_pixels: VaeTileAboveOption = None,
     max_batch: MaxBatchOption = None,
     batch_window_ms: BatchWindowOption = None,
     fetch_allow: FetchAllowOption = None,
@@ -277,6 +289,9 @@ def worker(
         device=device,
         devices=devices,
         dtype=dtype,
+        decoder=decoder,
+        vae_channels_last=vae_channels_last or None,
+        vae_tile_above_pixels=vae_tile_above_pixels,
         max_batch=max_batch,
         batch_window_ms=batch_window_ms,
         fetch_allow=fetch_allow,

@@ -205,7 +205,7 @@ class Runtime:
             max_queue_per_key=self.settings.queue_share(),
         )
         self.service.models_elsewhere = self.role == "api"
-        self.keys = backends.key_store(self.settings)
+        self.keys = backends.key_store(self.settings, self.store)
         self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
@@ -302,6 +302,7 @@ class Runtime:
             from kleinserve.engine.tiny_autoencoder import load_tiny_autoencoder
 
             tiny = load_tiny_autoencoder(self.settings.preview_decoder, device, options.dtype)
+            log.info("previews on %s: tiny autoencoder %s", device, self.settings.preview_decoder)
         for engine in engines.values():
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)

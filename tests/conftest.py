@@ -64,6 +64,14 @@ def tiny_lora(tiny_distilled: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny autoencoder for the previews, fitting the tiny checkpoints' latents (a few kB)."""
+    from kleinserve.engine.tiny import make_tiny_autoencoder
+
+    return make_tiny_autoencoder(tmp_path_factory.mktemp("tiny-autoencoder"))
+
+
+@pytest.fixture(scope="session")
 def tiny_small_decoder(tiny_distilled: Path) -> Path:
     """A random small decoder (the tiny checkpoint's encoder, a narrower decoder), BFL's layout."""
     from kleinserve.engine.decoder import make_tiny_small_decoder

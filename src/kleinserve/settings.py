@@ -34,6 +34,15 @@ class Settings(BaseSettings):
             "another file)."
         ),
     )
+    database_pool: int = Field(
+        20,
+        ge=2,
+        le=500,
+        description=(
+            "PostgreSQL connections one process may hold (one pool shared by its job, key and webhook "
+            "stores); mind the server's max_connections across all processes."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
     cfg_batch: Literal["auto", "on", "off"] = Field(
@@ -59,6 +68,11 @@ class Settings(BaseSettings):
         pattern=r"^(full|small(=.+)?)$",
         description="VAE decoder: full (the checkpoint's), small (BFL's FLUX.2-small-decoder from the HF cache or "
         "hub; faster, other pixels) or small=PATH (a local copy).",
+    )
+    preview_decoder: str | None = Field(
+        None,
+        description="Tiny autoencoder for live previews: a directory or hub repo id in diffusers format "
+        "(fal/FLUX.2-Tiny-AutoEncoder); unset: a latent-to-RGB projection derived from the model's VAE.",
     )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,

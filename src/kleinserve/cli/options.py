@@ -62,6 +62,14 @@ VaeTileAboveOption = Annotated[
     Optional[int],
     typer.Option("--vae-tile-above-pixels", help="Decode images with more pixels than this in tiles (0: never)."),
 ]
+PreviewDecoderOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--preview-decoder",
+        help="Tiny autoencoder for live previews: a directory or hub repo id (fal/FLUX.2-Tiny-AutoEncoder); "
+        "default: a latent-to-RGB projection.",
+    ),
+]
 MetricsOption = Annotated[
     Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
 ]

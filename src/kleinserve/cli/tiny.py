@@ -36,6 +36,12 @@ def make_tiny_command(
             "--small-decoder", help="Also write a random small decoder (BFL's layout) to DIRECTORY/small-decoder."
         ),
     ] = False,
+    preview_decoder: Annotated[
+        bool,
+        typer.Option(
+            "--preview-decoder", help="Also write a random tiny autoencoder for previews to DIRECTORY/preview-decoder."
+        ),
+    ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
     from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
@@ -64,3 +70,11 @@ def make_tiny_command(
 
         path = make_tiny_small_decoder(directory, directory / "small-decoder", seed)
         out_console.print(f"wrote a random small decoder to {path} (serve it with --decoder small={path})")
+    if preview_decoder:
+        from kleinserve.engine.tiny import make_tiny_autoencoder
+
+        channels = 4 * PRESETS[preset].latent_channels  # the transformer's packed latents
+        path = make_tiny_autoencoder(directory / "preview-decoder", channels, seed)
+        out_console.print(
+            f"wrote a tiny preview decoder to {path} (serve it with --preview-decoder {path})", highlight=False
+        )

@@ -150,5 +150,9 @@ def test_bad_variations_are_openai_400s(client: OpenAI, server: ServerProcess, t
     with write(tmp_path, "ok.png", png_bytes(32, 32)).open("rb") as file, pytest.raises(openai.BadRequestError) as info:
         client.images.create_variation(image=file, model=MODEL, size="100x100")  # type: ignore[arg-type]
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "size"
+    with write(tmp_path, "dot.png", png_bytes(1, 1)).open("rb") as file, pytest.raises(openai.BadRequestError) as info:
+        client.images.create_variation(image=file, model=MODEL)  # too small to start from (found by schemathesis)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "image"
+    assert "need at least 16 pixels a side" in info.value.body["message"]
     response = httpx.post(f"{server.url}/v1/images/variations", json={"model": MODEL}, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "image", response.text

@@ -49,6 +49,22 @@ class Settings(BaseSettings):
         ge=0,
         description="Decode images with more pixels than this in VAE tiles (less memory, other pixels); 0: never.",
     )
+    vae_channels_last: bool = Field(
+        False,
+        description="The VAE's convolutions in channels_last (faster on CPU and GPU; pixels differ from diffusers' "
+        "by float rounding).",
+    )
+    decoder: str = Field(
+        "full",
+        pattern=r"^(full|small(=.+)?)$",
+        description="VAE decoder: full (the checkpoint's), small (BFL's FLUX.2-small-decoder from the HF cache or "
+        "hub; faster, other pixels) or small=PATH (a local copy).",
+    )
+    preview_decoder: str | None = Field(
+        None,
+        description="Tiny autoencoder for live previews: a directory or hub repo id in diffusers format "
+        "(fal/FLUX.2-Tiny-AutoEncoder); unset: a latent-to-RGB projection derived from the model's VAE.",
+    )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,
@@ -105,6 +121,20 @@ class Settings(BaseSettings):
         30, gt=0, description="A running job's lease: a worker silent this long loses the job to the reaper."
     )
     heartbeat_seconds: float = Field(5, gt=0, description="Seconds between a worker's heartbeats and lease renewals.")
+    max_batch: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Most compatible queued jobs a worker denoises as one batch (same model, size, steps, guidance, "
+        "LoRAs, reference sizes); default: 4 on CUDA, 1 (no batching) on CPU and MPS.",
+    )
+    batch_window_ms: float = Field(
+        20,
+        ge=0,
+        le=10_000,
+        description="Milliseconds a worker waits after claiming a job for more compatible ones to batch it with "
+        "(only when batching is on and the queue had no more).",
+    )
     reap_interval: float = Field(5, gt=0, description="Seconds between looks for jobs whose lease expired.")
     event_poll: float = Field(
         0.1, gt=0, description="Seconds between reads of events other processes wrote (this process's are at once)."

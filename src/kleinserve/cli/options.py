@@ -39,6 +39,14 @@ LogLevelOption = Annotated[Optional[str], typer.Option("--log-level", help="debu
 LogPromptsOption = Annotated[
     bool, typer.Option("--log-prompts", help="Include prompts in job log lines (off by default).")
 ]
+MaxBatchOption = Annotated[
+    Optional[int],
+    typer.Option("--max-batch", help="Most compatible queued jobs denoised as one batch (default: 4 on CUDA, else 1)."),
+]
+BatchWindowOption = Annotated[
+    Optional[float],
+    typer.Option("--batch-window-ms", help="Milliseconds to wait for more compatible jobs to batch (20)."),
+]
 MetricsOption = Annotated[
     Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
 ]

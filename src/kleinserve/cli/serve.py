@@ -11,6 +11,7 @@ import typer
 
 from kleinserve.cli.console import err_console, fail
 from kleinserve.cli.options import (
+    BatchWindowOption,
     DataDirOption,
     DeviceOption,
     DevicesOption,
@@ -21,6 +22,7 @@ from kleinserve.cli.options import (
     LogFormatOption,
     LogLevelOption,
     LogPromptsOption,
+    MaxBatchOption,
     MetricsOption,
     ModelOption,
     PortOption,
@@ -70,6 +72,8 @@ def serve(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
     ] = None,
+    max_batch: MaxBatchOption = None,
+    batch_window_ms: BatchWindowOption = None,
     lora: Annotated[
         Optional[list[str]],
         typer.Option("--lora", help="LoRA adapter to offer: NAME=PATH_OR_HUB_ID, a directory or a file; repeatable."),
@@ -117,6 +121,8 @@ def serve(
         text_encoder_device=text_encoder_device,
         compile=compile_blocks or None,
         attention_backend=attention_backend,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
         loras=lora,
         public_url=public_url,
         insecure_no_auth=insecure_no_auth or None,
@@ -244,6 +250,8 @@ def worker(
     device: DeviceOption = None,
     devices: DevicesOption = None,
     dtype: DtypeOption = None,
+    max_batch: MaxBatchOption = None,
+    batch_window_ms: BatchWindowOption = None,
     fetch_allow: FetchAllowOption = None,
     log_level: LogLevelOption = None,
     log_format: LogFormatOption = None,
@@ -269,6 +277,8 @@ def worker(
         device=device,
         devices=devices,
         dtype=dtype,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
         fetch_allow=fetch_allow,
         log_level=log_level,
         log_format=log_format,

@@ -99,9 +99,7 @@ def starting_point(
     for image in images[1:]:
         references.append(_reference_tensor(inpaint, image))
     condition_latents, condition_ids = inpaint.prepare_image_latents(references, n, generators, device, dtype)
-    return StartingPoint(
-        latents, latent_ids, noise, packed, condition_latents, condition_ids, timesteps, width, height
-    )
+    return StartingPoint(latents, latent_ids, noise, packed, condition_latents, condition_ids, timesteps, width, height)
 
 
 def _linear_sigmas(steps: int) -> Any:

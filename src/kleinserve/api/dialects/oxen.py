@@ -42,6 +42,7 @@ from kleinserve.api.jobs_http import (
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError
+from kleinserve.jobs.events import EventType
 from kleinserve.jobs.job import JobStatus
 from kleinserve.runtime import Runtime
 
@@ -196,6 +197,9 @@ async def events(
     request: Request,
     caller: CallerDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    previews: Annotated[
+        bool, Query(description="true: also kleinserve.generation.preview events (jobs that ask for previews).")
+    ] = False,
 ) -> EventSourceResponse:
     runtime = runtime_of(request)
     if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
@@ -214,6 +218,8 @@ async def events(
         ) as subscription:
             # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
             async for event in while_allowed(runtime, caller, subscription):
+                if event.type is EventType.PREVIEW and not previews:
+                    continue
                 for sse in to_sse(runtime, event):
                     yield sse
 

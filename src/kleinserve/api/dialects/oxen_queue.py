@@ -85,6 +85,7 @@ _OWN_EVENTS = {
     EventType.PROGRESS: "kleinserve.generation.progress",
     EventType.FAILED: "kleinserve.generation.failed",
     EventType.CANCELLED: "kleinserve.generation.cancelled",
+    EventType.PREVIEW: "kleinserve.generation.preview",  # only with ?previews=true
 }
 
 
@@ -113,5 +114,7 @@ def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     if own is not None:
         shown = {k: v for k, v in event.data.items() if k not in _INTERNAL_DATA}
         data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **shown}
+        if event.type is EventType.PREVIEW and isinstance(event.data.get("key"), str):
+            data["url"] = runtime.storage.url(event.data["key"])  # signed here, by the API's storage
         frames.append(frame(data=_compact(data), event=own, id=str(event.seq)))
     return frames

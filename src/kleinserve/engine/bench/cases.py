@@ -22,6 +22,7 @@ from PIL import Image
 from kleinserve.engine.engine import Engine
 from kleinserve.engine.images import encode_image
 from kleinserve.generation import run_request
+from kleinserve.jobs.job import Job
 from kleinserve.request import GenerationRequest, OutputFormat
 from kleinserve.settings import Settings
 
@@ -111,10 +112,12 @@ class Setup:
 def run_kleinserve(
     setup: Setup, case: Case, run: int, seed: int, references: Sequence[Image.Image], clock_add: StageAdd
 ) -> list[Image.Image]:
-    """One run through the path the server takes (``run_request``: engine, then PNG encoding)."""
+    """One run through the path the server takes (``run_request``: engine, then PNG encoding); a case of
+    several requests at once goes through a real queue and Worker (:func:`run_queued`)."""
     engine = setup.base_engine if case.cfg else setup.kv_engine if case.kv else setup.engine
     assert engine is not None
     images: list[Image.Image] = []
+    requests = []
     for prompt in prompts_for(case, run):
         request = GenerationRequest.parse(
             {
@@ -131,9 +134,70 @@ def run_kleinserve(
             },
             setup.settings,
         )
+        if case.requests > 1:
+            requests.append(request)
+            continue
         result = run_request(request, engine, references)
         clock_add("encode_image", result.timings.get("encode", 0.0))
         images.extend(Image.open(io.BytesIO(encoded.data)) for encoded in result.images)
+    if requests:
+        images = run_queued(engine, requests, references, clock_add)
+    return images
+
+
+def run_queued(
+    engine: Engine, requests: Sequence[GenerationRequest], references: Sequence[Image.Image], clock_add: StageAdd
+) -> list[Image.Image]:
+    """Requests submitted at once to a real job queue and run by a server's Worker (a throughput case):
+    a SQLite store, its event bus, local result storage and a Worker batching up to all of them, as
+    ``serve`` wires them; the images are read back from the storage. References go as data URIs."""
+    import asyncio
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    from kleinserve.engine.images import InputPolicy
+    from kleinserve.jobs.events import StoreEventBus
+    from kleinserve.jobs.job import JobStatus
+    from kleinserve.jobs.service import JobService
+    from kleinserve.jobs.store import SQLiteJobStore
+    from kleinserve.jobs.worker import Worker
+    from kleinserve.storage.local import LocalStorage
+
+    uris = [
+        "data:image/png;base64," + base64.b64encode(encode_image(image, OutputFormat.PNG, 95).data).decode()
+        for image in references
+    ]
+    requests = [request.model_copy(update={"images": uris}) for request in requests]
+    with tempfile.TemporaryDirectory(prefix="kleinserve-bench-") as tmp:
+        store = SQLiteJobStore(Path(tmp) / "jobs.sqlite3")
+        bus = StoreEventBus(store, poll_interval=0.05)
+        storage = LocalStorage(Path(tmp) / "files", secret=b"b" * 32, base_url="http://127.0.0.1:8000")
+        service = JobService(store, bus, [engine.variant.id], max_queue=len(requests) + 1)
+        worker = Worker(
+            store, bus, storage, {engine.variant.id: engine}, InputPolicy(), "bench", max_batch=len(requests)
+        )
+        service.on_queued.append(worker.wake)
+        worker.start()
+        try:
+            jobs = service.submit(requests)  # at once: one transaction, one wake-up
+
+            async def finished() -> list[Job]:
+                return [await service.wait(job.id, 3600) for job in jobs]
+
+            done = asyncio.run(finished())
+        finally:
+            worker.stop()
+            bus.close()
+        images = []
+        for job in done:
+            if job.status is not JobStatus.SUCCEEDED or job.result is None:
+                raise RuntimeError(f"bench job {job.status.value}: {job.error_message}")
+            clock_add("encode_image", job.result.timings.get("encode", 0.0))
+            for output in job.result.outputs:
+                with Image.open(io.BytesIO(storage.read(output.key))) as image:
+                    images.append(image.copy())
+        store.close()
     return images
 
 

@@ -187,6 +187,9 @@ class Runtime:
     device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     started_at: float = field(default_factory=time.time, init=False)
     advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
+    # Engines already loaded by the caller (``kleinserve bench`` serves the modules it times in
+    # process); every worker then uses them instead of loading ``served`` again.
+    preloaded: dict[str, Engine] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         data_dir = self.settings.data_dir
@@ -202,7 +205,7 @@ class Runtime:
             max_queue_per_key=self.settings.queue_share(),
         )
         self.service.models_elsewhere = self.role == "api"
-        self.keys = backends.key_store(self.settings)
+        self.keys = backends.key_store(self.settings, self.store)
         self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
@@ -289,7 +292,10 @@ class Runtime:
 
         assert self.served is not None
         _, options = load_options_for(self.settings, device)
-        engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
+        if self.preloaded is not None:
+            engines = dict(self.preloaded)
+        else:
+            engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
         cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
         tiny = None  # the previews' tiny autoencoder, one per device (engine/preview.py)
         if self.settings.preview_decoder:

@@ -34,6 +34,15 @@ class Settings(BaseSettings):
             "another file)."
         ),
     )
+    database_pool: int = Field(
+        20,
+        ge=2,
+        le=500,
+        description=(
+            "PostgreSQL connections one process may hold (one pool shared by its job, key and webhook "
+            "stores); mind the server's max_connections across all processes."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
     cfg_batch: Literal["auto", "on", "off"] = Field(

@@ -218,9 +218,11 @@ def test_corrupt_reference_image(tmp_path: Path, tiny_distilled: Path) -> None:
 
 
 def test_make_tiny_and_models(tmp_path: Path) -> None:
-    code, stdout, _ = run("make-tiny", str(tmp_path / "tiny"), "--variant", "base")
-    assert code == 0 and "tiny base checkpoint" in stdout
+    code, stdout, _ = run("make-tiny", str(tmp_path / "tiny"), "--variant", "base", "--preview-decoder")
+    assert code == 0 and "tiny base checkpoint" in stdout and "tiny preview decoder" in stdout
     assert json.loads((tmp_path / "tiny" / "model_index.json").read_text())["is_distilled"] is False
+    decoder = json.loads((tmp_path / "tiny" / "preview-decoder" / "config.json").read_text())
+    assert decoder["_class_name"] == "Flux2TinyAutoEncoder" and decoder["latent_channels"] == 16
     code, _, stderr = run("make-tiny", str(tmp_path / "t2"), "--variant", "turbo")
     assert code == 1 and "--variant must be distilled, base or kv" in stderr
     code, stdout, _ = run("models")

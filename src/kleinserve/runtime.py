@@ -302,6 +302,7 @@ class Runtime:
             from kleinserve.engine.tiny_autoencoder import load_tiny_autoencoder
 
             tiny = load_tiny_autoencoder(self.settings.preview_decoder, device, options.dtype)
+            log.info("previews on %s: tiny autoencoder %s", device, self.settings.preview_decoder)
         for engine in engines.values():
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)

@@ -24,7 +24,16 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.api.auth import Caller, CallerDep, while_allowed
-from kleinserve.api.dialects.base import Example, FieldNames, submit_and_wait, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    example_request,
+    output_size,
+    submit_and_wait,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -227,14 +236,47 @@ class OxenDialect:
     def model_id(self, variant: Variant) -> str:
         return oxen_id(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        body: dict[str, Any] = {"model": oxen_id(variant), "prompt": req.prompt}
+        carried = {"model", "prompt", "negative_prompt", "strength", "images", "width", "height", "steps"}
+        carried |= {"guidance", "seed", "num_images", "output_format", "loras", "cache"}
+        for name, value in (("negative_prompt", req.negative_prompt), ("strength", req.strength)):
+            if value is not None:
+                body[name] = value
+        if req.images:
+            body["input_image"] = list(req.images)
+        if (size := output_size(req)) is not None:
+            ratio = next((r for r in ASPECT_RATIOS if size_for_aspect_ratio(r) == size), None)
+            body.update({"aspect_ratio": ratio} if ratio else {"image_size": {"width": size[0], "height": size[1]}})
+        for name, value in (("num_inference_steps", req.steps), ("guidance_scale", req.guidance), ("seed", req.seed)):
+            if value is not None:
+                body[name] = value
+        if req.num_images > 1:
+            body["num_generations"] = req.num_images
+        if req.output_format.value != "png":
+            body["output_format"] = req.output_format.value
+            named = {quality: name for name, quality in QUALITY.items()}
+            if req.quality in named:
+                body["output_quality"] = named[req.quality]
+                carried.add("quality")
+        if req.loras:
+            body["loras"] = [choice.model_dump() for choice in req.loras]
+        if req.cache is not None:
+            body["cache"] = req.cache.model_dump(exclude_none=True)
+        dropped = unsaid(req, carried)
         return Example(
             dialect=NAME,
-            title="Oxen.ai: queue a generation",
+            title="Oxen.ai: generate (sync)" if not req.images else "Oxen.ai: edit (sync)",
             method="POST",
-            path=f"{PREFIX}/ai/queue",
-            body={"model": oxen_id(variant), "prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"},
-            notes=("Poll GET /api/ai/queue/{generation_id} or listen on GET /api/events.",),
+            path=f"{PREFIX}/ai/images/{'edit' if req.images else 'generate'}",
+            body=body,
+            notes=(
+                "POST /api/ai/queue takes the same body (what the Workbench sends); poll GET "
+                "/api/ai/queue/{generation_id} or listen on GET /api/events.",
+                *unsaid_note("Oxen", dropped),
+            ),
+            unsaid=dropped,
         )
 
 

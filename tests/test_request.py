@@ -156,6 +156,10 @@ def test_output_format_media_type() -> None:
 _PARSE_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("empty prompt", {"prompt": ""}, {}, "prompt", "must not be empty"),
     ("blank prompt", {"prompt": "  \n\t "}, {}, "prompt", "must not be empty"),
+    ("empty prompt, image, no strength", {"prompt": "", "images": ["x"]}, {}, "prompt", "needs strength"),
+    ("mask without images", {"prompt": "p", "mask": "x"}, {}, "mask", "needs an image to edit"),
+    ("mask with a size", {"prompt": "p", "images": ["x"], "mask": "m", "width": 64, "height": 64}, {}, "mask", "size"),
+    ("empty mask string", {"prompt": "p", "images": ["x"], "mask": " "}, {}, "mask", "must not be an empty string"),
     ("missing prompt", {"width": 1024, "height": 1024}, {}, "prompt", "is required"),
     ("long prompt", {"prompt": "x" * 11}, {"max_prompt_chars": 10}, "prompt", "is 11 characters, over the limit of 10"),
     ("NUL in prompt", {"prompt": "a cat\x00"}, {}, "prompt", "NUL"),
@@ -346,6 +350,7 @@ def test_full_request_round_trips() -> None:
         "cache": None,
         "safety_tolerance": None,
         "strength": None,
+        "mask": None,
     }
     again = GenerationRequest.parse(dumped)
     assert again == request
@@ -384,3 +389,11 @@ def test_max_references_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_keyword_settings_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KLEINSERVE_MAX_REFERENCES", "1")
     assert Settings(max_references=3).max_references == 3
+
+
+def test_an_empty_prompt_is_image_to_image_with_no_instruction() -> None:
+    """OpenAI's variations: "" with strength re-draws the first image (whitespace stays refused)."""
+    request = GenerationRequest.parse({"prompt": "", "images": ["x"], "strength": 0.75})
+    assert request.prompt == "" and request.strength == 0.75
+    with pytest.raises(InvalidParameterError, match="prompt: must not be empty"):
+        GenerationRequest.parse({"prompt": " ", "images": ["x"], "strength": 0.75})

@@ -1,8 +1,9 @@
 """Turning a :class:`GenerationRequest` into encoded images with an :class:`Engine`.
 
-The one place that applies a variant's defaults, draws a random seed when none was given, loads the
-reference images, runs the engine and encodes its output. The CLI and the server's worker both call
-:func:`run_request`, so a request means the same thing wherever it comes from.
+The one place that applies a variant's defaults, draws a random seed when none was given, runs the
+engine and encodes its output. The CLI and the server's worker both go through it (:func:`run_request`
+for one request; the worker's batches through its steps :func:`prepare_inputs` and :func:`encode_output`),
+so a request means the same thing wherever it comes from.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, ProgressCallback
+from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, EngineOutput, ProgressCallback
 from kleinserve.engine.images import EncodedImage, encode_image
+from kleinserve.engine.masks import check_mask_size
 from kleinserve.engine.stepcache import DEFAULT_THRESHOLDS, StepCache
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidParameterError
@@ -71,18 +73,17 @@ def step_cache_for(request: GenerationRequest, engine: Engine) -> StepCache | No
     return StepCache(choice.type, choice.threshold or DEFAULT_THRESHOLDS[choice.type])
 
 
-def run_request(
+def prepare_inputs(
     request: GenerationRequest,
     engine: Engine,
     references: Sequence[Image.Image] = (),
-    *,
-    on_progress: ProgressCallback | None = None,
-    should_cancel: CancelCheck | None = None,
-) -> GenerationResult:
-    """Generate and encode every image ``request`` asks for on ``engine``.
+    mask: Image.Image | None = None,
+) -> EngineInputs:
+    """The engine's inputs for ``request`` (its defaults applied, a random seed drawn when it has none).
 
     ``references`` are ``request.images`` already loaded (:func:`~kleinserve.engine.images.load_references`),
-    so callers can refuse bad inputs before they load a model.
+    and ``mask`` is ``request.mask`` loaded (:func:`~kleinserve.engine.masks.load_mask`), so callers
+    can refuse bad inputs before they load a model. Refuses what ``engine`` cannot run.
     """
     variant = find_variant(request.model)
     if variant.id != engine.variant.id:
@@ -90,31 +91,44 @@ def run_request(
     steps, guidance, seed = resolved_parameters(request, variant)
     if len(references) != len(request.images):
         raise InvalidParameterError("images", "references were not loaded for this request")
-    timings: dict[str, float] = {}
+    if (mask is None) != (request.mask is None):
+        raise InvalidParameterError("mask", "the mask was not loaded for this request")
+    if mask is not None:
+        check_mask_size(mask.size, references[0].size)
     if request.loras and engine.adapters is None:
         raise InvalidParameterError("loras", "this server offers no LoRA adapters")
-    if engine.adapters is not None:
-        engine.adapters.activate(request.loras)  # exactly this job's adapters, or none
-    output = engine.generate(
-        EngineInputs(
-            prompt=request.prompt,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            num_images=request.num_images,
-            references=references,
-            width=request.width,
-            height=request.height,
-            negative_prompt=request.negative_prompt or "",
-            step_cache=step_cache_for(request, engine),
-            strength=request.strength,
-        ),
-        on_progress=on_progress,
-        should_cancel=should_cancel,
+    return EngineInputs(
+        prompt=request.prompt,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        num_images=request.num_images,
+        references=references,
+        width=request.width,
+        height=request.height,
+        negative_prompt=request.negative_prompt or "",
+        step_cache=step_cache_for(request, engine),
+        strength=request.strength,
+        mask=mask,
     )
-    timings.update(output.timings)
+
+
+def lora_key(request: GenerationRequest) -> tuple[tuple[str, float], ...]:
+    """The request's LoRA adapters and scales as a comparable value (requests sharing it share adapters)."""
+    return tuple(sorted((choice.name, choice.scale) for choice in request.loras))
+
+
+def activate_loras(request: GenerationRequest, engine: Engine) -> None:
+    """Put exactly ``request``'s LoRA adapters (or none) on ``engine``; call right before generating."""
+    if engine.adapters is not None:
+        engine.adapters.activate(request.loras)
+
+
+def encode_output(request: GenerationRequest, output: EngineOutput) -> GenerationResult:
+    """Encode the engine's images in the request's format, with their parameters as metadata."""
+    timings = dict(output.timings)
     result = GenerationResult(
-        model=variant.id,
+        model=find_variant(request.model).id,
         images=[],
         seeds=output.seeds,
         width=output.width,
@@ -132,3 +146,21 @@ def run_request(
     ]
     timings["encode"] = time.perf_counter() - started
     return result
+
+
+def run_request(
+    request: GenerationRequest,
+    engine: Engine,
+    references: Sequence[Image.Image] = (),
+    *,
+    mask: Image.Image | None = None,
+    on_progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> GenerationResult:
+    """Generate and encode every image ``request`` asks for on ``engine``: :func:`prepare_inputs`,
+    :func:`activate_loras`, :meth:`Engine.generate`, :func:`encode_output` (the worker's batched path
+    runs the same steps around :func:`~kleinserve.engine.batch.generate_batch`)."""
+    inputs = prepare_inputs(request, engine, references, mask)
+    activate_loras(request, engine)
+    output = engine.generate(inputs, on_progress=on_progress, should_cancel=should_cancel)
+    return encode_output(request, output)

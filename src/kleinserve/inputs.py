@@ -30,10 +30,13 @@ import io
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from PIL import Image
 
 from kleinserve.engine.images import ASSET_PREFIX, InputPolicy, decode_image, encode_image, read_source
+from kleinserve.engine.masks import FIELD as MASK_FIELD
+from kleinserve.engine.masks import check_mask_size, decode_mask
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import (
     InsufficientCreditsError,
@@ -54,6 +57,17 @@ OPEN_OWNER = "open"  # the owner tag of uploads on an open server
 _ACTIVE = (JobStatus.QUEUED, JobStatus.PROCESSING)
 _KEPT_AS_IS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # other formats are stored as PNG
 _CONCURRENCY_RETRY = 5
+
+
+def _oriented_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image as decoding gives it (EXIF rotations swap the sides); None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def owner_tag(owner: str | None) -> str:
@@ -133,14 +147,66 @@ class InputStager:
             if budget < 0:
                 self._over_budget(index)
             read[source] = data
+        masks: dict[str, bytes | str] = {}
+        for request in requests:
+            if request.mask is not None and request.mask not in masks:
+                masks[request.mask], size = self._read_mask(request.mask, owner, policy)
+                budget -= size
+                if budget < 0:
+                    limit = self.settings.max_request_image_bytes
+                    raise InvalidParameterError(
+                        "mask", f"the request's images are over the limit of {limit} bytes in all"
+                    )
+            if request.mask is not None:
+                self._check_mask_fits(masks[request.mask], read[request.images[0]])
         staged = {
             source: value if isinstance(value, str) else ASSET_PREFIX + self._store(value, index, owner, policy.field)
             for index, (source, value) in enumerate(read.items())
         }
+        for source, value in masks.items():
+            if not isinstance(value, str):
+                stored = upload_key(owner, "mask.png")
+                self.storage.put(stored, value, "image/png")
+                staged_mask = ASSET_PREFIX + stored
+            else:
+                staged_mask = value
+            masks[source] = staged_mask
         return [
-            request.model_copy(update={"images": [staged[s] for s in request.images]}) if request.images else request
+            request.model_copy(
+                update={
+                    "images": [staged[s] for s in request.images],
+                    **({"mask": masks[request.mask]} if request.mask is not None else {}),
+                }
+            )
+            if request.images
+            else request
             for request in requests
         ]
+
+    def _read_mask(self, source: str, owner: str | None, policy: InputPolicy) -> tuple[bytes | str, int]:
+        """A request's mask, checked (engine/masks.py): its bytes, or its ``asset:`` reference; and its size."""
+        text = source.strip()
+        if text.startswith(ASSET_PREFIX):
+            key = text.removeprefix(ASSET_PREFIX)
+            self.check_asset(key, None, owner, MASK_FIELD)
+            data = self.storage.read(key)
+            value: bytes | str = text
+        else:
+            data = read_source(text, None, replace(policy, field=MASK_FIELD))  # type: ignore[arg-type]
+            value = data
+        with self._decodes:
+            decode_mask(data, policy)
+        return value, len(data) if isinstance(value, bytes) else 0
+
+    def _check_mask_fits(self, mask: bytes | str, image: bytes | str) -> None:
+        """The mask must have the first image's size (as decoded: EXIF orientation applied)."""
+        mask_size = _oriented_size(self._bytes_of(mask))
+        image_size = _oriented_size(self._bytes_of(image))
+        if mask_size is not None and image_size is not None:
+            check_mask_size(mask_size, image_size)
+
+    def _bytes_of(self, value: bytes | str) -> bytes:
+        return value if isinstance(value, bytes) else self.storage.read(value.removeprefix(ASSET_PREFIX))
 
     def _over_budget(self, index: int) -> None:
         limit = self.settings.max_request_image_bytes
@@ -161,8 +227,11 @@ class InputStager:
         self.storage.put(key, data, {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}[suffix])
         return key
 
-    def store_upload(self, data: bytes, index: int | None, owner: str | None, field: str) -> str:
-        """Check an uploaded image, decode it (bounded) and keep it as PNG; return its storage key."""
+    def store_upload(
+        self, data: bytes, index: int | None, owner: str | None, field: str, size: tuple[int, int] | None = None
+    ) -> str:
+        """Check an uploaded image, decode it (bounded), resize it to ``size`` (width, height) if given,
+        and keep it as PNG; return its storage key."""
         policy = InputPolicy.from_settings(self.settings, field=field)
         if len(data) > policy.max_bytes:
             raise InvalidImageError(
@@ -170,6 +239,8 @@ class InputStager:
             )
         with self._decodes:
             image = decode_image(data, index, policy)
+            if size is not None and image.size != size:
+                image = image.resize(size, Image.Resampling.LANCZOS)
             encoded = encode_image(image, OutputFormat.PNG, 100)
         key = upload_key(owner, "image.png")
         self.storage.put(key, encoded.data, encoded.media_type)

@@ -84,9 +84,16 @@ STEPS_PER_SECOND = Histogram(
 )
 BATCH_IMAGES = Histogram(
     "kleinserve_batch_images",
-    "Images generated together in one engine run.",
+    "Images generated together in one engine run (all the jobs of a batch).",
     ["model"],
     buckets=(1, 2, 3, 4, 6, 8, 10, 16, 32, 64),
+    registry=REGISTRY,
+)
+BATCH_JOBS = Histogram(
+    "kleinserve_batch_jobs",
+    "Jobs denoised together in one engine run (1: alone; at most KLEINSERVE_MAX_BATCH).",
+    ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
     registry=REGISTRY,
 )
 HTTP_REQUESTS = Counter(
@@ -112,15 +119,20 @@ def job_started(job: Job) -> None:
         STAGE_SECONDS.labels(job.request.model, "queue_wait").observe(max(0.0, job.started_at - job.created_at))
 
 
-def job_ran(job: Job, timings: Mapping[str, float], steps: int) -> None:
-    """The engine finished ``job``'s images: the stage latencies, the speed and the batch size."""
+def job_ran(job: Job, timings: Mapping[str, float]) -> None:
+    """The engine finished ``job``'s images: the latency of each stage (a batch's stages are each of its jobs')."""
     model = job.request.model
     for name, stage in ENGINE_STAGES.items():
         if name in timings:
             STAGE_SECONDS.labels(model, stage).observe(timings[name])
+
+
+def engine_ran(model: str, images: int, jobs: int, steps: int, timings: Mapping[str, float]) -> None:
+    """One engine run made images: its size (``images`` of ``jobs`` jobs denoised together) and speed."""
     if timings.get("denoise", 0) > 0 and steps > 0:
         STEPS_PER_SECOND.labels(model).observe(steps / timings["denoise"])
-    BATCH_IMAGES.labels(model).observe(job.request.num_images)
+    BATCH_IMAGES.labels(model).observe(images)
+    BATCH_JOBS.labels(model).observe(jobs)
 
 
 def job_finished(job: Job) -> None:

@@ -113,6 +113,9 @@ def check_size(width: int, height: int, settings: Settings) -> None:
         raise InvalidParameterError("size", problem)
 
 
+_EMPTY_PROMPT = "must not be empty (it has no visible character)"
+
+
 def random_seed() -> int:
     """A fresh seed for a request that did not name one (kept below 2**32 so it is easy to quote)."""
     return secrets.randbelow(2**32)
@@ -153,7 +156,11 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(DEFAULT_VARIANT_ID, min_length=1, max_length=200)
-    prompt: str = Field(..., description="What to draw, or how to change the reference images.")
+    prompt: str = Field(
+        ...,
+        description='What to draw, or how to change the reference images; "" only with strength (re-draw the '
+        "first image with no instruction, as OpenAI's image variations do).",
+    )
     negative_prompt: str | None = Field(
         None,
         description='What to steer away from (Base variants only: true CFG against this text instead of "").',
@@ -179,6 +186,11 @@ class GenerationRequest(BaseModel):
         allow_inf_nan=False,
         description="Image-to-image: start from the first image noised this far (0-1]; None: from noise.",
     )
+    mask: str | None = Field(
+        None,
+        description="Inpainting: a PNG of the first image's size whose fully transparent pixels (alpha 0) are the "
+        "area to repaint (OpenAI's rule); URL, data URI or base64 like images. Further images are references.",
+    )
     safety_check: bool = Field(
         True, description="False asks to skip the safety checker (honoured only if the operator allows it)."
     )
@@ -200,8 +212,9 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _prompt_not_blank(cls, value: str, info: ValidationInfo) -> str:
         _check_unicode(value)
-        if not any(ch.isprintable() and not ch.isspace() for ch in value):
-            raise ValueError("must not be empty (it has no visible character)")
+        # "" is allowed only with strength (checked on the model): image-to-image with no instruction.
+        if value and not any(ch.isprintable() and not ch.isspace() for ch in value):
+            raise ValueError(_EMPTY_PROMPT)
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
         settings = _settings_from(info)
@@ -244,6 +257,16 @@ class GenerationRequest(BaseModel):
             raise ValueError("reference images must not be empty strings")
         for item in value:
             _check_unicode(item)
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_text(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be an empty string")
+        _check_unicode(value)
         return value
 
     @field_validator("loras")
@@ -311,6 +334,14 @@ class GenerationRequest(BaseModel):
         if self.strength is not None and self.width is not None:
             raise InvalidParameterError(
                 "strength", "the output has the first image's size (at most 1 MP); leave width/height out"
+            )
+        if not self.prompt and self.strength is None:
+            raise InvalidParameterError("prompt", _EMPTY_PROMPT + "; an empty prompt needs strength")
+        if self.mask is not None and not self.images:
+            raise InvalidParameterError("mask", "needs an image to edit (images is empty): it applies to the first")
+        if self.mask is not None and self.width is not None:
+            raise InvalidParameterError(
+                "mask", "the output has the size of the image it edits (at most 1 MP); leave width/height out"
             )
         return self
 

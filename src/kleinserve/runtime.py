@@ -296,6 +296,8 @@ class Runtime:
             name=f"worker-{index}",
             lease_seconds=self.settings.lease_seconds,
             heartbeat_seconds=self.settings.heartbeat_seconds,
+            max_batch=self.settings.max_batch,
+            batch_window=self.settings.batch_window_ms / 1000,
             on_succeeded=self.charge,
             info={"device": state.device, "dtype": self.dtype, "demo": [m.variant.id for m in self.served if m.demo]},
             claim_any=self.role == "serve",

@@ -105,6 +105,20 @@ class Settings(BaseSettings):
         30, gt=0, description="A running job's lease: a worker silent this long loses the job to the reaper."
     )
     heartbeat_seconds: float = Field(5, gt=0, description="Seconds between a worker's heartbeats and lease renewals.")
+    max_batch: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Most compatible queued jobs a worker denoises as one batch (same model, size, steps, guidance, "
+        "LoRAs, reference sizes); default: 4 on CUDA, 1 (no batching) on CPU and MPS.",
+    )
+    batch_window_ms: float = Field(
+        20,
+        ge=0,
+        le=10_000,
+        description="Milliseconds a worker waits after claiming a job for more compatible ones to batch it with "
+        "(only when batching is on and the queue had no more).",
+    )
     reap_interval: float = Field(5, gt=0, description="Seconds between looks for jobs whose lease expired.")
     event_poll: float = Field(
         0.1, gt=0, description="Seconds between reads of events other processes wrote (this process's are at once)."

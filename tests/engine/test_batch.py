@@ -7,6 +7,7 @@ from PIL import Image
 
 from kleinserve.engine.batch import BatchItem, batch_key, generate_batch
 from kleinserve.engine.engine import Engine, EngineInputs, EngineOutput, Progress
+from kleinserve.engine.stepcache import StepCache
 from kleinserve.errors import GenerationCancelledError
 
 
@@ -74,6 +75,18 @@ def test_incompatible_requests_have_other_keys(distilled_engine: Engine) -> None
     assert key != batch_key(distilled_engine, EngineInputs("x", 3, 1.0, 1, width=64, height=64))
     assert key != batch_key(distilled_engine, EngineInputs("x", 4, 1.0, 1, width=64, height=48))
     assert key == batch_key(distilled_engine, EngineInputs("y", 4, 1.0, 9, num_images=3, width=64, height=64))
+    # LoRA adapters and scales are shared by a batch (they are set on its one transformer).
+    plain = EngineInputs("x", 4, 1.0, 1, width=64, height=64)
+    assert batch_key(distilled_engine, plain, (("a", 1.0),)) != key
+    assert batch_key(distilled_engine, plain, (("a", 1.0),)) != batch_key(distilled_engine, plain, (("a", 0.5),))
+    # What the batched loop does not implement runs alone: image-to-image, inpainting, step caching.
+    image = Image.new("RGB", (64, 64))
+    assert batch_key(distilled_engine, EngineInputs("x", 4, 1.0, 1, references=[image], strength=0.5)) is None
+    assert (
+        batch_key(distilled_engine, EngineInputs("x", 4, 1.0, 1, references=[image], mask=image.convert("L"))) is None
+    )
+    cached = EngineInputs("x", 4, 4.0, 1, width=64, height=64, step_cache=StepCache("taylorseer", 5))
+    assert batch_key(distilled_engine, cached) is None
 
 
 def test_cfg_in_one_batch_is_within_two_levels_of_two_passes(base_engine: Engine) -> None:

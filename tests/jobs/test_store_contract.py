@@ -115,6 +115,25 @@ def test_claim_takes_oldest_queued_for_its_models_and_writes_started(store: JobS
     assert [j.id for j in store.claim("w3", None, LEASE)] == [other_model.id]
 
 
+def test_claim_limit_takes_that_many_oldest_in_queue_order(store: JobStore) -> None:
+    """A batching worker claims several jobs at once: the oldest first, never more than ``limit``."""
+    jobs = [make_job(float(t)) for t in (40, 10, 30, 20)]
+    other_model = make_job(15.0, model="flux-2-klein-9b")
+    for job in (*jobs, other_model):
+        store.add(job)
+    assert store.claim("w1", None, LEASE, limit=0) == []
+    first = store.claim("w1", ["flux-2-klein-4b"], LEASE, limit=2)
+    assert [j.created_at for j in first] == [10.0, 20.0]
+    assert all(j.status is P and j.worker_id == "w1" and j.attempts == 1 for j in first)
+    assert all(store.get(j.id) == j for j in first)
+    started = [e.job_id for e in store.events_after(0) if e.type is EventType.STARTED]
+    assert started == [j.id for j in first]  # one job.started each, in queue order
+    # A later claim goes on where this one stopped; ``None`` takes any model, still oldest first.
+    assert [j.created_at for j in store.claim("w2", None, LEASE, limit=2)] == [15.0, 30.0]
+    assert [j.created_at for j in store.claim("w2", None, LEASE, limit=3)] == [40.0]
+    assert store.count([Q]) == 0 and store.count([P]) == 5
+
+
 def test_concurrent_claims_never_share_a_job(store: JobStore) -> None:
     jobs = [make_job(float(i)) for i in range(20)]
     for job in jobs:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
+from kleinserve.errors import ServiceUnavailableError
 from kleinserve.settings import Settings
 from kleinserve.storage import LocalStorage, storage_from_settings
 from kleinserve.storage.s3 import MAX_PRESIGN_SECONDS, S3Storage
@@ -127,3 +128,20 @@ def test_retention_sweep_removes_objects_from_s3(
         )
     finally:
         runtime.store.close()
+
+
+def test_start_stops_with_a_clear_error_for_a_missing_bucket_or_wrong_credentials(
+    seaweed: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    settings = s3_settings(seaweed, "", tmp_path)
+    missing = settings.model_copy(update={"storage_url": "s3://no-such-bucket-here"})
+    with pytest.raises(ServiceUnavailableError, match="'no-such-bucket-here' .* does not exist"):
+        storage_from_settings(missing)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(ServiceUnavailableError, match="refuses these credentials"):
+        storage_from_settings(settings)
+    unreachable = settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(ServiceUnavailableError, match="cannot be reached"):
+        storage_from_settings(unreachable)

@@ -96,7 +96,14 @@ async def wait_for_jobs(request: Request, runtime: Runtime, jobs: list[Job]) -> 
 
 
 async def store_upload(
-    runtime: Runtime, data: bytes, index: int | None, field: str, key: ApiKey | None, cost: float = 0.0, jobs: int = 0
+    runtime: Runtime,
+    data: bytes,
+    index: int | None,
+    field: str,
+    key: ApiKey | None,
+    cost: float = 0.0,
+    jobs: int = 0,
+    size: tuple[int, int] | None = None,
 ) -> str:
     """Check an uploaded image and keep it as PNG in storage, as ``key``'s; return its ``asset:`` reference.
 
@@ -104,11 +111,11 @@ async def store_upload(
     that could not use the upload pays no decoding. Decoding runs off the event loop, bounded
     (kleinserve.inputs), and refuses bad uploads at once (naming ``field[index]``, or ``field`` for a
     single upload with ``index`` None); it stores the exact RGB pixels a URL to the same file would
-    give, so every transport yields the same generation.
+    give, so every transport yields the same generation. ``size``: resized to (width, height) first.
     """
     await asyncio.to_thread(runtime.inputs.precheck, key, cost, jobs)
     owner = key.id if key else None
-    return ASSET_PREFIX + await asyncio.to_thread(runtime.inputs.store_upload, data, index, owner, field)
+    return ASSET_PREFIX + await asyncio.to_thread(runtime.inputs.store_upload, data, index, owner, field, size)
 
 
 def outputs_of(job: Job) -> list[JobOutput]:

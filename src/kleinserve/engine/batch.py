@@ -1,7 +1,8 @@
 """Several compatible requests denoised as one batch (cross-request batching).
 
-Requests are *compatible* when they share the model, output size, steps, guidance and the shapes of
-their reference latents (:func:`batch_key`); the worker groups queued jobs by that key. Each request
+Requests are *compatible* when they share the model, output size, steps, guidance, LoRA adapters and
+the shapes of their reference latents (:func:`batch_key`); the worker (jobs/worker.py) claims up to
+``KLEINSERVE_MAX_BATCH`` queued jobs and runs each group sharing a key as one batch. Each request
 keeps its own prompt, seeds (image ``i`` of a request: its seed + i, drawn from its own CPU
 generators, so its starting noise is exactly the unbatched one), progress reports, cancellation and
 outputs: a cancelled request's rows leave the batch at the next step and the others go on.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -44,12 +45,28 @@ class BatchItem:
 Outcome = EngineOutput | BaseException  # per item: its output, or why it has none
 
 
-def batch_key(engine: Engine, inputs: EngineInputs) -> Hashable | None:
-    """What requests must share to be denoised together; ``None``: this one runs alone."""
+# Fields of EngineInputs each request of a batch has on its own, and those the batch shares (its key).
+_OWN = frozenset({"prompt", "seed", "num_images", "negative_prompt", "references"})
+_SHARED = ("steps", "guidance", "width", "height")
+
+
+def batch_key(engine: Engine, inputs: EngineInputs, loras: tuple[tuple[str, float], ...] = ()) -> Hashable | None:
+    """What requests must share to be denoised together; ``None``: this one runs alone.
+
+    The key holds the model, size, steps, guidance, the shapes of the references after their
+    preprocessing and ``loras`` (the LoRA adapters and scales, which are set on the shared
+    transformer). Inputs the batched loop does not implement run alone: image-to-image
+    (``strength``), inpainting (``mask``), step caching, the K/V-cached references of 9B-KV, and any other field of
+    :class:`EngineInputs` away from its default (a new field runs alone until this path learns it).
+    """
     if engine.variant.kv_cache and inputs.references:
         return None
+    for spec in fields(inputs):
+        if spec.name not in _OWN and spec.name not in _SHARED and getattr(inputs, spec.name) != spec.default:
+            return None
     references = tuple(tuple(engine.preprocess_reference(image).shape[-2:]) for image in inputs.references)
-    return (engine.variant.id, inputs.width, inputs.height, inputs.steps, inputs.guidance, references)
+    shared = tuple(getattr(inputs, name) for name in _SHARED)
+    return (engine.variant.id, *shared, references, tuple(loras))
 
 
 def generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]:

@@ -74,6 +74,9 @@ class EngineInputs:
     # Image-to-image (engine/img2img.py): start from references[0] noised to this part of the
     # schedule, 0 < strength <= 1; None: text-to-image / reference editing.
     strength: float | None = None
+    # Inpainting (engine/inpaint.py): ``L``, references[0]'s size, 255 = repaint, 0 = keep; with it
+    # strength defaults to 1.0. None: no mask.
+    mask: Image.Image | None = None
 
 
 @dataclass
@@ -316,7 +319,7 @@ class Engine:
             negative_ids = pipe._prepare_text_ids(negative_embeds).to(self.device)
         timings["encode_prompt"] = time.perf_counter() - started
 
-        if inputs.strength is not None and inputs.references:
+        if (inputs.strength is not None or inputs.mask is not None) and inputs.references:
             return self._generate_from_image(inputs, report, cancelled, timings, prompt_embeds, text_ids, cfg,
                                              negative_embeds, negative_ids)  # fmt: skip
 
@@ -368,12 +371,15 @@ class Engine:
         negative_embeds: torch.Tensor | None,
         negative_ids: torch.Tensor | None,
     ) -> EngineOutput:
-        """Image-to-image with ``inputs.strength`` (engine/img2img.py): the output has the first image's size."""
+        """Image-to-image with ``inputs.strength`` (engine/img2img.py), inpainting where ``inputs.mask``
+        says (engine/inpaint.py): the output has the first image's size."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from kleinserve.engine.img2img import starting_point
+        from kleinserve.engine.inpaint import DEFAULT_STRENGTH, mask_blend
 
-        if inputs.strength is None or not 0 < inputs.strength <= 1:
+        strength = inputs.strength if inputs.strength is not None else DEFAULT_STRENGTH
+        if not 0 < strength <= 1:
             raise ValueError("strength must be in (0, 1]")
         started = time.perf_counter()
         report(Progress("encode_references", 0, len(inputs.references)))
@@ -381,15 +387,18 @@ class Engine:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         start = starting_point(
-            self.pipeline, inputs.references, inputs.strength, inputs.steps, scheduler, generators,
+            self.pipeline, inputs.references, strength, inputs.steps, scheduler, generators,
             prompt_embeds.dtype, self.device,
         )  # fmt: skip
+        blend = None
+        if inputs.mask is not None:
+            blend = mask_blend(self.pipeline, inputs.mask, start, prompt_embeds.dtype, self.device)
         timings["encode_references"] = time.perf_counter() - started
         self._check_cancel(cancelled)
         return self._denoise_and_decode(
             inputs, report, cancelled, timings, time.perf_counter(), seeds, scheduler, start.timesteps,
             start.latents, start.latent_ids, start.condition_latents, start.condition_ids, None, prompt_embeds,
-            text_ids, cfg, negative_embeds, negative_ids, start.width, start.height,
+            text_ids, cfg, negative_embeds, negative_ids, start.width, start.height, blend,
         )  # fmt: skip
 
     def _denoise_and_decode(
@@ -414,10 +423,17 @@ class Engine:
         negative_ids: torch.Tensor | None,
         width: int,
         height: int,
+        blend: Callable[[Any, int, torch.Tensor], torch.Tensor] | None = None,
     ) -> EngineOutput:
-        """The denoising loop and the VAE decode, shared by every kind of generation."""
+        """The denoising loop and the VAE decode, shared by every kind of generation. ``blend``
+        (inpainting) rewrites the latents after each scheduler step."""
         pipe = self.pipeline
         steps = inputs.steps
+
+        def step(noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
+            stepped: torch.Tensor = scheduler.step(noise, t, latents, return_dict=False)[0]
+            return stepped if blend is None else blend(scheduler, i, stepped)
+
         model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
         transformer = pipe.transformer
         # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does.
@@ -427,7 +443,7 @@ class Engine:
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             if kv is not None:
                 noise = kv.predict(transformer, latents, latent_ids, timestep / 1000, prompt_embeds, text_ids)
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                latents = step(noise, t, latents, i)
                 report(Progress("denoise", i + 1, len(timesteps)))
                 continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
@@ -438,7 +454,7 @@ class Engine:
                     transformer, model_input, timestep / 1000, prompt_embeds, negative_embeds, text_ids,
                     negative_ids, model_input_ids, latents.size(1), inputs.guidance,
                 )  # fmt: skip
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                latents = step(noise, t, latents, i)
                 report(Progress("denoise", i + 1, len(timesteps)))
                 continue
             noise = cond(
@@ -461,7 +477,7 @@ class Engine:
                     return_dict=False,
                 )[0][:, : latents.size(1)]
                 noise = negative + inputs.guidance * (noise - negative)
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            latents = step(noise, t, latents, i)
             report(Progress("denoise", i + 1, len(timesteps)))
         if kv is not None:
             kv.clear()  # the references' K/V are this request's; never kept past it

@@ -32,6 +32,8 @@ class StartingPoint:
 
     latents: torch.Tensor  # packed, noised to timesteps[0]
     latent_ids: torch.Tensor
+    noise: torch.Tensor  # packed: the noise mixed into latents (inpainting re-noises the kept area with it)
+    image_latents: torch.Tensor  # packed: the first image's clean latents
     condition_latents: torch.Tensor  # packed references: the first image, then the others
     condition_ids: torch.Tensor
     timesteps: torch.Tensor
@@ -82,7 +84,7 @@ def starting_point(
     if remaining < 1:
         raise ValueError(f"strength {strength} leaves no step of {steps}")
     n = len(generators)
-    latents, _noise, _packed, image_latents, latent_ids = inpaint.prepare_latents(
+    latents, noise, packed, image_latents, latent_ids = inpaint.prepare_latents(
         init,
         timesteps[:1].repeat(n),
         n,
@@ -97,7 +99,7 @@ def starting_point(
     for image in images[1:]:
         references.append(_reference_tensor(inpaint, image))
     condition_latents, condition_ids = inpaint.prepare_image_latents(references, n, generators, device, dtype)
-    return StartingPoint(latents, latent_ids, condition_latents, condition_ids, timesteps, width, height)
+    return StartingPoint(latents, latent_ids, noise, packed, condition_latents, condition_ids, timesteps, width, height)
 
 
 def _linear_sigmas(steps: int) -> Any:

@@ -29,7 +29,9 @@ def storage_from_settings(settings: Settings) -> Storage:
     from kleinserve.storage.s3 import S3Storage  # boto3 loads only when S3 is used
 
     bucket, prefix = location
-    return S3Storage(s3_client(settings), bucket, prefix, default_expiry=settings.url_expiry)
+    storage = S3Storage(s3_client(settings), bucket, prefix, default_expiry=settings.url_expiry)
+    storage.check()  # a missing bucket or wrong credentials stop the start, not every job later
+    return storage
 
 
 def s3_client(settings: Settings) -> S3Client:

@@ -12,6 +12,9 @@ Decisions:
 - S3 PUTs are atomic (readers see the old or the new object), which is the contract's rule.
 - Missing objects (``NoSuchKey``/404) are :class:`NotFoundError`; any other S3 error propagates as
   is, so a misconfigured bucket or credentials fail loudly rather than look like a missing file.
+- :meth:`S3Storage.check` (called at start by the factory) asks for the bucket once, so a missing
+  bucket, wrong credentials or an unreachable endpoint stop the process at start with a sentence that
+  says which, instead of failing every job later.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from kleinserve.errors import NotFoundError
+from kleinserve.errors import NotFoundError, ServiceUnavailableError
 from kleinserve.storage.base import check_media_type, validate_key, validate_prefix
 
 if TYPE_CHECKING:
@@ -48,6 +51,23 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = validate_prefix(prefix) if prefix.strip("/") else ""
         self.default_expiry = default_expiry
+
+    def check(self) -> None:
+        """Raise :class:`ServiceUnavailableError` naming the cause unless the bucket can be reached."""
+        where = f"S3 bucket {self.bucket!r} at {self.client.meta.endpoint_url}"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in {"404", "NoSuchBucket", "NotFound"}:
+                reason = "does not exist; create it first (kleinserve does not create buckets)"
+            elif code in {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+                reason = "refuses these credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile)"
+            else:
+                reason = f"answered {code or 'an error'}: {err}"
+            raise ServiceUnavailableError(f"{where} {reason}") from None
+        except BotoCoreError as err:  # no endpoint, no credentials at all, TLS...
+            raise ServiceUnavailableError(f"{where} cannot be reached: {err}") from None
 
     def put(self, key: str, data: bytes, media_type: str) -> None:
         name = self._name(key)

@@ -8,7 +8,9 @@ Compatibility notes: docs/api/openai.md. Choices where OpenAI's API has no klein
 - ``response_format`` defaults to ``url`` (AIgateway), ``output_compression`` is the JPEG/WebP
   quality (0 means 1); every other parameter the ``openai`` SDK sends is accepted without effect,
   recorded, or refused with a 400 naming it, as :class:`ImageParams` says field by field
-  (``background: transparent`` and ``mask``: klein has no alpha output and no inpainting here);
+  (``background: transparent``: klein makes no alpha);
+- ``mask`` (edits) is inpainting of the first image (engine/inpaint.py, OpenAI's alpha rule; with a
+  mask ``size`` is ignored: the output keeps that image's size);
 - ``stream: true`` answers Server-Sent Events (:mod:`kleinserve.api.dialects.openai_stream`);
 - image *i* of ``n`` uses ``seed + i``; the seed of image 0 is returned as ``seed``.
 - errors: ``{"error": {"message", "type", "param", "code"}}``; ``type`` is AIgateway's identifier
@@ -18,6 +20,7 @@ Compatibility notes: docs/api/openai.md. Choices where OpenAI's API has no klein
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any, Literal
 
@@ -38,6 +41,7 @@ from kleinserve.api.dialects.base import (
     unsaid_note,
 )
 from kleinserve.api.dialects.openai_stream import Kind, image_stream
+from kleinserve.api.dialects.openai_variations import VariationParams, to_variation_request, variation_inputs
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -46,6 +50,7 @@ from kleinserve.api.jobs_http import (
     runtime_of,
     store_upload,
 )
+from kleinserve.engine.masks import mask_error
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import (
     InvalidImageError,
@@ -161,8 +166,12 @@ class EditParams(ImageParams):
 
     image_url: str | list[str] | None = Field(None, description="AIgateway JSON form: URL(s) or data URI(s).")
     images: list[dict[str, str]] | None = Field(None, description="OpenAI JSON form: [{'image_url': ...}].")
-    mask: str | None = Field(None, description="Refused: klein has no inpainting.")
-    mask_url: str | None = Field(None, description="Refused: klein has no inpainting.")
+    mask: str | dict[str, str] | None = Field(
+        None,
+        description="Inpainting: a PNG of the first image's size whose fully transparent pixels are the area to "
+        "edit; a file (multipart), or JSON {'image_url': URL or data URI} (OpenAI) or a URL / data URI string.",
+    )
+    mask_url: str | None = Field(None, description="AIgateway JSON form of mask: a URL or data URI.")
     markup: str | None = Field(None, description="Refused: no guide overlays; say the change in the prompt.")
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted; no effect.")
 
@@ -177,6 +186,16 @@ class EditParams(ImageParams):
                 raise InvalidParameterError("images", "each item needs an image_url (file_id is not supported)")
             found.append(item["image_url"])
         return found
+
+    def mask_source(self) -> str | None:
+        """The mask as a URL, data URI or base64 (multipart files arrive as base64), if any."""
+        if self.mask is not None and self.mask_url is not None:
+            raise InvalidParameterError("mask_url", "send mask or mask_url, not both")
+        if isinstance(self.mask, dict):
+            if "image_url" not in self.mask:
+                raise InvalidParameterError("mask", "needs an image_url (file_id is not supported)")
+            return self.mask["image_url"]
+        return self.mask if self.mask is not None else self.mask_url
 
 
 def _size(params: ImageParams) -> tuple[int | None, int | None]:
@@ -210,11 +229,8 @@ def _refuse_unsupported(params: ImageParams) -> None:
             raise InvalidParameterError(name, _GIF_ONLY)
     if params.svg is not None:
         raise InvalidParameterError("svg", "is only for output_format svg, which FLUX.2 [klein] cannot make")
-    if isinstance(params, EditParams):
-        if params.mask or params.mask_url:
-            raise InvalidParameterError("mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing")
-        if params.markup:
-            raise InvalidParameterError("markup", _MARKUP)
+    if isinstance(params, EditParams) and params.markup:
+        raise InvalidParameterError("markup", _MARKUP)
 
 
 _MARKUP = "guide overlays are not supported; describe the change in the prompt"
@@ -228,12 +244,16 @@ def to_generation_request(
     width, height = _size(params)
     if width is None and default_square:
         width = height = 1024
+    mask = params.mask_source() if isinstance(params, EditParams) else None
+    if mask is not None:
+        width = height = None  # inpainting keeps the edited image's size: size is ignored (README)
     model = params.model or runtime.served_ids()[0]
     return to_request(
         {
             "model": runtime.service.check_model(model),
             "prompt": params.prompt,
             "images": references,
+            "mask": mask,
             "width": width,
             "height": height,
             "steps": params.num_inference_steps,
@@ -249,7 +269,7 @@ def to_generation_request(
     )
 
 
-def images_response(runtime: Runtime, job: Job, params: ImageParams) -> dict[str, Any]:
+def images_response(runtime: Runtime, job: Job, params: ImageParams | VariationParams) -> dict[str, Any]:
     """OpenAI's ImagesResponse, plus the seed of image 0."""
     outputs = outputs_of(job)
     data = [
@@ -299,9 +319,11 @@ async def _edit_params(request: Request, runtime: Runtime, caller: Caller) -> tu
                 uploads.append(value)
             elif isinstance(value, UploadFile):
                 if key == "mask":
-                    raise InvalidParameterError(
-                        "mask", "masks (inpainting) are not supported by FLUX.2 [klein] editing"
-                    )
+                    mask = await value.read(runtime.settings.max_image_bytes + 1)
+                    if len(mask) > runtime.settings.max_image_bytes:
+                        raise mask_error(f"is over the limit of {runtime.settings.max_image_bytes} bytes")
+                    fields["mask"] = base64.b64encode(mask).decode()  # checked and stored on submission
+                    continue
                 if key == "markup":
                     raise InvalidParameterError("markup", _MARKUP)
                 raise InvalidParameterError(key, "is not a known file parameter")
@@ -336,7 +358,8 @@ class OpenAIDialect:
 
     name = NAME
     prefixes: tuple[str, ...] = (PREFIX,)
-    upload_paths: tuple[str, ...] = (f"{PREFIX}/images/edits",)  # multipart/form-data accepted here
+    # multipart/form-data accepted here
+    upload_paths: tuple[str, ...] = (f"{PREFIX}/images/edits", f"{PREFIX}/images/variations")
 
     def router(self) -> APIRouter:
         return router
@@ -344,7 +367,7 @@ class OpenAIDialect:
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         param = getattr(error, "field", None)
         if isinstance(error, InvalidImageError):
-            param = "image"
+            param = "mask" if error.field == "mask" else "image"
         return {
             "error": {
                 "message": error.message,
@@ -457,6 +480,39 @@ async def edits(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> d
         raise InvalidParameterError("image", "at least one image is required")
     gen = to_generation_request(params, runtime, references, default_square=False)
     return await _run(request, runtime, caller, gen, params, "image_edit")
+
+
+@router.post(
+    "/images/variations",
+    summary="Variations of one image (multipart): image-to-image with no instruction (openai_variations.py).",
+    response_model=None,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {"type": "string", "format": "binary"},
+                            **VariationParams.model_json_schema()["properties"],
+                        },
+                    }
+                },
+            }
+        }
+    },
+)
+async def variations(request: Request, runtime: ReadyRuntime, caller: CallerDep) -> dict[str, Any]:
+    params, reference = await variation_inputs(request, runtime, caller)
+    gen = to_variation_request(params, runtime, reference)
+    extra: dict[str, Any] = {"model": params.model, "size": params.size, "response_format": params.response_format}
+    if params.end_user():
+        extra["end_user"] = params.end_user()
+    (job,) = await submit_and_wait(
+        request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="image", single_image=True
+    )
+    return await asyncio.to_thread(images_response, runtime, job, params)
 
 
 @router.get("/usage", summary="The calling API key's usage, credits and limits.")

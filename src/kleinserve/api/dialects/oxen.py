@@ -130,6 +130,11 @@ class OxenImageRequest(BaseModel):
     strength: float | None = Field(
         None, description="kleinserve extension: image-to-image from the first input_image, 0-1 (1: from noise)."
     )
+    mask: str | None = Field(
+        None,
+        description="kleinserve extension: inpainting mask for the first input_image, a PNG of its size whose fully "
+        "transparent pixels are the area to repaint (OpenAI's rule); URL, data URI or base64. Not echoed.",
+    )
     input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
     image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
     aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
@@ -190,6 +195,7 @@ def to_generation_request(
             "prompt": body.prompt,
             "negative_prompt": body.negative_prompt,
             "strength": body.strength,
+            "mask": body.mask,
             "images": references,
             "width": width,
             "height": height,
@@ -209,7 +215,9 @@ def to_generation_request(
 
 def _echo(body: OxenImageRequest) -> dict[str, Any]:
     """The parameters a client sent, echoed on generation objects."""
-    return body.model_dump(exclude_none=True, exclude={"image", "num_generations", "target_namespace", "webhook_url"})
+    return body.model_dump(
+        exclude_none=True, exclude={"image", "mask", "num_generations", "target_namespace", "webhook_url"}
+    )
 
 
 NAME = "oxen"

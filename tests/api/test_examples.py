@@ -8,12 +8,14 @@ In process, without loading models: the submission is captured where the queue w
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from kleinserve.api.app import create_app
 from kleinserve.engine.catalog import ServedModel
@@ -28,6 +30,15 @@ DIALECTS = {"oxen", "openai", "onemin", "verda", "bfl", "replicate", "fal"}
 
 def data_uri(color: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(32, 32, color)).decode()
+
+
+def mask_uri() -> str:
+    """An OpenAI mask of the 32 x 32 references: the left half transparent (the area to edit)."""
+    mask = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 16, 32))
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -57,6 +68,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "output_format": "webp",
         "quality": 100,
         "safety_check": False,
+    },
+    "masked": {
+        "model": "flux-2-klein-4b",
+        "prompt": "a hat on the fox",
+        "images": [data_uri((200, 30, 30)), data_uri((30, 30, 200))],
+        "mask": mask_uri(),
+        "seed": 11,
     },
     "odd-size": {"model": "flux-2-klein-base-4b", "prompt": "a cat", "width": 64, "height": 96, "seed": 1},
 }
@@ -137,6 +155,9 @@ def test_what_an_example_cannot_carry_is_named(app: Any) -> None:
     assert "num_images" in examples["verda"]["unsaid"] and "loras" in examples["bfl"]["unsaid"]
     assert examples["onemin"]["headers"] == {"X-Kleinserve-Loras": "style=0.5"}
     assert any("cannot carry" in note for note in examples["fal"]["notes"])
+    masked = {e["dialect"]: e for e in client.post("/workbench/snippet", json=SETTINGS["masked"]).json()["examples"]}
+    assert masked["oxen"]["body"]["mask"] == masked["openai"]["body"]["mask"]["image_url"] == SETTINGS["masked"]["mask"]
+    assert "mask" in masked["verda"]["unsaid"]
 
 
 def test_bad_settings_are_a_400_naming_the_field(app: Any) -> None:

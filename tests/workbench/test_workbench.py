@@ -381,15 +381,16 @@ def test_mask_painting_makes_an_openai_mask_of_the_first_reference(
     page.get_by_role("button", name="Clear mask").click()
     assert page.evaluate(PAINT) is None
     page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
-    # The request carries it as `mask` once the server's request model has the field.
-    takes_masks = httpx.get(workbench_server.url + "/workbench/config").json()["features"]["mask"]
-    with page.expect_request(lambda r: r.url.endswith("/workbench/snippet")) as asked:
-        page.get_by_role("tab", name="API").click()
-    sent = asked.value.post_data_json
-    assert sent["images"][0].startswith("data:image/png") and ("mask" in sent) is takes_masks
-    if takes_masks:
-        assert sent["mask"] == page.evaluate(PAINT)
-    page.get_by_role("tab", name="Results").click()
+    # The request carries it as `mask`, and no size: the result keeps the reference's.
+    assert httpx.get(workbench_server.url + "/workbench/config").json()["features"]["mask"] is True
+    expect(page.locator("#size-note")).to_have_text("With a mask, the result keeps the size of @Image1.")
+    with page.expect_request(lambda r: r.url.endswith("/api/ai/queue") and r.method == "POST") as queued:
+        (card,) = generate(page)
+    sent = queued.value.post_data_json
+    assert sent["mask"] == page.evaluate(PAINT) and sent["input_image"][0].startswith("data:image/png")
+    assert "image_size" not in sent and "aspect_ratio" not in sent
+    assert Image.open(io.BytesIO(card_image(card))).size == (96, 64)
+    expect(card.locator(".params")).to_contain_text(re.compile(r"Mask\s*painted on @Image1"))
     page.get_by_role("button", name="Done").click()
     expect(canvas).to_be_hidden()
 

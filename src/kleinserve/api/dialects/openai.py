@@ -385,7 +385,9 @@ class OpenAIDialect:
         body: dict[str, Any] = {"model": openai_id(variant), "prompt": req.prompt}
         if req.images:  # the JSON form of an edit; the openai SDK uploads files as multipart instead
             body["images"] = [{"image_url": image} for image in req.images]
-        if (size := output_size(req)) is not None:
+        if req.mask is not None:
+            body["mask"] = {"image_url": req.mask}
+        elif (size := output_size(req)) is not None:  # with a mask, the first image's size
             body["size"] = f"{size[0]}x{size[1]}"
         if req.num_images > 1:
             body["n"] = req.num_images
@@ -398,7 +400,7 @@ class OpenAIDialect:
                 body[name] = value
         if req.loras:
             body["loras"] = [choice.model_dump() for choice in req.loras]
-        carried = {"model", "prompt", "images", "width", "height", "num_images", "output_format", "quality"}
+        carried = {"model", "prompt", "images", "mask", "width", "height", "num_images", "output_format", "quality"}
         dropped = unsaid(req, carried | {"seed", "steps", "guidance", "loras"})
         return Example(
             dialect=NAME,

@@ -247,13 +247,15 @@ class OxenDialect:
     def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
         req = example_request(variant, request)
         body: dict[str, Any] = {"model": oxen_id(variant), "prompt": req.prompt}
-        carried = {"model", "prompt", "negative_prompt", "strength", "images", "width", "height", "steps"}
+        carried = {"model", "prompt", "negative_prompt", "strength", "images", "mask", "width", "height", "steps"}
         carried |= {"guidance", "seed", "num_images", "output_format", "loras", "cache"}
         for name, value in (("negative_prompt", req.negative_prompt), ("strength", req.strength)):
             if value is not None:
                 body[name] = value
         if req.images:
             body["input_image"] = list(req.images)
+        if req.mask is not None:  # kleinserve's extension: inpainting of the first input_image
+            body["mask"] = req.mask
         if (size := output_size(req)) is not None:
             ratio = next((r for r in ASPECT_RATIOS if size_for_aspect_ratio(r) == size), None)
             body.update({"aspect_ratio": ratio} if ratio else {"image_size": {"width": size[0], "height": size[1]}})

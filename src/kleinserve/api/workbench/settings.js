@@ -80,7 +80,7 @@ export function readSettings() {
     format: $('format').value,
     quality: $('quality').value,
     loras: state.loras.map((lora) => ({ ...lora })),
-    masked: Boolean(currentMask()),
+    masked: Boolean(currentMask()) && feature('mask'),
     preview: feature('previews') && $('live-preview').checked,
   };
 }
@@ -88,8 +88,11 @@ export function readSettings() {
 // The settings as kleinserve's canonical request (GenerationRequest): the server turns it into each
 // dialect's wire format (POST /workbench/snippet), so no wire format is encoded here.
 export function canonical(s, mask = null) {
-  const request = { model: s.model.id, prompt: s.prompt, width: s.width, height: s.height };
+  const request = { model: s.model.id, prompt: s.prompt };
   if (s.refs.length) request.images = s.refs;
+  // Inpainting keeps the first reference's size: a masked request names none.
+  if (mask && feature('mask')) request.mask = mask;
+  else Object.assign(request, { width: s.width, height: s.height });
   // A distilled variant's fixed steps and guidance are its defaults: left out, the snippets stay short.
   if (!s.model.distilled) Object.assign(request, { steps: s.steps, guidance: s.guidance });
   if (s.seed !== null) request.seed = s.seed;
@@ -97,7 +100,6 @@ export function canonical(s, mask = null) {
   request.output_format = s.format;
   if (s.format !== 'png') request.quality = QUALITY[s.quality];
   if (s.loras.length) request.loras = s.loras;
-  if (mask && feature('mask')) request.mask = mask;
   if (s.preview) request.previews = s.steps; // one preview per step
   return request;
 }
@@ -129,6 +131,8 @@ export function update() {
   $('quality').disabled = $('format').value === 'png';
   if (!state.config) return;
   const size = currentSize();
-  $('size-note').textContent = `${size.width} × ${size.height} pixels`;
+  $('size-note').textContent = currentMask() && feature('mask')
+    ? 'With a mask, the result keeps the size of @Image1.'
+    : `${size.width} × ${size.height} pixels`;
   settingsChanged();
 }

@@ -38,7 +38,11 @@ new MutationObserver(() => {
     const text = node.textContent;
     if (text && window.statusLog[window.statusLog.length - 1] !== text) window.statusLog.push(text);
   }
-}).observe(document, { subtree: true, childList: true, characterData: true });
+  for (const node of document.querySelectorAll('#gallery .preview')) {
+    if (!window.previewLog.includes(node.src)) window.previewLog.push(node.src);
+  }
+}).observe(document, { subtree: true, childList: true, characterData: true, attributes: true });
+window.previewLog = [];
 """
 
 
@@ -393,6 +397,23 @@ def test_mask_painting_makes_an_openai_mask_of_the_first_reference(
     expect(card.locator(".params")).to_contain_text(re.compile(r"Mask\s*painted on @Image1"))
     page.get_by_role("button", name="Done").click()
     expect(canvas).to_be_hidden()
+
+
+def test_live_preview_shows_previews_in_the_running_card(page: Any, workbench_server: ServerProcess) -> None:
+    if not httpx.get(workbench_server.url + "/workbench/config").json()["features"]["previews"]:
+        pytest.skip("this server's request model has no previews field yet")
+    settings(page, model="flux-2-klein-base-4b", size=(128, 128), seed=21)
+    page.get_by_label("Steps").fill("12")
+    page.evaluate("window.previewLog = []")
+    page.get_by_label("Live preview").check()
+    try:
+        with page.expect_request(lambda r: r.url.endswith("/api/ai/queue") and r.method == "POST") as queued:
+            (card,) = generate(page)
+        assert queued.value.post_data_json["previews"] == 12  # one per step
+        assert len(page.evaluate("window.previewLog")) >= 1  # the card showed the latest preview while running
+        expect(card.locator(".preview")).to_have_count(0)  # gone once the image is there
+    finally:
+        page.get_by_label("Live preview").uncheck()
 
 
 def test_phone_and_desktop_screenshots(page: Any, artifacts: Path) -> None:

@@ -274,6 +274,9 @@ class OxenDialect:
             body["loras"] = [choice.model_dump() for choice in req.loras]
         if req.cache is not None:
             body["cache"] = req.cache.model_dump(exclude_none=True)
+        if previews := getattr(req, "previews", 0):  # the field exists once live previews are served
+            body["previews"] = previews
+            carried.add("previews")
         dropped = unsaid(req, carried)
         return Example(
             dialect=NAME,

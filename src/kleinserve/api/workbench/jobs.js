@@ -65,7 +65,8 @@ export async function listen() {
     stream.abort = new AbortController();
     try {
       const headers = authHeaders(stream.lastEventId ? { 'Last-Event-ID': stream.lastEventId } : {});
-      const response = await fetch('/api/events', { headers, signal: stream.abort.signal });
+      // previews=true: also the live previews of jobs that asked for them (the Live preview box).
+      const response = await fetch('/api/events?previews=true', { headers, signal: stream.abort.signal });
       if (response.status === 401) askForKey();
       stream.live = response.ok;
       if (response.ok) {

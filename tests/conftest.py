@@ -64,6 +64,22 @@ def tiny_lora(tiny_distilled: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny autoencoder for the previews, fitting the tiny checkpoints' latents (a few kB)."""
+    from kleinserve.engine.tiny import make_tiny_autoencoder
+
+    return make_tiny_autoencoder(tmp_path_factory.mktemp("tiny-autoencoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_small_decoder(tiny_distilled: Path) -> Path:
+    """A random small decoder (the tiny checkpoint's encoder, a narrower decoder), BFL's layout."""
+    from kleinserve.engine.decoder import make_tiny_small_decoder
+
+    return make_tiny_small_decoder(tiny_distilled, tiny_distilled.parent / "tiny-small-decoder")
+
+
+@pytest.fixture(scope="session")
 def distilled_engine(tiny_distilled: Path) -> Engine:
     pipeline = load_pipeline(tiny_distilled, torch.device("cpu"), torch.float32)
     return Engine(pipeline, find_variant("flux-2-klein-4b"))

@@ -218,9 +218,11 @@ def test_corrupt_reference_image(tmp_path: Path, tiny_distilled: Path) -> None:
 
 
 def test_make_tiny_and_models(tmp_path: Path) -> None:
-    code, stdout, _ = run("make-tiny", str(tmp_path / "tiny"), "--variant", "base")
-    assert code == 0 and "tiny base checkpoint" in stdout
+    code, stdout, _ = run("make-tiny", str(tmp_path / "tiny"), "--variant", "base", "--preview-decoder")
+    assert code == 0 and "tiny base checkpoint" in stdout and "tiny preview decoder" in stdout
     assert json.loads((tmp_path / "tiny" / "model_index.json").read_text())["is_distilled"] is False
+    decoder = json.loads((tmp_path / "tiny" / "preview-decoder" / "config.json").read_text())
+    assert decoder["_class_name"] == "Flux2TinyAutoEncoder" and decoder["latent_channels"] == 16
     code, _, stderr = run("make-tiny", str(tmp_path / "t2"), "--variant", "turbo")
     assert code == 1 and "--variant must be distilled, base or kv" in stderr
     code, stdout, _ = run("models")
@@ -253,3 +255,21 @@ def test_console_script_entry_point(tmp_path: Path, tiny_distilled: Path) -> Non
     assert (tmp_path / "e.png").is_file()
     bad = subprocess.run([str(script), "generate", "x", "--model", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "unknown model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mask_inpaints_the_first_image(tmp_path: Path, tiny_distilled: Path) -> None:
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    image.write_bytes(png_bytes(64, 48))
+    alpha = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), (16, 16, 48, 32))  # transparent: repaint
+    alpha.save(mask)
+    out = tmp_path / "o.png"
+    args = ["generate", "x", "-m", model_arg(tiny_distilled), "-i", str(image), "--steps", "2", "--seed", "3"]
+    code, stdout, stderr = run(*args, "--mask", str(mask), "-o", str(out))
+    assert code == 0, stderr
+    assert "64x48" in stdout
+    code, _, _ = run(*args, "-o", str(tmp_path / "plain.png"))
+    assert code == 0 and not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "plain.png")))
+    alpha.resize((48, 64)).save(mask)
+    code, _, stderr = run(*args, "--mask", str(mask), "-o", str(tmp_path / "bad.png"))
+    assert code == 1 and "mask: is 48x64 but the image it applies to (the first) is 64x48" in " ".join(stderr.split())

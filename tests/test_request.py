@@ -351,6 +351,7 @@ def test_full_request_round_trips() -> None:
         "safety_tolerance": None,
         "strength": None,
         "mask": None,
+        "previews": 0,
     }
     again = GenerationRequest.parse(dumped)
     assert again == request

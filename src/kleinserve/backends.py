@@ -17,12 +17,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kleinserve.jobs.events import EventBus, StoreEventBus
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKeyStore
 from kleinserve.settings import Settings
 from kleinserve.webhooks.store import WebhookStore
+
+if TYPE_CHECKING:
+    from kleinserve.postgres.database import PgDatabase
 
 SQLITE_FILE = "jobs.sqlite3"
 
@@ -40,12 +44,17 @@ def sqlite_path(settings: Settings) -> Path:
 
 
 def job_store(settings: Settings) -> JobStore:
-    """The job store the settings ask for (close it when done)."""
+    """The job store the settings ask for (close it when done).
+
+    On PostgreSQL it owns the process's connection pool (``KLEINSERVE_DATABASE_POOL`` connections);
+    :func:`key_store` and :func:`webhook_store` given this store borrow that pool rather than open
+    their own, so a process holds one pool, not one per store."""
     if uses_postgres(settings):
         from kleinserve.jobs.store.postgres import PgJobStore
+        from kleinserve.postgres.database import PgDatabase
 
         assert settings.database_url is not None
-        return PgJobStore(settings.database_url)
+        return PgJobStore(PgDatabase(settings.database_url, max_size=settings.database_pool), owned=True)
     from kleinserve.jobs.store.sqlite import SQLiteJobStore
 
     return SQLiteJobStore(sqlite_path(settings))
@@ -65,28 +74,38 @@ def event_bus(settings: Settings, store: JobStore) -> EventBus:
     return StoreEventBus(store, poll_interval=settings.event_poll)
 
 
-def key_store(settings: Settings) -> ApiKeyStore:
-    """The API key store the settings ask for (close it when done)."""
+def key_store(settings: Settings, jobs: JobStore | None = None) -> ApiKeyStore:
+    """The API key store the settings ask for (close it when done); on PostgreSQL it shares the pool
+    of ``jobs`` when given one (closing the key store then leaves the pool to ``jobs``)."""
     if uses_postgres(settings):
         from kleinserve.postgres.keys import PgKeyStore
 
         assert settings.database_url is not None
-        return PgKeyStore(settings.database_url)
+        return PgKeyStore(_pool_of(jobs) or settings.database_url)
     from kleinserve.keys import KeyStore
 
     return KeyStore(sqlite_path(settings))
 
 
-def webhook_store(settings: Settings) -> WebhookStore:
-    """The webhook delivery store the settings ask for (close it when done)."""
+def webhook_store(settings: Settings, jobs: JobStore | None = None) -> WebhookStore:
+    """The webhook delivery store the settings ask for (close it when done); shares the pool of
+    ``jobs`` on PostgreSQL, as :func:`key_store` does."""
     if uses_postgres(settings):
         from kleinserve.postgres.webhooks import PgWebhookStore
 
         assert settings.database_url is not None
-        return PgWebhookStore(settings.database_url)
+        return PgWebhookStore(_pool_of(jobs) or settings.database_url)
     from kleinserve.webhooks.store import SQLiteWebhookStore
 
     return SQLiteWebhookStore(sqlite_path(settings))
+
+
+def _pool_of(jobs: JobStore | None) -> PgDatabase | None:
+    """The PostgreSQL pool of ``jobs``, when it is a PostgreSQL job store."""
+    database = getattr(jobs, "database", None)
+    from kleinserve.postgres.database import PgDatabase
+
+    return database if isinstance(database, PgDatabase) else None
 
 
 @contextlib.contextmanager

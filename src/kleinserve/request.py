@@ -207,6 +207,12 @@ class GenerationRequest(BaseModel):
     cache: StepCacheChoice | None = Field(
         None, description="Step caching (Base variants only; changes pixels); default: the server's."
     )
+    previews: int = Field(
+        0,
+        ge=0,
+        description="Preview images written while denoising (0: none; N: up to N spread over the steps, "
+        "at most one per step); each is announced as a job.preview event.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -286,6 +292,14 @@ class GenerationRequest(BaseModel):
         settings = _settings_from(info)
         if settings is not None and value > settings.max_images:
             raise ValueError(f"must be at most {settings.max_images}; got {value}")
+        return value
+
+    @field_validator("previews")
+    @classmethod
+    def _previews_within_limit(cls, value: int, info: ValidationInfo) -> int:
+        settings = _settings_from(info)
+        if settings is not None and value > settings.max_steps:
+            raise ValueError(f"must be at most {settings.max_steps} (one per step); got {value}")
         return value
 
     @field_validator("steps")

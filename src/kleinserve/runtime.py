@@ -40,6 +40,8 @@ from kleinserve.storage.factory import storage_from_settings
 from kleinserve.webhooks.store import WebhookStore
 
 if TYPE_CHECKING:  # the engine (torch) is imported only by roles that load models
+    from pathlib import Path
+
     import torch
 
     from kleinserve.engine.cache import PromptCache
@@ -81,18 +83,36 @@ def load_options_for(settings: Settings, device: torch.device | None = None) -> 
 
     device = device if device is not None else devices_for(settings)[0]
     mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
-    options = LoadOptions(pick_dtype(device, settings.dtype), mode, settings.compile, settings.attention_backend)
+    options = LoadOptions(
+        pick_dtype(device, settings.dtype),
+        mode,
+        settings.compile,
+        settings.attention_backend,
+        vae=decoder_for(settings),
+        vae_channels_last=settings.vae_channels_last,
+    )
     check_options(device, options)
     return device, options
+
+
+def decoder_for(settings: Settings) -> Path | None:
+    """The small decoder's directory when ``--decoder small`` (HF cache, hub or PATH), else ``None``."""
+    from kleinserve.engine.decoder import DecoderSpec, resolve_decoder
+
+    return resolve_decoder(DecoderSpec.parse(settings.decoder))
 
 
 def memory_plan_for(settings: Settings, served: list[ServedModel], device: torch.device | None = None) -> MemoryPlan:
     """The memory plan of ``served`` on one of the settings' devices (default: the first); workers
     sharing that device (``--devices cpu,cpu``) each hold their own copy, so the plan holds them all."""
+    from kleinserve.engine.decoder import read_config
     from kleinserve.engine.memory import plan_served
 
     device, options = load_options_for(settings, device)
-    plan = plan_served(served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory)
+    vae_config = read_config(options.vae) if options.vae is not None else None
+    plan = plan_served(
+        served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory, vae_config=vae_config
+    )
     sharing = sum(1 for other in devices_for(settings) if other == device)
     if sharing > 1:
         plan = replace(plan, models=plan.models * sharing)
@@ -167,6 +187,9 @@ class Runtime:
     device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     started_at: float = field(default_factory=time.time, init=False)
     advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
+    # Engines already loaded by the caller (``kleinserve bench`` serves the modules it times in
+    # process); every worker then uses them instead of loading ``served`` again.
+    preloaded: dict[str, Engine] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         data_dir = self.settings.data_dir
@@ -182,7 +205,7 @@ class Runtime:
             max_queue_per_key=self.settings.queue_share(),
         )
         self.service.models_elsewhere = self.role == "api"
-        self.keys = backends.key_store(self.settings)
+        self.keys = backends.key_store(self.settings, self.store)
         self.access = Access.at_start(self.keys, self.settings.host, self.settings.insecure_no_auth)
         self._revocations_seen = 0.0
         self.quotas = Quotas(self.store, self.settings.price_per_image)
@@ -269,13 +292,23 @@ class Runtime:
 
         assert self.served is not None
         _, options = load_options_for(self.settings, device)
-        engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
+        if self.preloaded is not None:
+            engines = dict(self.preloaded)
+        else:
+            engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
         cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
+        tiny = None  # the previews' tiny autoencoder, one per device (engine/preview.py)
+        if self.settings.preview_decoder:
+            from kleinserve.engine.tiny_autoencoder import load_tiny_autoencoder
+
+            tiny = load_tiny_autoencoder(self.settings.preview_decoder, device, options.dtype)
+            log.info("previews on %s: tiny autoencoder %s", device, self.settings.preview_decoder)
         for engine in engines.values():
             engine.prompt_cache = cache
             engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
             engine.step_cache = StepCache.parse(self.settings.step_cache)
             engine.vae_tile_above_pixels = self.settings.vae_tile_above_pixels
+            engine.previews.tiny = tiny
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)

@@ -34,6 +34,15 @@ class Settings(BaseSettings):
             "another file)."
         ),
     )
+    database_pool: int = Field(
+        20,
+        ge=2,
+        le=500,
+        description=(
+            "PostgreSQL connections one process may hold (one pool shared by its job, key and webhook "
+            "stores); mind the server's max_connections across all processes."
+        ),
+    )
     device: DeviceName = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N or mps.")
     dtype: DtypeName = Field("auto", description="Torch dtype: auto, bfloat16, float16 or float32.")
     cfg_batch: Literal["auto", "on", "off"] = Field(
@@ -48,6 +57,22 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Decode images with more pixels than this in VAE tiles (less memory, other pixels); 0: never.",
+    )
+    vae_channels_last: bool = Field(
+        False,
+        description="The VAE's convolutions in channels_last (faster on CPU and GPU; pixels differ from diffusers' "
+        "by float rounding).",
+    )
+    decoder: str = Field(
+        "full",
+        pattern=r"^(full|small(=.+)?)$",
+        description="VAE decoder: full (the checkpoint's), small (BFL's FLUX.2-small-decoder from the HF cache or "
+        "hub; faster, other pixels) or small=PATH (a local copy).",
+    )
+    preview_decoder: str | None = Field(
+        None,
+        description="Tiny autoencoder for live previews: a directory or hub repo id in diffusers format "
+        "(fal/FLUX.2-Tiny-AutoEncoder); unset: a latent-to-RGB projection derived from the model's VAE.",
     )
     prompt_cache_bytes: int = Field(
         512 * 1024 * 1024,

@@ -76,10 +76,14 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server(
-    tiny_distilled: Path, tiny_base: Path, tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_distilled: Path,
+    tiny_base: Path,
+    tiny_lora: Path,
+    tiny_autoencoder: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
     """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base;
-    one LoRA adapter, ``tiny``, offered."""
+    one LoRA adapter, ``tiny``, offered; previews decoded by the tiny autoencoder."""
     process = ServerProcess(
         tmp_path_factory.mktemp("server"),
         [
@@ -92,6 +96,8 @@ def server(
         "float32",
         "--device",
         "cpu",
+        "--preview-decoder",
+        str(tiny_autoencoder),
         # The tests' reference images come from the loopback image server, refused unless allowed.
         env={
             "KLEINSERVE_KEEPALIVE_INTERVAL": "1",

@@ -218,16 +218,28 @@ def test_streaming_through_the_sdk(client: OpenAI, server: ServerProcess, tmp_pa
     events = list(
         client.images.generate(**common, stream=True, partial_images=2, extra_body={**FAST, "seed": 4, "n": 2})
     )
-    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    # partial_images=2 over 2 steps: a preview after each step (of the first image), then the images.
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] * 2
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    assert [e.partial_image_index for e in partials] == [0, 1]
+    for partial in partials:
+        assert partial.output_format == "jpeg" and partial.size == "64x64" and partial.background == "opaque"
+        assert decode(base64.b64decode(partial.b64_json)).size == (64, 64)
+    completed = [e for e in events if e.type == "image_generation.completed"]
     plain = client.images.generate(**common, n=2, response_format="b64_json", extra_body={**FAST, "seed": 4})
-    assert plain.data and [e.b64_json for e in events] == [d.b64_json for d in plain.data]
-    first = events[0]
+    assert plain.data and [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
+    first = completed[0]
     assert first.type == "image_generation.completed" and first.size == "64x64" and first.output_format == "png"
+    # Without partial_images: only the completed events.
+    assert [e.type for e in client.images.generate(**common, stream=True, extra_body=FAST)] == [
+        "image_generation.completed"
+    ]
     path = tmp_path / "cat.png"
     path.write_bytes(png_bytes(64, 64))
     with path.open("rb") as image:
-        edits = list(client.images.edit(image=image, stream=True, **common, extra_body=FAST))
-    assert [e.type for e in edits] == ["image_edit.completed"]
+        edits = list(client.images.edit(image=image, stream=True, partial_images=1, **common, extra_body=FAST))
+    assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
+    assert edits[0].type == "image_edit.partial_image" and edits[0].partial_image_index == 0
     # A failure after the stream started is an error event, which the SDK raises.
     # (A PNG whose header reads but whose pixels are cut short: accepted at submission, where URLs and
     # sizes are checked, it fails in the worker.)

@@ -219,12 +219,12 @@ def test_list_defaults_to_active_and_filters(server: ServerProcess) -> None:
 
 
 def read_events(
-    server: ServerProcess, headers: dict[str, str], until: str, timeout: float = 60
+    server: ServerProcess, headers: dict[str, str], until: str, timeout: float = 60, path: str = "/api/events"
 ) -> list[dict[str, str]]:
     """Raw SSE frames until one whose data contains ``until``."""
     frames: list[dict[str, str]] = []
     current: dict[str, str] = {}
-    with httpx.stream("GET", f"{server.url}/api/events", headers=headers, timeout=timeout) as response:
+    with httpx.stream("GET", f"{server.url}{path}", headers=headers, timeout=timeout) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line == "":
@@ -369,3 +369,22 @@ def test_openapi_documents_the_routes(server: ServerProcess) -> None:
 def test_unknown_route_is_404_in_oxen_shape(server: ServerProcess) -> None:
     response = httpx.get(f"{server.url}/api/ai/nothing-here")
     assert response.status_code == 404 and response.json()["status_message"] == "resource_not_found"
+
+
+def test_preview_events_are_opt_in(server: ServerProcess) -> None:
+    body = {**SMALL, "num_inference_steps": 3, "previews": 2}
+    generation_id = post(server, "/api/ai/queue", body).json()["generations"][0]["generation_id"]
+    until = f'"generation_id":"{generation_id}","status":"succeeded"'
+    plain = read_events(server, {}, until)
+    assert not [f for f in plain if f.get("event") == "kleinserve.generation.preview"]
+    # The same events again, replayed from before this generation's first one, now with its previews.
+    first = min(int(f["id"]) for f in plain if generation_id in f.get("data", "") and "id" in f)
+    frames = read_events(server, {"Last-Event-ID": str(first - 1)}, until, path="/api/events?previews=true")
+    previews = [json.loads(f["data"]) for f in frames if f.get("event") == "kleinserve.generation.preview"]
+    assert [(p["index"], p["step"], p["total"]) for p in previews] == [(0, 1, 3), (1, 2, 3)]
+    for preview in previews:
+        assert preview["generation_id"] == generation_id and preview["status"] == "preview"
+        assert preview["key"] == f"{generation_id}/preview-{preview['index']}.jpg"
+        assert preview["media_type"] == "image/jpeg"
+        image = Image.open(io.BytesIO(httpx.get(preview["url"], timeout=30).content))
+        assert (image.format, image.size) == ("JPEG", (64, 64))

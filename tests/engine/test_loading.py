@@ -105,6 +105,9 @@ def test_native_attention_backend_keeps_the_pixels(tiny_distilled: Path, base_pi
     ("options", "field", "words"),
     [
         (LoadOptions(mode=MemoryMode(offload="model")), "offload", "needs a GPU"),
+        # accelerate's sequential hooks cannot run with the CPU as the execution device (a TypeError
+        # in their post-forward, diffusers' own pipeline too): refused before anything loads.
+        (LoadOptions(mode=MemoryMode(offload="sequential")), "offload", "--offload sequential needs a GPU"),
         (LoadOptions(mode=MemoryMode(quantize="fp8")), "quantize", "compute capability 8.9"),
         (LoadOptions(mode=MemoryMode(quantize_text_encoder="int4")), "quantize_text_encoder", "need CUDA"),
         (LoadOptions(attention_backend="warp"), "attention_backend", "is not one of"),

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+from kleinserve import backends
 from kleinserve.postgres.database import PgDatabase, advisory_key, is_postgres_url
 from kleinserve.postgres.keys import SCHEMA
+from kleinserve.runtime import Runtime
+from kleinserve.settings import Settings
 
 
 def test_urls_select_postgres() -> None:
@@ -61,3 +65,21 @@ def test_a_failed_transaction_leaves_nothing(pg_url: str) -> None:
             assert db.info.transaction_status.name == "IDLE"
     finally:
         database.close()
+
+
+def test_a_process_holds_one_pool_shared_by_its_stores(pg_url: str, tmp_path: Path) -> None:
+    """Job, key and webhook stores of one Runtime borrow one pool of KLEINSERVE_DATABASE_POOL
+    connections (three pools of 10 each used to open up to 30 connections per process)."""
+    runtime = Runtime(Settings(data_dir=tmp_path, database_url=pg_url, database_pool=4))
+    webhooks = backends.webhook_store(runtime.settings, runtime.store)
+    try:
+        database = runtime.store.database  # type: ignore[attr-defined]
+        assert database.pool.max_size == 4
+        assert runtime.keys._database is database and webhooks._database is database  # type: ignore[attr-defined]
+        webhooks.close()
+        runtime.keys.close()  # borrowers leave the pool open for the job store
+        with database.connection() as db:
+            assert db.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        runtime.stop()
+    assert database.pool.closed

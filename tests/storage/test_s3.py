@@ -137,7 +137,7 @@ def test_start_stops_with_a_clear_error_for_a_missing_bucket_or_wrong_credential
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
     settings = s3_settings(seaweed, "", tmp_path)
     missing = settings.model_copy(update={"storage_url": "s3://no-such-bucket-here"})
-    with pytest.raises(ServiceUnavailableError, match="'no-such-bucket-here' .* does not exist"):
+    with pytest.raises(ServiceUnavailableError, match=r"'no-such-bucket-here' .* does not exist"):
         storage_from_settings(missing)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(ServiceUnavailableError, match="refuses these credentials"):

@@ -56,7 +56,7 @@ async def webhook_from_header(request: Request, runtime: Runtime) -> str | None:
 
 def start_dispatcher(runtime: Runtime) -> Callable[[], None]:
     """Start sending ``runtime``'s webhooks in the background; returns the function that stops it."""
-    store = backends.webhook_store(runtime.settings)
+    store = backends.webhook_store(runtime.settings, runtime.store)
     dispatcher = WebhookDispatcher(runtime.store, store, runtime.settings, lambda output: result_url(runtime, output))
     runtime.webhook_secret = dispatcher.secret
     runtime.webhooks = store

@@ -87,6 +87,10 @@ def generate(
     strength: Annotated[
         Optional[float], typer.Option(help="Image-to-image from the first -i image: 0-1 of the schedule.")
     ] = None,
+    mask: Annotated[
+        Optional[str],
+        typer.Option(help="Inpainting mask for the first -i image: a PNG of its size, transparent = repaint."),
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
     fmt: Annotated[
@@ -100,6 +104,7 @@ def generate(
     """Generate images from a prompt, optionally editing 1-4 reference images."""
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
     from kleinserve.engine.images import InputPolicy, load_references
+    from kleinserve.engine.masks import check_mask_size, load_mask
     from kleinserve.engine.weights import ModelSpec, load_engine
     from kleinserve.generation import run_request
 
@@ -117,6 +122,7 @@ def generate(
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
                 "strength": strength,
+                "mask": mask,
                 "images": image or [],
                 "width": w,
                 "height": h,
@@ -131,6 +137,9 @@ def generate(
         )
         policy = InputPolicy.from_settings(settings, allow_paths=True, check_hosts=False)  # a local user
         references = load_references(request.images, policy)
+        mask_image = load_mask(request.mask, policy) if request.mask else None
+        if mask_image is not None:
+            check_mask_size(mask_image.size, references[0].size)  # before the model loads
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         with Progress(
@@ -150,7 +159,7 @@ def generate(
             def on_progress(p: Any) -> None:
                 progress.update(task, description=_STAGE_LABELS[p.stage], completed=p.step, total=p.total)
 
-            result = run_request(request, engine, references, on_progress=on_progress)
+            result = run_request(request, engine, references, mask=mask_image, on_progress=on_progress)
         paths = _output_paths(output, request.output_format, prompt, result.seeds)
         for path, encoded in zip(paths, result.images, strict=True):
             path.write_bytes(encoded.data)

@@ -47,6 +47,14 @@ BatchWindowOption = Annotated[
     Optional[float],
     typer.Option("--batch-window-ms", help="Milliseconds to wait for more compatible jobs to batch (20)."),
 ]
+PreviewDecoderOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--preview-decoder",
+        help="Tiny autoencoder for live previews: a directory or hub repo id (fal/FLUX.2-Tiny-AutoEncoder); "
+        "default: a latent-to-RGB projection.",
+    ),
+]
 MetricsOption = Annotated[
     Optional[str], typer.Option("--metrics", help="GET /metrics: off (default), open, or admin (admin token).")
 ]

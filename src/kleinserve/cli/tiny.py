@@ -30,6 +30,12 @@ def make_tiny_command(
     lora: Annotated[
         bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
     ] = False,
+    preview_decoder: Annotated[
+        bool,
+        typer.Option(
+            "--preview-decoder", help="Also write a random tiny autoencoder for previews to DIRECTORY/preview-decoder."
+        ),
+    ] = False,
 ) -> None:
     """Write a random-weight klein checkpoint (real architecture) for tests, demos and `kleinserve bench`."""
     from kleinserve.engine.tiny import PRESETS, make_tiny, make_tiny_lora
@@ -53,3 +59,11 @@ def make_tiny_command(
     if lora:
         path = make_tiny_lora(directory, directory / "lora" / "tiny.safetensors", seed)
         out_console.print(f"wrote a tiny LoRA to {path} (serve it with --lora {path.parent})", highlight=False)
+    if preview_decoder:
+        from kleinserve.engine.tiny import make_tiny_autoencoder
+
+        channels = 4 * PRESETS[preset].latent_channels  # the transformer's packed latents
+        path = make_tiny_autoencoder(directory / "preview-decoder", channels, seed)
+        out_console.print(
+            f"wrote a tiny preview decoder to {path} (serve it with --preview-decoder {path})", highlight=False
+        )

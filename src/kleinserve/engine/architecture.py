@@ -205,9 +205,14 @@ def _read_config(directory: Path, name: str) -> dict[str, Any]:
 _CACHE: dict[str, ModelShape] = {}
 
 
-def model_shape(variant: Variant, directory: Path | None = None) -> ModelShape:
-    """Parameter counts of ``directory``'s components, or of ``variant``'s published checkpoint."""
+def model_shape(
+    variant: Variant, directory: Path | None = None, vae_config: dict[str, Any] | None = None
+) -> ModelShape:
+    """Parameter counts of ``directory``'s components, or of ``variant``'s published checkpoint;
+    ``vae_config`` is laid over the VAE's config (another decoder: engine/decoder.py)."""
     key = str(directory.resolve()) if directory is not None else f"published:{variant.parameters}"
+    if vae_config:
+        key += f"|vae:{json.dumps(vae_config, sort_keys=True)}"
     if key in _CACHE:
         return _CACHE[key]
     components = {}
@@ -216,6 +221,8 @@ def model_shape(variant: Variant, directory: Path | None = None) -> ModelShape:
             config = _read_config(directory, name)
         else:
             config = dict(PUBLISHED_CONFIGS[variant.parameters][name])
+        if name == "vae" and vae_config:
+            config = {**config, **vae_config}
         components[name] = describe(name, _empty_component(name, config), config)
     source = (
         f"config.json files in {directory}"

@@ -184,7 +184,12 @@ def _generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]
             noise = negative + first.guidance * (noise - negative)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         for index in sorted(set(owner)):
-            reports[index](Progress("denoise", i + 1, len(timesteps)))
+            # Each item's preview decodes its own rows only (engine/preview.py), lazily.
+            its_rows = [row for row, row_owner in enumerate(owner) if row_owner == index]
+            preview = engine.previews.lazy(
+                latents, noise, scheduler.sigmas, scheduler.step_index, latent_ids, width, height, its_rows
+            )
+            reports[index](Progress("denoise", i + 1, len(timesteps), preview))
     keep = _drop_cancelled(owner, cancels, outcomes)
     timings["denoise"] = time.perf_counter() - started
     if keep:

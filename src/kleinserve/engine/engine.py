@@ -25,6 +25,7 @@ from PIL import Image
 from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.guidance import guided_noise_one_batch
 from kleinserve.engine.kv import ReferenceKV, use_kv_processors
+from kleinserve.engine.preview import Previewer, PreviewFn
 from kleinserve.engine.stepcache import StepCache, in_cache_context, step_caching
 from kleinserve.engine.vae import decode_latents
 from kleinserve.engine.variants import Variant
@@ -43,11 +44,16 @@ MAX_SEQUENCE_LENGTH = 512
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a generation is: ``step`` of ``total`` within ``stage``."""
+    """Where a generation is: ``step`` of ``total`` within ``stage``.
+
+    ``preview`` (denoising steps only) decodes this request's current x0 estimate to small images
+    when called (engine/preview.py); it costs nothing unless called, and only during the callback.
+    """
 
     stage: Stage
     step: int
     total: int
+    preview: PreviewFn | None = None
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -149,6 +155,7 @@ class Engine:
         self.cfg_batch: bool | None = None
         self.vae_tile_above_pixels = 0  # tiled VAE decoding above this many pixels (engine/vae.py); 0: never
         self.step_cache: StepCache | None = None  # the server's default for Base requests (KLEINSERVE_STEP_CACHE)
+        self.previews = Previewer(pipeline)  # live previews; .tiny set from KLEINSERVE_PREVIEW_DECODER
 
     @property
     def device(self) -> torch.device:
@@ -444,7 +451,7 @@ class Engine:
             if kv is not None:
                 noise = kv.predict(transformer, latents, latent_ids, timestep / 1000, prompt_embeds, text_ids)
                 latents = step(noise, t, latents, i)
-                report(Progress("denoise", i + 1, len(timesteps)))
+                report(self._denoised(i, timesteps, scheduler, latents, noise, latent_ids, width, height))
                 continue
             model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
             model_input = model_input.to(transformer.dtype)
@@ -455,7 +462,7 @@ class Engine:
                     negative_ids, model_input_ids, latents.size(1), inputs.guidance,
                 )  # fmt: skip
                 latents = step(noise, t, latents, i)
-                report(Progress("denoise", i + 1, len(timesteps)))
+                report(self._denoised(i, timesteps, scheduler, latents, noise, latent_ids, width, height))
                 continue
             noise = cond(
                 hidden_states=model_input,
@@ -478,7 +485,7 @@ class Engine:
                 )[0][:, : latents.size(1)]
                 noise = negative + inputs.guidance * (noise - negative)
             latents = step(noise, t, latents, i)
-            report(Progress("denoise", i + 1, len(timesteps)))
+            report(self._denoised(i, timesteps, scheduler, latents, noise, latent_ids, width, height))
         if kv is not None:
             kv.clear()  # the references' K/V are this request's; never kept past it
         timings["denoise"] = time.perf_counter() - started
@@ -514,6 +521,21 @@ class Engine:
         decoded = decode_latents(vae, latents.to(self.device), self.vae_tile_above_pixels, pipe.vae_scale_factor)
         images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
         return images
+
+    def _denoised(
+        self,
+        i: int,
+        timesteps: torch.Tensor,
+        scheduler: Any,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        latent_ids: torch.Tensor,
+        width: int,
+        height: int,
+    ) -> Progress:
+        """Progress after denoising step ``i``, with its lazy preview."""
+        preview = self.previews.lazy(latents, noise, scheduler.sigmas, scheduler.step_index, latent_ids, width, height)
+        return Progress("denoise", i + 1, len(timesteps), preview)
 
     @staticmethod
     def _check_cancel(cancelled: CancelCheck) -> None:

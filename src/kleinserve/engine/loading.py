@@ -13,6 +13,8 @@ Everything here goes through the libraries' documented APIs, nothing is done by 
 - ``--text-encoder-device``: the text encoder (needed only for prompts the cache has not seen) lives
   on another device, usually ``cpu``, and is left out of offloading.
 - ``--attention-backend``: diffusers' attention dispatcher (``set_attention_backend``).
+- ``--decoder small``: BFL's small decoder replaces the checkpoint's VAE (engine/decoder.py);
+  ``--vae-channels-last``: the VAE's weights in channels_last memory format (engine/vae.py).
 - ``--compile``: regional compilation (``compile_repeated_blocks``: the repeated transformer blocks are
   compiled once and reused), warmed up by the runtime before ``/readyz`` turns 200.
 
@@ -31,6 +33,7 @@ import torch
 
 from kleinserve.engine.engine import Engine, EngineInputs
 from kleinserve.engine.memory import MemoryMode
+from kleinserve.engine.vae import use_channels_last
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidParameterError, ResourceExhaustedError
 
@@ -49,9 +52,15 @@ class LoadOptions:
     mode: MemoryMode = field(default_factory=MemoryMode)
     compile: bool = False
     attention_backend: str | None = None  # None: diffusers' default (native SDPA)
+    vae: Path | None = None  # a VAE replacing the checkpoint's (--decoder small; engine/decoder.py)
+    vae_channels_last: bool = False  # the VAE's convolutions in channels_last (engine/vae.py)
 
     def describe(self) -> str:
         parts = [str(self.dtype).removeprefix("torch."), self.mode.label()]
+        if self.vae is not None:
+            parts.append("small decoder")
+        if self.vae_channels_last:
+            parts.append("VAE channels_last")
         if self.attention_backend:
             parts.append(f"attention {self.attention_backend}")
         if self.compile:
@@ -230,7 +239,9 @@ def load_placed(directory: Path, device: torch.device, options: LoadOptions) -> 
     from kleinserve.engine.weights import read_pipeline
 
     check_options(device, options)
-    pipeline = read_pipeline(directory, options.dtype, quantization_config(options.mode))
+    pipeline = read_pipeline(directory, options.dtype, quantization_config(options.mode), options.vae)
+    if options.vae_channels_last:
+        use_channels_last(pipeline.vae)  # before placing: moving a module keeps its tensors' layout
     try:
         placement = place(pipeline, device, options.mode)
     except torch.OutOfMemoryError:

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -120,7 +120,9 @@ def activation_bytes(shape: ComponentShape, width: int, height: int, dtype_bytes
         # SwiGLU projection (2 x mlp), its activation and its share of the concat (2 x mlp).
         return tokens * (7 * inner + 4 * mlp) * dtype_bytes
     if shape.name == "vae":
-        channels = tuple(config.get("block_out_channels", (128, 256, 512, 512)))
+        # The decoder's own widths when they differ from the encoder's (the small decoder).
+        widths = config.get("decoder_block_out_channels") or config.get("block_out_channels", (128, 256, 512, 512))
+        channels = tuple(widths)
         full_res = int(channels[1] if len(channels) > 1 else channels[0])
         # The last upsampler works at full resolution on the second-widest level's channels: its
         # input, output and the next block's normalised input are alive together.
@@ -353,17 +355,19 @@ def plan_memory(
     width: int = 1024,
     height: int = 1024,
     device_memory_gb: float | None = None,
+    vae_config: dict[str, Any] | None = None,
 ) -> MemoryPlan:
     """The memory plan of ``served`` (model id, variant, weights directory or ``None``) on ``device``.
 
     Variants served from the same directory share one loaded pipeline, as the server loads them.
+    ``vae_config`` overrides the checkpoints' VAE config (``--decoder small``: engine/decoder.py).
     """
     grouped: dict[str, tuple[list[str], Variant, Path | None]] = {}
     for model_id, variant, directory in served:
         key = str(directory.resolve()) if directory is not None else f"published:{variant.id}"
         grouped.setdefault(key, ([], variant, directory))[0].append(model_id)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
-    shapes = [(ids, model_shape(variant, directory)) for ids, variant, directory in grouped.values()]
+    shapes = [(ids, model_shape(variant, directory, vae_config)) for ids, variant, directory in grouped.values()]
     capacity, source = device_capacity(device, device_memory_gb)
     # Host RAM is checked only when the device is on this machine (not when planning for another).
     local = torch.device(device).type == "cpu" or (capacity is not None and device_memory_gb is None)
@@ -397,6 +401,7 @@ def plan_served(
     dtype: torch.dtype,
     mode: MemoryMode = MemoryMode(),
     device_memory_gb: float | None = None,
+    vae_config: dict[str, Any] | None = None,
 ) -> MemoryPlan:
     """The plan of the models a server serves (demo models included: they are real, tiny checkpoints)."""
     return plan_memory(
@@ -405,6 +410,7 @@ def plan_served(
         dtype,
         mode,
         device_memory_gb=device_memory_gb,
+        vae_config=vae_config,
     )
 
 

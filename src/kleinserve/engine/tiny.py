@@ -8,6 +8,9 @@ shrunk to a few MB. It keeps what the engine depends on: a 36-layer text encoder
 taps (9, 18, 27) exist, a VAE with the real 16-pixel latent grid, and ``is_distilled`` in
 ``model_index.json``. The same ``seed`` always writes the same weights.
 
+``make_tiny_autoencoder`` writes a random tiny autoencoder for the previews' decoder
+(engine/tiny_autoencoder.py) that fits these checkpoints' latents.
+
 Two presets: ``tiny`` (the default; a few MB, for tests and demos) and ``bench`` (klein 4B's real
 widths with only a few transformer blocks and the 28 text-encoder layers the deepest tap needs, written
 in bfloat16, about 7 GB), so ``kleinserve bench`` measures matmuls of the real shapes on any machine.
@@ -314,3 +317,23 @@ def make_tiny_lora(checkpoint: Path, output: Path, seed: int = 0, rank: int = 4)
         weight_name=output.name,
     )
     return output
+
+
+def make_tiny_autoencoder(directory: Path, latent_channels: int = 16, seed: int = 0) -> Path:
+    """Write a random-weight tiny autoencoder for packed latents of ``latent_channels`` (4 x the VAE's
+    latent channels: 16 for ``make-tiny``'s checkpoints, 128 for klein) to ``directory``."""
+    from kleinserve.engine.tiny_autoencoder import Flux2TinyAutoEncoder
+
+    torch.manual_seed(seed + 4)
+    model = Flux2TinyAutoEncoder(
+        latent_channels=latent_channels,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        norm_groups=min(8, latent_channels // 4),
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))
+    return directory

@@ -156,16 +156,19 @@ def resolve_weights(spec: ModelSpec, *, allow_download: bool = True) -> Path:
     return check_local_directory(ModelSpec(spec.variant, directory))
 
 
-def _dtype_keyword() -> str:
+def dtype_keyword() -> str:
     """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 deprecates the old name)."""
     from diffusers.pipelines import pipeline_utils
 
     return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def read_pipeline(directory: Path, dtype: torch.dtype, quantization_config: Any = None) -> Flux2KleinPipeline:
+def read_pipeline(
+    directory: Path, dtype: torch.dtype, quantization_config: Any = None, vae: Path | None = None
+) -> Flux2KleinPipeline:
     """Load a Flux2KleinPipeline's components from ``directory`` in ``dtype`` (on the CPU, or
-    quantised as ``quantization_config`` says); placing it is the caller's business."""
+    quantised as ``quantization_config`` says); placing it is the caller's business. ``vae``: a
+    directory whose VAE replaces the checkpoint's (``--decoder small``, engine/decoder.py)."""
     from diffusers import Flux2KleinPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -176,8 +179,12 @@ def read_pipeline(directory: Path, dtype: torch.dtype, quantization_config: Any 
     extra: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if is_kv_checkpoint(read_model_index(directory)):
         extra["is_distilled"] = True  # the same components; the engine adds the K/V-cached path
+    if vae is not None:
+        from kleinserve.engine.decoder import read_config, read_decoder
+
+        extra["vae"] = read_decoder(vae, dtype, read_config(directory / "vae").get("latent_channels", 32))
     try:
-        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{_dtype_keyword(): dtype}, **extra)
+        pipeline = Flux2KleinPipeline.from_pretrained(str(directory), **{dtype_keyword(): dtype}, **extra)
     except Exception as err:
         raise WeightsUnavailableError(f"cannot load the model in {directory}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)

@@ -42,6 +42,7 @@ class EventType(StrEnum):
     QUEUED = "job.queued"
     STARTED = "job.started"
     PROGRESS = "job.progress"
+    PREVIEW = "job.preview"  # a preview image of a running job (jobs/previews.py)
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"

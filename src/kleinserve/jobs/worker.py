@@ -43,6 +43,7 @@ from kleinserve.errors import GenerationCancelledError, KleinserveError, Resourc
 from kleinserve.generation import activate_loras, encode_output, lora_key, prepare_inputs
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
+from kleinserve.jobs.previews import PreviewWriter
 from kleinserve.jobs.store.base import JobStore
 from kleinserve.safety import SafetyChecker, SafetyRefusal
 from kleinserve.storage.base import Storage
@@ -319,6 +320,7 @@ class Worker:
             self._lose(job.id, job.attempts)
             return
         self.bus.notify()
+        PreviewWriter(self.storage, self.bus).on_progress(job, progress)  # only if the job asked (jobs/previews.py)
 
     def _should_stop(self, job: Job) -> bool:
         return self._stopping.is_set() or self._is_lost(job.id) or self.store.cancel_requested(job.id)

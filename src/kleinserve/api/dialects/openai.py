@@ -95,6 +95,7 @@ NAMES = FieldNames(
         "quality": "output_compression",
         "width": "size",
         "height": "size",
+        "previews": "partial_images",
     }
 )
 
@@ -131,9 +132,11 @@ class ImageParams(BaseModel):
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; no classifier runs.")
     style: Literal["vivid", "natural"] | None = Field(None, description="Accepted; no effect on klein.")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted; no effect on klein.")
-    stream: bool = Field(False, description="true: Server-Sent Events, one *.completed event per image.")
+    stream: bool = Field(
+        False, description="true: Server-Sent Events: partial images, then one *.completed event per image."
+    )
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="Accepted; no partial images are sent yet (OpenAI allows fewer)."
+        None, ge=0, le=3, description="With stream: up to this many partial_image events (previews) first."
     )
     user: str | None = Field(None, description="Accepted; recorded with the job.")
     safety_identifier: str | None = Field(None, description="Accepted; recorded with the job (replaces user).")
@@ -263,6 +266,7 @@ def to_generation_request(
             "output_format": params.output_format,
             "quality": max(1, params.output_compression),
             "loras": params.loras or [],
+            "previews": (params.partial_images or 0) if params.stream else 0,
         },
         runtime.settings,
         NAMES,

@@ -162,6 +162,9 @@ class OxenImageRequest(BaseModel):
     cache: StepCacheChoice | None = Field(
         None, description="kleinserve extension: step caching on Base models ({type, threshold}; changes pixels)."
     )
+    previews: int | None = Field(
+        None, ge=0, description="kleinserve extension: preview images while denoising (/api/events?previews=true)."
+    )
 
     def references(self) -> list[str]:
         source = self.input_image if self.input_image is not None else self.image
@@ -207,6 +210,7 @@ def to_generation_request(
             "quality": QUALITY[body.output_quality],
             "loras": body.loras or [],
             "cache": body.cache,
+            "previews": body.previews or 0,
         },
         runtime.settings,
         NAMES,
@@ -393,6 +397,9 @@ async def events(
     request: Request,
     caller: CallerDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    previews: Annotated[
+        bool, Query(description="true: also kleinserve.generation.preview events (jobs that ask for previews).")
+    ] = False,
 ) -> EventSourceResponse:
     runtime = runtime_of(request)
     if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
@@ -411,6 +418,8 @@ async def events(
         ) as subscription:
             # A revoked key's stream ends (api/auth.py), as does an anonymous one once keys exist.
             async for event in while_allowed(runtime, caller, subscription):
+                if event.type is EventType.PREVIEW and not previews:
+                    continue
                 for sse in to_sse(runtime, event):
                     yield sse
 
@@ -575,6 +584,7 @@ _OWN_EVENTS = {
     EventType.PROGRESS: "kleinserve.generation.progress",
     EventType.FAILED: "kleinserve.generation.failed",
     EventType.CANCELLED: "kleinserve.generation.cancelled",
+    EventType.PREVIEW: "kleinserve.generation.preview",  # only with ?previews=true
 }
 
 
@@ -603,6 +613,8 @@ def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
     if own is not None:
         shown = {k: v for k, v in event.data.items() if k not in _INTERNAL_DATA}
         data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **shown}
+        if event.type is EventType.PREVIEW and isinstance(event.data.get("key"), str):
+            data["url"] = runtime.storage.url(event.data["key"])  # signed here, by the API's storage
         frames.append(_frame(data=_compact(data), event=own, id=str(event.seq)))
     return frames
 

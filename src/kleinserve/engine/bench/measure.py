@@ -9,6 +9,7 @@ pipeline does between those calls (scheduler, packing, pre- and post-processing)
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,8 +110,12 @@ class StageClock:
         return hook
 
 
+@functools.cache
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
-    """The best TFLOP/s of a square ``size`` matmul in ``dtype`` on ``device`` (the reference peak)."""
+    """The best TFLOP/s of a square ``size`` matmul in ``dtype`` on ``device`` (the reference peak).
+
+    Measured once per process and device/dtype (``--modes`` benches several loads on one device).
+    """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up (allocations, kernel choice)

@@ -16,11 +16,14 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,18 +32,23 @@ from diffusers import Flux2KleinPipeline
 from kleinserve.engine.bench.cases import (
     CASES,
     Case,
+    Runner,
     Setup,
     max_pixel_difference,
+    psnr,
     reference_images,
     run_diffusers,
     run_kleinserve,
 )
 from kleinserve.engine.bench.measure import STAGES, StageClock, matmul_peak_tflops, peak_memory, synchronize
+from kleinserve.engine.bench.serving import BenchServer
 from kleinserve.engine.engine import Engine
+from kleinserve.engine.stepcache import StepCache
 from kleinserve.engine.variants import find_variant
 from kleinserve.settings import Settings
 
 SIDES = ("kleinserve", "diffusers")
+HTTP = "http"
 Log = Callable[[str], None]
 
 
@@ -54,6 +62,21 @@ class BenchOptions:
     cases: Sequence[str] = tuple(CASES)
     repeats: int = 3
     seed: int = 42
+    # Also time every case through the HTTP server (engine/bench/serving.py), which is started on
+    # the loaded engines; it needs the checkpoint's directory for the model list.
+    http: bool = False
+    checkpoint: Path | None = None
+    # The step-cache settings of the ``stepcache`` case (None: STEP_CACHE_SETTINGS).
+    step_caches: Sequence[str] | None = None
+
+    def case(self, name: str) -> Case:
+        case = CASES[name]
+        if case.step_caches and self.step_caches is not None:
+            for setting in self.step_caches:
+                if StepCache.parse(setting) is None:
+                    raise ValueError(f"step-cache setting {setting!r} is off; the uncached run is always timed")
+            case = dataclasses.replace(case, step_caches=tuple(self.step_caches))
+        return case
 
 
 def base_twin(engine: Engine) -> Engine:
@@ -117,15 +140,38 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return info
 
 
+@dataclass(frozen=True)
+class Side:
+    """One way of running a case: kleinserve in process, diffusers, a step-cache setting, HTTP."""
+
+    name: str
+    runner: Runner
+    # Timed runs get prompts of their own: this side shares the prompt cache with an earlier side
+    # of the same run, whose prompts it would otherwise meet as cache hits.
+    own_prompts: bool = False
+
+
+def sides_for(case: Case, server: BenchServer | None) -> list[Side]:
+    """kleinserve and diffusers, then one side per step-cache setting, then HTTP when asked for."""
+    sides = [Side("kleinserve", run_kleinserve), Side("diffusers", run_diffusers)]
+    for setting in case.step_caches:
+        cache = StepCache.parse(setting)
+        assert cache is not None
+        sides.append(Side(setting, functools.partial(run_kleinserve, step_cache=cache), own_prompts=True))
+    if server is not None and server.serves(case):
+        sides.append(Side(HTTP, server.run, own_prompts=True))
+    return sides
+
+
 def _one_run(
-    side: str, setup: Setup, case: Case, run: int, seed: int, refs: Sequence[Any], clock: StageClock
+    side: Side, setup: Setup, case: Case, run: int, seed: int, refs: Sequence[Any], clock: StageClock
 ) -> tuple[float, dict[str, float], int | None, list[Any]]:
     clock.reset()
-    runner = run_kleinserve if side == "kleinserve" else run_diffusers
+    tag = side.name.replace(":", "") if side.own_prompts and run > 0 else ""
     with peak_memory(setup.engine.device) as memory:
         synchronize(setup.engine.device)
         started = time.perf_counter()
-        images = runner(setup, case, run, seed, refs, clock.add)
+        images = side.runner(setup, case, run, seed, refs, clock.add, tag=tag)
         synchronize(setup.engine.device)
         total = time.perf_counter() - started
     stages = {stage: clock.seconds.get(stage, 0.0) for stage in STAGES}
@@ -133,56 +179,91 @@ def _one_run(
     return total, stages, memory["bytes"], images
 
 
-def run_case(setup: Setup, case: Case, options: BenchOptions, clock: StageClock, log: Log) -> dict[str, Any]:
-    """Warm up both sides, then alternate timed runs; medians, ratio, FLOPs, memory, pixel distance."""
+def is_compiled(transformer: torch.nn.Module) -> bool:
+    """Whether ``transformer`` has compiled blocks (``--compile``: regional compilation)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
+
+
+def run_case(
+    setup: Setup, case: Case, options: BenchOptions, clock: StageClock, log: Log, server: BenchServer | None = None
+) -> dict[str, Any]:
+    """Warm up every side, then alternate timed runs; medians, ratios, FLOPs, memory, pixel distances.
+
+    The warm-up runs all use the same prompts and seeds, so their images are what the sides'
+    pixels are compared on (timed runs of some sides have prompts of their own).
+    """
     refs = reference_images(case.references, setup.size)
+    sides = sides_for(case, server)
     flops: dict[str, int] = {}
     calls: dict[str, int] = {}
-    for side in SIDES:  # warm-up, counting the transformer's FLOPs
+    warm: dict[str, list[Any]] = {}
+    compiled = is_compiled(setup.engine.pipeline.transformer)
+    for side in sides:  # warm-up, counting the transformer's FLOPs
         clock.count_flops = True
         try:
-            _one_run(side, setup, case, 0, options.seed, refs, clock)
+            # FLOPs are counted eagerly: torch.compile cannot trace under the counter's dispatch mode
+            # (the compiled blocks compute the same FLOPs).
+            with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+                *_, warm[side.name] = _one_run(side, setup, case, 0, options.seed, refs, clock)
         finally:
             clock.count_flops = False
-        flops[side], calls[side] = clock.transformer_flops, clock.transformer_calls
-    totals: dict[str, list[float]] = {side: [] for side in SIDES}
-    stages: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
-    memory: dict[str, int | None] = {side: None for side in SIDES}
-    pixel_diff = None
+        flops[side.name], calls[side.name] = clock.transformer_flops, clock.transformer_calls
+        if compiled:  # a second warm-up compiles for this case's shapes, out of the clock
+            _one_run(side, setup, case, 0, options.seed, refs, clock)
+    totals: dict[str, list[float]] = {side.name: [] for side in sides}
+    stages: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
+    memory: dict[str, int | None] = {side.name: None for side in sides}
     for run in range(1, options.repeats + 1):
-        outputs = {}
-        for side in SIDES:
-            total, stage_times, peak, outputs[side] = _one_run(side, setup, case, run, options.seed, refs, clock)
-            totals[side].append(total)
-            stages[side].append(stage_times)
+        for side in sides:
+            total, stage_times, peak, _ = _one_run(side, setup, case, run, options.seed, refs, clock)
+            totals[side.name].append(total)
+            stages[side.name].append(stage_times)
             if peak is not None:
-                memory[side] = max(memory[side] or 0, peak)
-            log(f"  {case.name} run {run}: {side} {total:.2f}s")
-        if pixel_diff is None:
-            pixel_diff = max_pixel_difference(outputs["kleinserve"], outputs["diffusers"])
+                memory[side.name] = max(memory[side.name] or 0, peak)
+            log(f"  {case.name} run {run}: {side.name} {total:.2f}s")
     result: dict[str, Any] = {
         "name": case.name,
         "description": case.description,
         "images": case.images,
         "steps": setup.steps_for(case),
-        "max_pixel_diff": pixel_diff,
+        "max_pixel_diff": max_pixel_difference(warm["kleinserve"], warm["diffusers"]),
     }
-    for side in SIDES:
-        median = statistics.median(totals[side])
-        stage_medians = {k: statistics.median(s[k] for s in stages[side]) for k in (*STAGES, "other")}
+    for side in sides:
+        median = statistics.median(totals[side.name])
+        stage_medians = {k: statistics.median(s[k] for s in stages[side.name]) for k in (*STAGES, "other")}
         denoise = stage_medians["denoise"]
-        achieved = flops[side] / denoise / 1e12 if denoise > 0 else None
-        result[side] = {
+        achieved = flops[side.name] / denoise / 1e12 if denoise > 0 else None
+        result[side.name] = {
             "median_seconds": median,
-            "runs_seconds": totals[side],
+            "runs_seconds": totals[side.name],
             "images_per_second": case.images / median,
             "stages_median_seconds": stage_medians,
-            "transformer_calls": calls[side],
-            "transformer_tflop": flops[side] / 1e12,
+            "transformer_calls": calls[side.name],
+            "transformer_tflop": flops[side.name] / 1e12,
             "denoise_tflops": achieved,
-            "peak_memory_bytes": memory[side],
+            "peak_memory_bytes": memory[side.name],
         }
-    result["ratio"] = result["diffusers"]["median_seconds"] / result["kleinserve"]["median_seconds"]
+    ours, theirs = result["kleinserve"]["median_seconds"], result["diffusers"]["median_seconds"]
+    result["ratio"] = theirs / ours
+    if HTTP in result:
+        served = result[HTTP]["median_seconds"]
+        result["http_ratio"] = theirs / served
+        # http_ratio / ratio: 1.0 means no serving overhead; the issue asks for at least 0.95.
+        result["http_vs_in_process"] = ours / served
+        result["http_max_pixel_diff"] = max_pixel_difference(warm[HTTP], warm["kleinserve"])
+    if case.step_caches:
+        result["step_cache"] = [
+            {
+                "setting": setting,
+                "median_seconds": result[setting]["median_seconds"],
+                "vs_uncached": ours / result[setting]["median_seconds"],
+                "vs_diffusers": theirs / result[setting]["median_seconds"],
+                "psnr_db": psnr(warm[setting], warm["kleinserve"]),
+                # Below 1: the cache skipped work (a threshold cache on random weights may never do).
+                "flop_fraction": flops[setting] / flops["kleinserve"] if flops["kleinserve"] else None,
+            }
+            for setting in case.step_caches
+        ]
     return result
 
 
@@ -191,6 +272,8 @@ def run_bench(engine: Engine, options: BenchOptions, log: Log = lambda _m: None)
     unknown = [name for name in options.cases if name not in CASES]
     if unknown:
         raise ValueError(f"unknown bench case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    for name in options.cases:
+        options.case(name)  # a bad step-cache setting fails now, not after the other cases ran
     device, dtype = engine.device, engine.dtype
     base = base_twin(engine)
     setup = Setup(
@@ -213,22 +296,31 @@ def run_bench(engine: Engine, options: BenchOptions, log: Log = lambda _m: None)
         "machine": machine_info(device, dtype),
         "size": options.size,
         "repeats": options.repeats,
+        "http": options.http,
         "matmul_peak_tflops": peak,
         "cases": [],
     }
     clock = StageClock(device)
     clock.attach(engine.pipeline)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(clock.detach)
+        server = None
+        if options.http:
+            if options.checkpoint is None:
+                raise ValueError("the HTTP side needs the checkpoint's directory")
+            log("starting the HTTP server on the loaded engines")
+            server = stack.enter_context(BenchServer(list(dict.fromkeys((engine, base))), options.checkpoint))
         for name in options.cases:
-            log(f"case {name}: {CASES[name].description}")
-            with kv_twins(setup) if CASES[name].kv else contextlib.nullcontext():
-                case_result = run_case(setup, CASES[name], options, clock, log)
-            for side in SIDES:
-                achieved = case_result[side]["denoise_tflops"]
-                case_result[side]["peak_fraction"] = achieved / peak if achieved is not None else None
+            case = options.case(name)
+            log(f"case {name}: {case.description}")
+            with kv_twins(setup) if case.kv else contextlib.nullcontext():
+                case_result = run_case(setup, case, options, clock, log, server)
+            for side in case_result:
+                numbers = case_result[side]
+                if isinstance(numbers, dict) and "denoise_tflops" in numbers:
+                    achieved = numbers["denoise_tflops"]
+                    numbers["peak_fraction"] = achieved / peak if achieved is not None else None
             report["cases"].append(case_result)
-    finally:
-        clock.detach()
     _compare_kv_with_plain(report)
     return report
 

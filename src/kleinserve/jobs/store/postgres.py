@@ -180,8 +180,9 @@ class _Reads:
 class PgJobStore:
     """:class:`~kleinserve.jobs.store.base.JobStore` on a PostgreSQL database."""
 
-    def __init__(self, database: PgDatabase | str) -> None:
-        self._owned = isinstance(database, str)
+    def __init__(self, database: PgDatabase | str, *, owned: bool | None = None) -> None:
+        # A URL opens a pool this store closes; a given pool is closed only when ``owned``.
+        self._owned = isinstance(database, str) if owned is None else owned
         self.database = PgDatabase(database) if isinstance(database, str) else database
         self.database.migrate(SCHEMA)
 

@@ -68,6 +68,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "output_format": "webp",
         "quality": 100,
         "safety_check": False,
+        "previews": 20,
     },
     "masked": {
         "model": "flux-2-klein-4b",
@@ -158,6 +159,8 @@ def test_what_an_example_cannot_carry_is_named(app: Any) -> None:
     masked = {e["dialect"]: e for e in client.post("/workbench/snippet", json=SETTINGS["masked"]).json()["examples"]}
     assert masked["oxen"]["body"]["mask"] == masked["openai"]["body"]["mask"]["image_url"] == SETTINGS["masked"]["mask"]
     assert "mask" in masked["verda"]["unsaid"]
+    base = {e["dialect"]: e for e in client.post("/workbench/snippet", json=SETTINGS["base"]).json()["examples"]}
+    assert base["oxen"]["body"]["previews"] == 20 and base["oxen"]["unsaid"] == ["safety_check"]
 
 
 def test_bad_settings_are_a_400_naming_the_field(app: Any) -> None:

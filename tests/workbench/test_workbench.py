@@ -104,7 +104,7 @@ def generate(page: Any, count: int = 1) -> list[Any]:
     expect(cards).to_have_count(before + count, timeout=30_000)
     new = [cards.nth(i) for i in reversed(range(count))]
     for card in new:
-        expect(card.locator("img")).to_be_visible(timeout=60_000)
+        expect(card.locator("a > img")).to_be_visible(timeout=60_000)
     return new
 
 
@@ -113,7 +113,7 @@ def pixels_of(data: bytes) -> bytes:
 
 
 def card_image(card: Any) -> bytes:
-    return httpx.get(card.locator("img").get_attribute("src"), timeout=30).content
+    return httpx.get(card.locator("a > img").get_attribute("src"), timeout=30).content
 
 
 def test_page_is_served_with_its_config_and_demo_banner(page: Any, workbench_server: ServerProcess) -> None:

@@ -124,8 +124,8 @@ function onEvent(type, data, at) {
   }
   if (TERMINAL.has(card.status)) return;
   if (type.endsWith('preview')) {
-    // The latest preview only (job.preview: {step, total, index, url}); older ones may arrive late.
-    if (data.url && (data.index ?? 0) === 0 && (data.step ?? 0) >= (card.previewStep ?? -1)) {
+    // The latest preview only (data: {step, total, index, url}: index counts the job's previews).
+    if (data.url && (data.step ?? 0) >= (card.previewStep ?? -1)) {
       Object.assign(card, { preview: data.url, previewStep: data.step ?? 0 });
     }
   } else if (type === 'kleinserve.generation.started' || type === 'kleinserve.generation.progress') {

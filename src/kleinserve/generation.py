@@ -17,10 +17,11 @@ from PIL import Image
 
 from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, EngineOutput, ProgressCallback
 from kleinserve.engine.images import EncodedImage, encode_image
+from kleinserve.engine.img2img import start_size
 from kleinserve.engine.masks import check_mask_size
 from kleinserve.engine.stepcache import DEFAULT_THRESHOLDS, StepCache
 from kleinserve.engine.variants import Variant, find_variant
-from kleinserve.errors import InvalidParameterError
+from kleinserve.errors import InvalidImageError, InvalidParameterError
 from kleinserve.request import GenerationRequest, random_seed
 
 
@@ -91,6 +92,15 @@ def prepare_inputs(
     steps, guidance, seed = resolved_parameters(request, variant)
     if len(references) != len(request.images):
         raise InvalidParameterError("images", "references were not loaded for this request")
+    if request.strength is not None or mask is not None:
+        grid = engine.pipeline.vae_scale_factor * 2
+        if min(start_size(*references[0].size, grid)) < grid:
+            width, height = references[0].size
+            raise InvalidImageError(
+                0,
+                f"is {width}x{height}; image-to-image and inpainting need at least {grid} pixels a side",
+                field="images",
+            )
     if (mask is None) != (request.mask is None):
         raise InvalidParameterError("mask", "the mask was not loaded for this request")
     if mask is not None:

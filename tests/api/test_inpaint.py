@@ -87,6 +87,16 @@ def test_openai_mask_multipart_and_json_are_one_request(
     assert not np.array_equal(pixels(unmasked.data[0].b64_json), got)
 
 
+def test_openai_mask_streams_like_the_sync_answer(client: OpenAI, tmp_path: Path) -> None:
+    image, mask = write(tmp_path, "s.png", png_bytes(64, 48)), write(tmp_path, "sm.png", mask_png((64, 48)))
+    with image.open("rb") as i, mask.open("rb") as m:
+        events = list(client.images.edit(model=MODEL, image=i, mask=m, prompt="p", stream=True, extra_body=FAST))
+    assert [e.type for e in events] == ["image_edit.completed"] and events[0].size == "64x48"
+    with image.open("rb") as i, mask.open("rb") as m:
+        sync = client.images.edit(model=MODEL, image=i, mask=m, prompt="p", response_format="b64_json", extra_body=FAST)
+    assert events[0].b64_json == sync.data[0].b64_json
+
+
 @pytest.mark.parametrize(
     ("mask", "fragment"),
     [
@@ -150,5 +160,9 @@ def test_bad_variations_are_openai_400s(client: OpenAI, server: ServerProcess, t
     with write(tmp_path, "ok.png", png_bytes(32, 32)).open("rb") as file, pytest.raises(openai.BadRequestError) as info:
         client.images.create_variation(image=file, model=MODEL, size="100x100")  # type: ignore[arg-type]
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "size"
+    with write(tmp_path, "dot.png", png_bytes(1, 1)).open("rb") as file, pytest.raises(openai.BadRequestError) as info:
+        client.images.create_variation(image=file, model=MODEL)  # too small to start from (found by schemathesis)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "image"
+    assert "need at least 16 pixels a side" in info.value.body["message"]
     response = httpx.post(f"{server.url}/v1/images/variations", json={"model": MODEL}, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "image", response.text

@@ -6,20 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kleinserve.cli import app
 from kleinserve.engine.bench.cases import CASES, STEP_CACHE_SETTINGS, prompts_for
 from kleinserve.engine.bench.measure import STAGES
-from kleinserve.engine.bench.modes import Mode, parse_modes, run_modes
+from kleinserve.engine.bench.modes import Mode, parse_modes
 from kleinserve.engine.bench.report import tables
 from kleinserve.engine.bench.runner import BenchOptions, run_bench
 from kleinserve.engine.cache import PromptCache
 from kleinserve.engine.engine import Engine
-from kleinserve.engine.loading import LoadOptions
 from kleinserve.engine.tiny import make_tiny
-from kleinserve.engine.weights import ModelSpec, load_engine
 
 
 def test_bench_writes_its_json(tmp_path: Path, tiny_distilled: Path) -> None:
@@ -141,27 +138,44 @@ def test_step_caches_and_the_http_server_are_timed_beside_the_in_process_run(
     assert any("HTTP server" in t for t in titles) and any("step caching" in t for t in titles)
 
 
-def test_modes_are_benched_side_by_side(tiny_distilled: Path) -> None:
+def test_modes_are_benched_side_by_side_through_the_cli(tmp_path: Path, tiny_distilled: Path) -> None:
     assert parse_modes("bf16, int8+compile") == [Mode("bf16"), Mode("int8+compile", "int8", True)]
     for wrong in ("int9", "bf16,plain", ""):
         with pytest.raises(ValueError):
             parse_modes(wrong)
-    spec = ModelSpec.parse(f"flux-2-klein-4b={tiny_distilled}")
-    loaded: list[str] = []
-
-    def load(options: LoadOptions) -> Engine:
-        loaded.append(options.describe())
-        engine = load_engine(spec, torch.device("cpu"), torch.float32, options=options)
-        engine.prompt_cache = PromptCache(1 << 26)
-        return engine
-
-    options = BenchOptions(size=64, steps=1, cases=("repeat",), repeats=1)
-    report = run_modes(load, LoadOptions(torch.float32), parse_modes("fp32,int8"), options)
-    assert loaded == ["float32, offload none", "float32, offload none, transformer int8, text encoder int8"]
-    assert [m["name"] for m in report["modes"]] == ["fp32", "int8"]
+    target = tmp_path / "modes.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--dtype", "float32", "--size", "64",
+            "--steps", "1", "--cases", "repeat", "--runs", "1", "--modes", "fp32,int8", "--http", "--json", str(target),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "modes side by side" in result.stdout and "through the HTTP server" in result.stdout
+    report = json.loads(target.read_text())
+    assert "--modes fp32,int8" in report["command"] and "--http" in report["command"]
+    assert [(m["name"], m["mode"]) for m in report["modes"]] == [
+        ("fp32", "float32, offload none"),
+        ("int8", "float32, offload none, transformer int8, text encoder int8"),
+    ]
     assert report["cases"] == report["modes"][0]["report"]["cases"]  # the first mode's report on top
     rows = report["mode_comparison"]
     assert [(r["case"], r["mode"]) for r in rows] == [("repeat", "fp32"), ("repeat", "int8")]
     assert rows[0]["vs_first_mode"] == 1.0 and rows[1]["vs_first_mode"] > 0
     assert all(r["peak_memory_bytes"] > 0 and r["max_pixel_diff"] == 0 for r in rows)
-    assert any("modes side by side" in str(table.title) for table in tables(report))
+    for mode in report["modes"]:  # each mode also through the server, on its own load
+        (case,) = mode["report"]["cases"]
+        assert case["http_max_pixel_diff"] == 0 and case["http_ratio"] > 0
+
+
+def test_bench_refuses_conflicting_or_bad_options(tiny_distilled: Path) -> None:
+    model = f"flux-2-klein-4b={tiny_distilled}"
+    for args, message in (
+        (["--modes", "fp32,int8", "--quantize", "int8"], "drop --quantize"),
+        (["--modes", "int9"], "bench mode 'int9'"),
+        (["--cases", "stepcache", "--step-caches", "off"], "is off"),
+        (["--cases", "stepcache", "--step-caches", "magic:3"], "step cache type"),
+    ):
+        result = CliRunner().invoke(app, ["bench", "--model", model, *args])
+        assert result.exit_code == 1 and message in result.stderr, (args, result.stderr)

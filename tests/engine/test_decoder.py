@@ -145,3 +145,24 @@ def test_settings_choose_the_small_decoder(tmp_path: Path, tiny_small_decoder: P
     assert {c.name: c for c in plan.models[0].components}["vae"].parameters == _stored(vae)
     with pytest.raises(ValueError):
         Settings(_env_file=None, decoder="tiny")
+
+
+def test_make_tiny_writes_a_small_decoder_the_plan_and_the_server_take(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kleinserve.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["make-tiny", str(tmp_path / "tiny"), "--small-decoder"])
+    assert made.exit_code == 0, made.stderr
+    decoder = tmp_path / "tiny" / "small-decoder"
+    assert resolve_decoder(DecoderSpec("small", decoder)) == decoder
+    model = f"flux-2-klein-4b={tmp_path / 'tiny'}"
+    plans = [
+        runner.invoke(app, ["models", "--plan", "-m", model, "--device", "cpu", *extra]).stdout
+        for extra in ([], ["--decoder", f"small={decoder}"])
+    ]
+    vae_lines = [next(line for line in plan.splitlines() if line.strip().startswith("vae")) for plan in plans]
+    assert vae_lines[0] != vae_lines[1]  # the small decoder's weights and activations are counted
+    bad = runner.invoke(app, ["models", "--plan", "-m", model, "--device", "cpu", "--decoder", "tiny"])
+    assert bad.exit_code == 1 and "decoder" in bad.stderr

@@ -150,3 +150,15 @@ def test_regional_compilation_traces_every_block_whole_and_keeps_the_pixels(
     assert all(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
     warm_up(engine)  # the default size, one step
     assert np.array_equal(pixels(engine), base_pixels)
+
+
+def test_serve_with_sequential_offload_on_the_cpu_stops_at_start(tmp_path: Path, tiny_distilled: Path) -> None:
+    """A clear one-line error before any weight is read, not a crash in the first job."""
+    from typer.testing import CliRunner
+
+    from kleinserve.cli import app
+
+    args = ["serve", "--model", f"flux-2-klein-4b={tiny_distilled}", "--device", "cpu", "--offload", "sequential"]
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--offload sequential needs a GPU" in result.stderr and "Traceback" not in result.stderr

@@ -23,13 +23,15 @@ from kleinserve.engine.images import InputPolicy
 from kleinserve.engine.lora import Adapters
 from kleinserve.engine.variants import find_variant
 from kleinserve.engine.weights import load_pipeline
+from kleinserve.errors import ResourceExhaustedError
 from kleinserve.generation import run_request
 from kleinserve.jobs import worker as worker_module
+from kleinserve.jobs.batches import auto_max_batch
 from kleinserve.jobs.events import StoreEventBus
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.service import JobService
 from kleinserve.jobs.store import SQLiteJobStore
-from kleinserve.jobs.worker import Worker, auto_max_batch
+from kleinserve.jobs.worker import Worker
 from kleinserve.loras import LoraSource
 from kleinserve.request import GenerationRequest
 from kleinserve.storage.local import LocalStorage
@@ -285,3 +287,20 @@ def test_the_settings_reach_the_runtime_worker(tmp_path: Path, tiny_distilled: P
         runtime.stop()
     # Without the setting, a CPU server does not batch (CUDA ones batch 4).
     assert Settings(data_dir=tmp_path).max_batch is None and auto_max_batch(worker.engines) == 1
+
+
+def test_a_batch_out_of_memory_runs_its_jobs_one_at_a_time(system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    real = batch.generate_batch
+
+    def small_device(engine: Engine, items: Sequence[batch.BatchItem]) -> list[batch.Outcome]:
+        sizes.append(len(items))
+        if len(items) > 1:  # as generate_batch answers torch.OutOfMemoryError
+            return [ResourceExhaustedError("out of memory for a batch") for _ in items]
+        return real(engine, items)
+
+    monkeypatch.setattr(worker_module, "generate_batch", small_device)
+    jobs = [system.submit(f"prompt {i}") for i in range(3)]
+    system.worker(max_batch=3).start()
+    assert [system.finished(job.id).status for job in jobs] == [JobStatus.SUCCEEDED] * 3
+    assert sizes == [3, 1, 1, 1]

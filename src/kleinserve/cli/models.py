@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from kleinserve.cli.console import fail, out_console
-from kleinserve.cli.options import build_settings
+from kleinserve.cli.options import DecoderOption, build_settings
 from kleinserve.errors import InvalidParameterError, KleinserveError
 
 
@@ -34,14 +34,14 @@ def models(
     table: Annotated[
         bool, typer.Option("--table", help="With --plan: peak GB per variant and mode, as a Markdown table.")
     ] = False,
+    decoder: DecoderOption = None,
 ) -> None:
     """List the klein variants, their defaults and every accepted id; or, with --plan, their memory needs."""
     from kleinserve.engine.variants import VARIANTS
 
     if plan:
-        _print_plan(
-            model, device, dtype, offload, quantize, quantize_text_encoder, text_encoder_device, device_memory, table
-        )
+        mode = (offload, quantize, quantize_text_encoder, text_encoder_device)
+        _print_plan(model, device, dtype, mode, device_memory, table, decoder)
         return
     for v in VARIANTS:
         kind = "distilled" if v.distilled else "undistilled, true CFG"
@@ -57,21 +57,20 @@ def _print_plan(
     names: list[str] | None,
     device: str | None,
     dtype: str | None,
-    offload: str,
-    quantize: str,
-    quantize_text_encoder: str,
-    text_encoder_device: str | None,
+    memory_mode: tuple[str, str, str, str | None],
     device_memory: float | None,
     table: bool,
+    decoder: str | None,
 ) -> None:
     import torch
 
+    from kleinserve.engine.decoder import DecoderSpec, planned_config
     from kleinserve.engine.device import pick_device, pick_dtype
     from kleinserve.engine.memory import MemoryMode, plan_memory, plan_table
     from kleinserve.engine.variants import VARIANTS
     from kleinserve.engine.weights import ModelSpec, resolve_weights
 
-    settings = build_settings(device=device, dtype=dtype, device_memory=device_memory)
+    settings = build_settings(device=device, dtype=dtype, device_memory=device_memory, decoder=decoder)
     try:
         # Planning for a device this machine lacks is the point, so it is parsed, not required.
         try:
@@ -84,7 +83,8 @@ def _print_plan(
             for line in plan_table([s.variant for s in specs], str(torch_device), torch_dtype):
                 out_console.print(line, highlight=False, markup=False, soft_wrap=True)
             return
-        mode = MemoryMode(offload, quantize, quantize_text_encoder, text_encoder_device)
+        mode = MemoryMode(*memory_mode)
+        vae_config = planned_config(DecoderSpec.parse(settings.decoder))  # nothing is downloaded
         for spec in specs:
             try:
                 directory = resolve_weights(spec, allow_download=False)
@@ -98,6 +98,7 @@ def _print_plan(
                 torch_dtype,
                 mode,
                 device_memory_gb=settings.device_memory,
+                vae_config=vae_config,
             )
             for line in result.lines():
                 out_console.print(line, highlight=False, markup=False, soft_wrap=True)

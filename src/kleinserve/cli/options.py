@@ -47,6 +47,21 @@ BatchWindowOption = Annotated[
     Optional[float],
     typer.Option("--batch-window-ms", help="Milliseconds to wait for more compatible jobs to batch (20)."),
 ]
+DecoderOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--decoder",
+        help="VAE decoder: full (default), small (BFL's FLUX.2-small-decoder: faster, other pixels) or small=PATH.",
+    ),
+]
+VaeChannelsLastOption = Annotated[
+    bool,
+    typer.Option("--vae-channels-last", help="VAE convolutions in channels_last (pixels differ by rounding)."),
+]
+VaeTileAboveOption = Annotated[
+    Optional[int],
+    typer.Option("--vae-tile-above-pixels", help="Decode images with more pixels than this in tiles (0: never)."),
+]
 PreviewDecoderOption = Annotated[
     Optional[str],
     typer.Option(

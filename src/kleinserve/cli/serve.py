@@ -13,6 +13,7 @@ from kleinserve.cli.console import err_console, fail
 from kleinserve.cli.options import (
     BatchWindowOption,
     DataDirOption,
+    DecoderOption,
     DeviceOption,
     DevicesOption,
     DtypeOption,
@@ -32,6 +33,8 @@ from kleinserve.cli.options import (
     SafetyCheckerOption,
     SafetyPolicyOption,
     SafetyThresholdOption,
+    VaeChannelsLastOption,
+    VaeTileAboveOption,
     build_settings,
 )
 from kleinserve.errors import KleinserveError
@@ -73,6 +76,9 @@ def serve(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend (native, flash, sage).")
     ] = None,
+    decoder: DecoderOption = None,
+    vae_channels_last: VaeChannelsLastOption = False,
+    vae_tile_above_pixels: VaeTileAboveOption = None,
     max_batch: MaxBatchOption = None,
     batch_window_ms: BatchWindowOption = None,
     preview_decoder: PreviewDecoderOption = None,
@@ -123,6 +129,9 @@ def serve(
         text_encoder_device=text_encoder_device,
         compile=compile_blocks or None,
         attention_backend=attention_backend,
+        decoder=decoder,
+        vae_channels_last=vae_channels_last or None,
+        vae_tile_above_pixels=vae_tile_above_pixels,
         max_batch=max_batch,
         batch_window_ms=batch_window_ms,
         preview_decoder=preview_decoder,
@@ -253,6 +262,9 @@ def worker(
     device: DeviceOption = None,
     devices: DevicesOption = None,
     dtype: DtypeOption = None,
+    decoder: DecoderOption = None,
+    vae_channels_last: VaeChannelsLastOption = False,
+    vae_tile_above_pixels: VaeTileAboveOption = None,
     max_batch: MaxBatchOption = None,
     batch_window_ms: BatchWindowOption = None,
     preview_decoder: PreviewDecoderOption = None,
@@ -281,6 +293,9 @@ def worker(
         device=device,
         devices=devices,
         dtype=dtype,
+        decoder=decoder,
+        vae_channels_last=vae_channels_last or None,
+        vae_tile_above_pixels=vae_tile_above_pixels,
         max_batch=max_batch,
         batch_window_ms=batch_window_ms,
         preview_decoder=preview_decoder,

@@ -30,6 +30,12 @@ def make_tiny_command(
     lora: Annotated[
         bool, typer.Option("--lora", help="Also write a random LoRA for it to DIRECTORY/lora/tiny.safetensors.")
     ] = False,
+    small_decoder: Annotated[
+        bool,
+        typer.Option(
+            "--small-decoder", help="Also write a random small decoder (BFL's layout) to DIRECTORY/small-decoder."
+        ),
+    ] = False,
     preview_decoder: Annotated[
         bool,
         typer.Option(
@@ -59,6 +65,11 @@ def make_tiny_command(
     if lora:
         path = make_tiny_lora(directory, directory / "lora" / "tiny.safetensors", seed)
         out_console.print(f"wrote a tiny LoRA to {path} (serve it with --lora {path.parent})", highlight=False)
+    if small_decoder:
+        from kleinserve.engine.decoder import make_tiny_small_decoder
+
+        path = make_tiny_small_decoder(directory, directory / "small-decoder", seed)
+        out_console.print(f"wrote a random small decoder to {path} (serve it with --decoder small={path})")
     if preview_decoder:
         from kleinserve.engine.tiny import make_tiny_autoencoder
 

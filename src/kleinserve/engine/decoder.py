@@ -168,7 +168,9 @@ def make_tiny_small_decoder(checkpoint: Path, output: Path, seed: int = 0) -> Pa
     widths = [max(groups, (3 * w // 4) // groups * groups) for w in config["block_out_channels"]]
     config["decoder_block_out_channels"] = widths
     torch.manual_seed(seed + 4)
-    small = AutoencoderKLFlux2.from_config(config).to(full.dtype)
+    small = AutoencoderKLFlux2.from_config(config)
+    if small.dtype != full.dtype:
+        small = small.to(full.dtype)
     keep = {k: v for k, v in full.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
     missing, unexpected = small.load_state_dict(keep, strict=False)
     assert not unexpected and all(k.startswith(("decoder.", "post_quant_conv.")) for k in missing)

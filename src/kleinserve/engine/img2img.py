@@ -48,6 +48,14 @@ def inpaint_pipeline(pipe: Flux2KleinPipeline) -> Any:
     return Flux2KleinInpaintPipeline(**pipe.components)
 
 
+def start_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+    """The output (width, height) of an image-to-image run from an image of this size (0 if too small)."""
+    if width * height > MAX_PIXELS:
+        scale = math.sqrt(MAX_PIXELS / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return (width // multiple) * multiple, (height // multiple) * multiple
+
+
 def output_size(inpaint: Any, image: Image.Image) -> tuple[Image.Image, int, int]:
     """The first image as the inpaint pipeline sizes it, and the output (width, height) it gives."""
     width, height = image.size

@@ -29,18 +29,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from kleinserve import logs, metrics
 from kleinserve.engine.batch import BatchItem, Outcome, batch_key, generate_batch
-from kleinserve.engine.engine import Engine, EngineInputs, EngineOutput, Progress
+from kleinserve.engine.engine import Engine, EngineOutput, Progress
 from kleinserve.engine.images import InputPolicy, load_references
 from kleinserve.engine.masks import load_mask
 from kleinserve.errors import GenerationCancelledError, KleinserveError, ResourceExhaustedError
 from kleinserve.generation import activate_loras, encode_output, lora_key, prepare_inputs
+from kleinserve.jobs.batches import Run, auto_max_batch, batch_groups
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job, JobOutput, JobResult, JobStatus
 from kleinserve.jobs.previews import PreviewWriter
@@ -51,7 +51,6 @@ from kleinserve.storage.base import Storage
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-CUDA_MAX_BATCH = 4  # max_batch=None on a CUDA device; elsewhere 1 (see auto_max_batch)
 DEFAULT_BATCH_WINDOW = 0.02  # seconds (KLEINSERVE_BATCH_WINDOW_MS)
 
 
@@ -63,23 +62,6 @@ def new_worker_id(name: str = "worker") -> str:
 def process_info() -> dict[str, Any]:
     """What a heartbeat says about this process (the reaper uses host and pid to spot dead ones)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def auto_max_batch(engines: Mapping[str, Engine]) -> int:
-    """Jobs per batch when the operator did not choose: 4 on CUDA, where a batch of 4 fills the
-    device better than one image; 1 on CPU and MPS, where the matmuls are already compute-bound, so a
-    batch gains little throughput and makes every job of it wait for the slowest."""
-    return CUDA_MAX_BATCH if any(engine.device.type == "cuda" for engine in engines.values()) else 1
-
-
-@dataclass
-class _Run:
-    """A claimed job ready for the engine: its inputs and the key of the batch it may join."""
-
-    job: Job
-    engine: Engine
-    inputs: EngineInputs
-    key: Hashable | None  # None: runs alone
 
 
 class Worker:
@@ -174,7 +156,7 @@ class Worker:
                 continue
             try:
                 runs = self._prepare(claimed)
-                for group in self._groups(self._fill(runs, len(claimed))):
+                for group in batch_groups(self._fill(runs, len(claimed)), self.max_batch):
                     self._run_group(group)
             except Exception:  # e.g. the store was unreachable when an outcome was written
                 # The thread lives on; the jobs' leases run out and the reaper hands them back.
@@ -212,7 +194,7 @@ class Worker:
             self.bus.notify()
         return claimed
 
-    def _fill(self, runs: list[_Run], claimed: int) -> list[_Run]:
+    def _fill(self, runs: list[Run], claimed: int) -> list[Run]:
         """Wait up to the batch window for more jobs while the oldest claimed one could share a batch.
 
         A submission in this process wakes the worker at once; other processes' submissions are
@@ -232,24 +214,9 @@ class Worker:
             runs += self._prepare(more)
         return runs
 
-    def _groups(self, runs: Sequence[_Run]) -> list[list[_Run]]:
-        """``runs`` grouped by batch key (at most ``max_batch`` a group), in order of each group's
-        oldest job; a run without a key is a group of its own."""
-        groups: list[list[_Run]] = []
-        open_groups: dict[Hashable, list[_Run]] = {}
-        for run in runs:
-            group = open_groups.get(run.key) if run.key is not None else None
-            if group is None or len(group) >= self.max_batch:
-                group = []
-                groups.append(group)
-                if run.key is not None:
-                    open_groups[run.key] = group
-            group.append(run)
-        return groups
-
     # -- each job -------------------------------------------------------------------------------
 
-    def _prepare(self, jobs: Sequence[Job]) -> list[_Run]:
+    def _prepare(self, jobs: Sequence[Job]) -> list[Run]:
         """Each job's engine inputs and batch key; a job that cannot run ends here (failed or stopped)."""
         runs = []
         for job in jobs:
@@ -278,10 +245,10 @@ class Worker:
                 except Exception as err:
                     self._ended(job, err)
                     continue
-            runs.append(_Run(job, engine, inputs, key))
+            runs.append(Run(job, engine, inputs, key))
         return runs
 
-    def _run_group(self, runs: Sequence[_Run]) -> None:
+    def _run_group(self, runs: Sequence[Run]) -> None:
         """One engine run for compatible ``runs`` (one batch, or a job alone), then each job's outcome."""
         engine = runs[0].engine
         items = [

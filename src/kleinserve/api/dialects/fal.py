@@ -51,7 +51,7 @@ from kleinserve.api.dialects.base import (
     unsaid,
     unsaid_note,
 )
-from kleinserve.api.dialects.oxen import IMAGE_SIZE_PRESETS
+from kleinserve.api.dialects.oxen_schema import IMAGE_SIZE_PRESETS
 from kleinserve.api.jobs_http import ReadyRuntime, job_error, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant

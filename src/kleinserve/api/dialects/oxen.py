@@ -12,28 +12,32 @@ Compatibility notes: docs/api/oxen.md. Choices where Oxen is silent (published i
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.api.auth import Caller, CallerDep, while_allowed
 from kleinserve.api.dialects.base import (
     Example,
-    FieldNames,
     example_request,
     output_size,
     submit_and_wait,
-    to_request,
     unsaid,
     unsaid_note,
 )
+from kleinserve.api.dialects.oxen_models import (
+    model_object,
+    oxen_id,
+    read_favorites,
+    served_or_404,
+    write_favorites,
+)
+from kleinserve.api.dialects.oxen_queue import frame, generation_objects, to_sse
+from kleinserve.api.dialects.oxen_schema import QUALITY, OxenImageRequest, echo, to_generation_request
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -44,48 +48,13 @@ from kleinserve.api.jobs_http import (
 )
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant
-from kleinserve.errors import KleinserveError, NotFoundError
-from kleinserve.jobs.events import Event, EventType
-from kleinserve.jobs.job import Job, JobOutput, JobStatus
-from kleinserve.request import (
-    ASPECT_RATIOS,
-    MAX_SEED,
-    GenerationRequest,
-    LoraChoice,
-    StepCacheChoice,
-    size_for_aspect_ratio,
-)
-from kleinserve.runtime import AdvertisedModel, Runtime
-
-if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
-    from kleinserve.engine.catalog import ServedModel
+from kleinserve.errors import KleinserveError
+from kleinserve.jobs.events import EventType
+from kleinserve.jobs.job import JobStatus
+from kleinserve.request import ASPECT_RATIOS, GenerationRequest, size_for_aspect_ratio
+from kleinserve.runtime import Runtime
 
 PREFIX = "/api"
-COMPLETED = "media_generation_completed"
-QUALITY = {"standard": 90, "high": 100}
-DEFAULT_ASPECT_RATIO = "16:9"
-# Oxen's older `image_size` presets (fal.ai names), kept for clients written against them.
-IMAGE_SIZE_PRESETS = {
-    "square_hd": (1024, 1024),
-    "square": (512, 512),
-    "portrait_4_3": (768, 1024),
-    "portrait_16_9": (576, 1024),
-    "landscape_4_3": (1024, 768),
-    "landscape_16_9": (1024, 576),
-}
-# Canonical field -> the Oxen name a client sent, for error messages.
-NAMES = FieldNames(
-    {
-        "steps": "num_inference_steps",
-        "guidance": "guidance_scale",
-        "images": "input_image",
-        "num_images": "num_generations",
-        "quality": "output_quality",
-        "width": "aspect_ratio",
-        "height": "aspect_ratio",
-        "size": "aspect_ratio",
-    }
-)
 _ERROR_TYPES = {
     400: ("invalid_params", "Invalid parameters supplied, please check your request and try again."),
     401: ("unauthenticated", "Authentication is required."),
@@ -99,129 +68,6 @@ _ERROR_TYPES = {
     429: ("rate_limited", "Too many requests, please retry later."),
     503: ("service_unavailable", "The service is temporarily unavailable, please retry later."),
 }
-
-
-def oxen_id(variant: Variant) -> str:
-    """Oxen's hyphenated id, e.g. ``black-forest-labs-flux-2-klein-4b``."""
-    return f"black-forest-labs-{variant.id}"
-
-
-class ImageSize(BaseModel):
-    width: int
-    height: int
-
-
-class OxenImageRequest(BaseModel):
-    """Body of /images/generate, /images/edit and /queue for the klein models.
-
-    Unknown fields are accepted and ignored, as Oxen's queue passes them on and fails only at run
-    time: clients send e.g. ``safety_tolerance``, ``resolution``, ``quality``, ``size``, ``background``,
-    ``moderation``. They are echoed on queue items like every parameter; known fields with bad values
-    are still a 400.
-    """
-
-    model_config = ConfigDict(extra="allow", title="FLUX.2 [klein] request")
-
-    model: str = Field(..., description="Model id, e.g. black-forest-labs-flux-2-klein-4b.")
-    prompt: str = Field(..., description="Text prompt; may refer to inputs as @Image1, @Image2, ...")
-    negative_prompt: str | None = Field(
-        None, description="kleinserve extension: what to steer away from (Base models only; true CFG)."
-    )
-    strength: float | None = Field(
-        None, description="kleinserve extension: image-to-image from the first input_image, 0-1 (1: from noise)."
-    )
-    mask: str | None = Field(
-        None,
-        description="kleinserve extension: inpainting mask for the first input_image, a PNG of its size whose fully "
-        "transparent pixels are the area to repaint (OpenAI's rule); URL, data URI or base64. Not echoed.",
-    )
-    input_image: str | list[str] | None = Field(None, description="Reference image URL(s) or data URI(s).")
-    image: str | list[str] | None = Field(None, description="Alias of input_image (Oxen's OpenAPI name).")
-    aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = Field(  # type: ignore[valid-type]
-        None, description="Output aspect ratio (~1 MP); default 16:9, or the first input image's size."
-    )
-    image_size: Literal[tuple(IMAGE_SIZE_PRESETS)] | ImageSize | None = Field(  # type: ignore[valid-type]
-        None, description="Older alternative to aspect_ratio: a preset or {width, height}."
-    )
-    output_quality: Literal["standard", "high"] = Field("standard", description="Encoder quality 90 or 100.")
-    output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="Image format.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible results.")
-    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Default: the model's own (4 or 50).")
-    guidance_scale: float | None = Field(
-        None, ge=0, le=10, allow_inf_nan=False, description="Default: the model's own (1.0 or 4.0)."
-    )
-    response_format: Literal["url", "b64_json"] = Field("url", description="Return URLs or base64.")
-    target_namespace: str | None = Field(None, description="Accepted for compatibility; results stay here.")
-    num_generations: int = Field(1, ge=1, le=4, description="Generations to run (queue), or images (sync).")
-    webhook_url: str | None = Field(
-        None, description="kleinserve extension (queue): POST the generation here when it finishes, signed."
-    )
-    loras: list[LoraChoice] | None = Field(
-        None, description="kleinserve extension: LoRA adapters with scales (GET /v1/loras lists them)."
-    )
-    cache: StepCacheChoice | None = Field(
-        None, description="kleinserve extension: step caching on Base models ({type, threshold}; changes pixels)."
-    )
-    previews: int | None = Field(
-        None, ge=0, description="kleinserve extension: preview images while denoising (/api/events?previews=true)."
-    )
-
-    def references(self) -> list[str]:
-        source = self.input_image if self.input_image is not None else self.image
-        if source is None:
-            return []
-        return [source] if isinstance(source, str) else list(source)
-
-
-REQUEST_SCHEMA = OxenImageRequest.model_json_schema()
-
-
-def _size(body: OxenImageRequest, has_references: bool) -> tuple[int | None, int | None]:
-    if body.aspect_ratio is not None:
-        return size_for_aspect_ratio(body.aspect_ratio)
-    if isinstance(body.image_size, ImageSize):
-        return body.image_size.width, body.image_size.height
-    if isinstance(body.image_size, str):
-        return IMAGE_SIZE_PRESETS[body.image_size]
-    return (None, None) if has_references else size_for_aspect_ratio(DEFAULT_ASPECT_RATIO)
-
-
-def to_generation_request(
-    body: OxenImageRequest, runtime: Runtime, *, num_images: int = 1, seed_offset: int = 0
-) -> GenerationRequest:
-    """Translate an Oxen body to the canonical request (field errors keep Oxen's names)."""
-    references = body.references()
-    width, height = _size(body, bool(references))
-    return to_request(
-        {
-            "model": runtime.service.check_model(body.model),
-            "prompt": body.prompt,
-            "negative_prompt": body.negative_prompt,
-            "strength": body.strength,
-            "mask": body.mask,
-            "images": references,
-            "width": width,
-            "height": height,
-            "steps": body.num_inference_steps,
-            "guidance": body.guidance_scale,
-            "seed": None if body.seed is None else body.seed + seed_offset,
-            "num_images": num_images,
-            "output_format": body.output_format,
-            "quality": QUALITY[body.output_quality],
-            "loras": body.loras or [],
-            "cache": body.cache,
-            "previews": body.previews or 0,
-        },
-        runtime.settings,
-        NAMES,
-    )
-
-
-def _echo(body: OxenImageRequest) -> dict[str, Any]:
-    """The parameters a client sent, echoed on generation objects."""
-    return body.model_dump(
-        exclude_none=True, exclude={"image", "mask", "num_generations", "target_namespace", "webhook_url"}
-    )
 
 
 NAME = "oxen"
@@ -301,7 +147,7 @@ async def run_sync(request: Request, body: OxenImageRequest, runtime: Runtime, c
     """Sync generate/edit: one job of ``num_generations`` images."""
     gen = to_generation_request(body, runtime, num_images=body.num_generations)
     (job,) = await submit_and_wait(
-        request, runtime, caller, [gen], dialect=NAME, extra={"model": body.model, **_echo(body)}
+        request, runtime, caller, [gen], dialect=NAME, extra={"model": body.model, **echo(body)}
     )
     # Off the event loop: reading results may be a network call (S3).
     images = await asyncio.to_thread(
@@ -339,7 +185,7 @@ async def enqueue(request: Request, body: OxenImageRequest, runtime: ReadyRuntim
         requests,
         key=caller.key,
         dialect=NAME,
-        extra={"model": body.model, **_echo(body)},
+        extra={"model": body.model, **echo(body)},
         webhook_url=webhook_url,
     )
     return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
@@ -426,7 +272,7 @@ async def events(
     return EventSourceResponse(
         stream(),
         ping=runtime.settings.keepalive_interval,
-        ping_message_factory=lambda: _frame(comment="keep-alive"),
+        ping_message_factory=lambda: frame(comment="keep-alive"),
         sep="\n",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -450,38 +296,10 @@ async def search_models(request: Request, search: str = Query("", max_length=200
     return {"object": "list", "data": found}
 
 
-FAVORITES = "favorites"  # storage folder: one JSON list of Oxen model ids per caller
-
-
-def _favorites_key(caller: Caller) -> str:
-    # Key ids are the owners; hashed so that no owner text ever shapes a storage path.
-    owner = caller.owner or "open-server"
-    return f"{FAVORITES}/{hashlib.sha256(owner.encode()).hexdigest()[:32]}.json"
-
-
-def _read_favorites(runtime: Runtime, caller: Caller) -> list[str]:
-    try:
-        stored = json.loads(runtime.read_asset(_favorites_key(caller)))
-    except NotFoundError:
-        return []
-    return [item for item in stored if isinstance(item, str)] if isinstance(stored, list) else []
-
-
-def _write_favorites(runtime: Runtime, caller: Caller, ids: list[str]) -> None:
-    runtime.storage.put(_favorites_key(caller), json.dumps(ids).encode(), "application/json")
-
-
-def _served_for_favorite(runtime: Runtime, model_id: str) -> ServedModel | AdvertisedModel:
-    served = runtime.served_model(model_id)
-    if served is None:
-        raise NotFoundError(f"Model not found: {model_id}")
-    return served
-
-
 @router.get("/ai/models/favorites", summary="The caller's favourite models (served ones only).")
 async def list_favorites(request: Request, caller: CallerDep) -> dict[str, Any]:
     runtime = runtime_of(request)
-    ids = await asyncio.to_thread(_read_favorites, runtime, caller)
+    ids = await asyncio.to_thread(read_favorites, runtime, caller)
     served = [runtime.served_model(model_id) for model_id in ids]
     return {"object": "list", "data": [model_object(runtime, m.variant, m.demo) for m in served if m is not None]}
 
@@ -489,161 +307,26 @@ async def list_favorites(request: Request, caller: CallerDep) -> dict[str, Any]:
 @router.post("/ai/models/{model_id:path}/favorite", summary="Mark a served model as a favourite.")
 async def add_favorite(request: Request, model_id: str, caller: CallerDep) -> dict[str, Any]:
     runtime = runtime_of(request)
-    served = _served_for_favorite(runtime, model_id)
-    ids = await asyncio.to_thread(_read_favorites, runtime, caller)
+    served = served_or_404(runtime, model_id)
+    ids = await asyncio.to_thread(read_favorites, runtime, caller)
     if oxen_id(served.variant) not in ids:
-        await asyncio.to_thread(_write_favorites, runtime, caller, [*ids, oxen_id(served.variant)])
+        await asyncio.to_thread(write_favorites, runtime, caller, [*ids, oxen_id(served.variant)])
     return {"status": "success", "model": oxen_id(served.variant), "favorite": True}
 
 
 @router.delete("/ai/models/{model_id:path}/favorite", summary="Remove a model from the favourites.")
 async def remove_favorite(request: Request, model_id: str, caller: CallerDep) -> dict[str, Any]:
     runtime = runtime_of(request)
-    served = _served_for_favorite(runtime, model_id)
-    ids = await asyncio.to_thread(_read_favorites, runtime, caller)
+    served = served_or_404(runtime, model_id)
+    ids = await asyncio.to_thread(read_favorites, runtime, caller)
     if oxen_id(served.variant) in ids:
         remaining = [i for i in ids if i != oxen_id(served.variant)]
-        await asyncio.to_thread(_write_favorites, runtime, caller, remaining)
+        await asyncio.to_thread(write_favorites, runtime, caller, remaining)
     return {"status": "success", "model": oxen_id(served.variant), "favorite": False}
 
 
 @router.get("/ai/models/{model_id:path}", summary="One served model, with its request schema.")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     runtime = runtime_of(request)
-    served = runtime.served_model(model_id)
-    if served is None:
-        raise NotFoundError(f"Model not found: {model_id}")
+    served = served_or_404(runtime, model_id)
     return model_object(runtime, served.variant, served.demo)
-
-
-def progress_fraction(job: Job) -> float:
-    """How far a job is, 0..1: 1 once it succeeded, else its denoising step over the total."""
-    if job.status is JobStatus.SUCCEEDED:
-        return 1.0
-    if job.progress_total <= 0:
-        return 0.0
-    return round(min(1.0, job.progress_step / job.progress_total), 4)
-
-
-def _ts(value: float | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def generation_objects(runtime: Runtime, jobs: list[Job]) -> list[dict[str, Any]]:
-    """Queue items for ``jobs``, with every queue position from one store query (blocking: call it
-    from a worker thread, never on the event loop)."""
-    positions = runtime.service.queue_positions(jobs)
-    return [generation_object(runtime, job, positions.get(job.id)) for job in jobs]
-
-
-def generation_object(runtime: Runtime, job: Job, queue_position: int | None = None) -> dict[str, Any]:
-    """A queue item as Oxen shapes it, plus kleinserve's extras (progress, queue position, size)."""
-    outputs = outputs_of(job)
-    item: dict[str, Any] = {
-        "generation_id": job.id,
-        "model_name": job.extra.get("model", oxen_id(find_variant(job.request.model))),
-        "prompt": job.request.prompt,
-        "media_type": "image",
-        "status": job.status.value,
-        "result_url": result_url(runtime, outputs[0]) if outputs else None,
-        "error_message": job.error_message,
-        "enqueued_at": _ts(job.created_at),
-        "started_at": _ts(job.started_at),
-        "completed_at": _ts(job.completed_at),
-    }
-    echoed = {k: v for k, v in job.extra.items() if k not in item and k not in ("model", "response_format")}
-    item.update(echoed)
-    item["seed"] = job.request.seed
-    # A number, as Oxen's queue clients parse it; the step counts in their own fields.
-    item["progress"] = progress_fraction(job)
-    item["progress_step"], item["progress_total"] = job.progress_step, job.progress_total
-    if job.status is JobStatus.QUEUED:
-        item["queue_position"] = queue_position or 0
-    if outputs:
-        item["width"], item["height"] = outputs[0].width, outputs[0].height
-    if job.safety is not None:  # kleinserve's extension: the safety checker's verdict and scores
-        item["safety"] = job.safety.model_dump(mode="json")
-    return item
-
-
-def _frame(**fields: Any) -> ServerSentEvent:
-    # Plain "\n" line ends: the seeds' awk client matches "^event: media_generation_completed$".
-    return ServerSentEvent(sep="\n", **fields)
-
-
-def _compact(data: dict[str, Any]) -> str:
-    # One line, no spaces: the seeds' awk client greps for "generation_id":"<id>" literally.
-    return json.dumps(data, separators=(",", ":"))
-
-
-# Event data for waiters inside the server (the job's final state), not for SSE clients.
-_INTERNAL_DATA = frozenset({"state", "extra"})
-_OWN_EVENTS = {
-    EventType.QUEUED: "kleinserve.generation.queued",
-    EventType.STARTED: "kleinserve.generation.started",
-    EventType.PROGRESS: "kleinserve.generation.progress",
-    EventType.FAILED: "kleinserve.generation.failed",
-    EventType.CANCELLED: "kleinserve.generation.cancelled",
-    EventType.PREVIEW: "kleinserve.generation.preview",  # only with ?previews=true
-}
-
-
-def to_sse(runtime: Runtime, event: Event) -> list[ServerSentEvent]:
-    """The SSE frames for one job event: Oxen's completion event, then kleinserve's own."""
-    frames: list[ServerSentEvent] = []
-    job_id = event.job_id
-    if event.type is EventType.SUCCEEDED:
-        # The event carries the result: no store read per subscriber (see jobs/events.py).
-        result = (event.data.get("state") or {}).get("result") or {}
-        outputs = [JobOutput.model_validate(o) for o in result.get("outputs", [])]
-        model = event.data.get("model")
-        extra = event.data.get("extra") or {}
-        payload: dict[str, Any] = {
-            "generation_id": job_id,
-            "status": "succeeded",
-            "media_type": "image",
-            "model": extra.get("model") or (oxen_id(find_variant(model)) if model else None),
-            "url": result_url(runtime, outputs[0]) if outputs else None,
-        }
-        frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
-    elif event.type is EventType.FAILED:
-        payload = {"generation_id": job_id, "status": "failed", "media_type": "image", "error": event.data.get("error")}
-        frames.append(_frame(data=_compact(payload), event=COMPLETED, id=str(event.seq)))
-    own = _OWN_EVENTS.get(event.type)
-    if own is not None:
-        shown = {k: v for k, v in event.data.items() if k not in _INTERNAL_DATA}
-        data = {"generation_id": job_id, "status": event.type.value.removeprefix("job."), **shown}
-        if event.type is EventType.PREVIEW and isinstance(event.data.get("key"), str):
-            data["url"] = runtime.storage.url(event.data["key"])  # signed here, by the API's storage
-        frames.append(_frame(data=_compact(data), event=own, id=str(event.seq)))
-    return frames
-
-
-def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, Any]:
-    """A model as Oxen's /models lists it, with the request schema under both of Oxen's keys."""
-    steps = "fixed 4-step distilled" if variant.distilled else "undistilled, 50 steps with true CFG"
-    return {
-        "id": oxen_id(variant),
-        "object": "model",
-        "created": int(runtime.started_at),
-        "owned_by": "black-forest-labs",
-        "display_name": variant.display_name,
-        "description": f"{variant.display_name} from Black Forest Labs ({steps}), served by kleinserve.",
-        "summary": f"{variant.display_name}: text-to-image and multi-reference editing.",
-        "model_type": "base",
-        "endpoint": "/images/generate",
-        "capabilities": {"input": ["text", "image"], "output": ["image"]},
-        "pricing": {"method": "per_image", "cost_per_image": None},
-        "fine_tuning": None,
-        "deployments": [{"status": "active"}],
-        "developer": {"name": "Black Forest Labs", "logo": None},
-        "source_model": variant.repo_id,
-        "image_url": None,
-        "released_at": None,
-        "license": variant.license,
-        "defaults": {"num_inference_steps": variant.default_steps, "guidance_scale": variant.default_guidance},
-        "aliases": list(variant.all_names()),
-        "demo": demo,
-        "request_schema": REQUEST_SCHEMA,
-        "json_request_schema": REQUEST_SCHEMA,
-    }

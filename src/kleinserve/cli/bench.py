@@ -51,7 +51,8 @@ def bench(
         Optional[str],
         typer.Option(
             help="Bench several modes side by side, each on its own load, e.g. bf16,int8,compile "
-            "(parts: the dtype or plain, int8/fp8/int4 for transformer and text encoder, compile; joined by +).",
+            "(parts: the dtype or plain, int8/fp8/int4 for transformer and text encoder, compile, channels-last "
+            "for the VAE; joined by +).",
         ),
     ] = None,
     step_caches: Annotated[

@@ -569,7 +569,7 @@ def usage_report(runtime: Runtime, caller: Caller) -> dict[str, Any]:
 
 
 def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, Any]:
-    """OpenAI's Model object, with kleinserve's defaults and demo flag beside it."""
+    """OpenAI's Model object, with kleinserve's defaults, demo flag and per-device state beside it."""
     return {
         "id": openai_id(variant),
         "object": "model",
@@ -578,4 +578,5 @@ def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, An
         "modality": "image",
         "defaults": {"num_inference_steps": variant.default_steps, "guidance_scale": variant.default_guidance},
         "demo": demo,
+        "devices": runtime.model_devices(variant.id),
     }

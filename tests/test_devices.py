@@ -98,6 +98,7 @@ def test_readyz_reports_each_device(tmp_path: Path, tiny_distilled: Path) -> Non
             time.sleep(0.2)
         body = response.json()
         (listed,) = client.get("/v1/models").json()["data"]
+        (oxen,) = client.get("/api/ai/models").json()["data"]
     assert response.status_code == 200, body
     assert body["device"] == "cpu,cpu"
     assert [(d["device"], d["state"], d["worker"], d["job"]) for d in body["devices"]] == [
@@ -108,4 +109,8 @@ def test_readyz_reports_each_device(tmp_path: Path, tiny_distilled: Path) -> Non
     assert listed["devices"] == [
         {"device": "cpu", "state": "ready", "worker": "worker-0", "busy": False},
         {"device": "cpu", "state": "ready", "worker": "worker-1", "busy": False},
+    ]
+    assert [(d["status"], d["device"], d["worker"]) for d in oxen["deployments"]] == [
+        ("active", "cpu", "worker-0"),
+        ("active", "cpu", "worker-1"),
     ]

@@ -139,7 +139,11 @@ def test_step_caches_and_the_http_server_are_timed_beside_the_in_process_run(
 
 
 def test_modes_are_benched_side_by_side_through_the_cli(tmp_path: Path, tiny_distilled: Path) -> None:
-    assert parse_modes("bf16, int8+compile") == [Mode("bf16"), Mode("int8+compile", "int8", True)]
+    assert parse_modes("bf16, int8+compile,channels-last") == [
+        Mode("bf16"),
+        Mode("int8+compile", "int8", True),
+        Mode("channels-last", vae_channels_last=True),
+    ]
     for wrong in ("int9", "bf16,plain", ""):
         with pytest.raises(ValueError):
             parse_modes(wrong)

@@ -47,7 +47,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kleinserve.api.auth import CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, parse_body, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    example_request,
+    output_size,
+    parse_body,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
@@ -294,15 +303,48 @@ class ReplicateDialect:
     def model_id(self, variant: Variant) -> str:
         return replicate_name(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        inputs: dict[str, Any] = {"prompt": req.prompt}
+        carried = {"model", "prompt", "images", "seed", "output_format", "quality", "safety_check"}
+        if req.images:
+            inputs["images"] = list(req.images)
+        size = output_size(req)
+        if size is None:
+            inputs["aspect_ratio"] = MATCH_INPUT
+            carried |= {"width", "height"}
+        else:
+            found = [(r, mp) for r in ASPECT_RATIOS for mp in MEGAPIXELS if size_for_aspect_ratio(r, mp) == size]
+            if found:
+                inputs["aspect_ratio"], megapixels = found[0]
+                if megapixels != 1.0:
+                    inputs["output_megapixels"] = megapixels
+                carried |= {"width", "height"}
+        if req.seed is not None:
+            inputs["seed"] = req.seed
+        inputs["output_format"] = "jpg" if req.output_format.value == "jpeg" else req.output_format.value
+        if req.output_format.value != "png":
+            inputs["output_quality"] = req.quality
+        if not req.safety_check:
+            inputs["disable_safety_checker"] = True
+        if req.guidance is not None and not variant.distilled:
+            inputs["guidance"] = req.guidance
+            carried.add("guidance")
+        dropped = unsaid(req, carried)
+        notes = ["The replicate package: Client(api_token=<key>, base_url=<server>).run(...)."]
+        if "width" in dropped:
+            notes.append("Replicate sizes are aspect_ratio x output_megapixels: this size is not one of them.")
+        name = replicate_name(variant)
         return Example(
             dialect=NAME,
             title="Replicate: create a prediction and wait",
             method="POST",
-            path=f"{PREFIX}/models/{replicate_name(variant)}/predictions",
-            body={"input": {"prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"}},
+            path=f"{PREFIX}/models/{name}/predictions",
+            body={"input": inputs},
             headers={"Prefer": "wait"},
-            notes=("The replicate package: Client(api_token=<key>, base_url=<server>).run(...).",),
+            notes=(*notes, *unsaid_note("Replicate", dropped)),
+            unsaid=dropped,
+            served=name.removeprefix(f"{OWNER}/") in MODELS,
         )
 
 

@@ -52,6 +52,9 @@ M = TypeVar("M", bound=BaseModel)
 _SOURCES = ("body", "query", "path", "header", "cookie", "form")
 # The worker reports a bad reference as "images[<index>]: <detail>" (engine/images.py).
 _WORKER_IMAGE_ERROR = re.compile(r"^images\[(\d+)\]: (.*)$", re.S)
+# pydantic adds the member of a union that failed to an error's location ("mask.str",
+# "image_size.literal['square',...]"); a client sent only the field.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z-]+\[.*\])$", re.S)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ def parameter_error(
     loc = list(first.get("loc", ()))
     if from_request and loc and loc[0] in _SOURCES:
         loc = loc[1:]
+    tags = loc[:-1] if kind == "extra_forbidden" else loc  # an unknown field's own name is kept
+    loc = [part for part in tags if not (isinstance(part, str) and _UNION_TAG.match(part))] + loc[len(tags) :]
     where = ".".join(str(part) for part in loc)
     message = str(first.get("msg", "invalid value"))
     for lead in ("Value error, ", "Assertion failed, "):

@@ -32,9 +32,10 @@ function refresh() {
   timer = setTimeout(load, 150);
 }
 
-// Without a prompt yet, the snippets show the prompt box's placeholder (and say so).
+// Without a prompt yet, the snippets show the prompt box's placeholder (and say so). Live previews
+// are the page's own view of a running job, not part of the image asked for: left out here.
 function settingsToShow() {
-  const settings = readSettings();
+  const settings = { ...readSettings(), preview: false };
   placeholder = !settings.prompt.trim();
   if (placeholder) settings.prompt = $('prompt').placeholder;
   return settings;

@@ -60,7 +60,6 @@ class Previewer:
         self.tiny = tiny
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
-        self.decodes = 0  # previews decoded so far (tests and metrics read it)
 
     @property
     def kind(self) -> str:
@@ -109,7 +108,6 @@ class Previewer:
             rgb = torch.einsum("bchw,cr->brhw", packed.float(), matrix.to(packed.device)) + bias.to(packed.device).view(
                 1, 3, 1, 1
             )
-        self.decodes += 1
         pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)).resize(size, Image.Resampling.BILINEAR) for a in pixels]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,19 @@ def test_bench_measures_with_the_small_decoder_and_channels_last(
     assert report["mode"] == "float32, offload none, small decoder, VAE channels_last"
     assert f"--decoder small={tiny_small_decoder}" in report["command"] and "--vae-channels-last" in report["command"]
     assert report["cases"][0]["max_pixel_diff"] == 0
+
+
+def test_serve_says_which_decoder_it_uses(
+    tmp_path: Path, tiny_distilled: Path, tiny_small_decoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import kleinserve.api.server
+    from kleinserve.cli import app
+
+    monkeypatch.setattr(kleinserve.api.server, "run", lambda app, settings: None)  # the banner, not the server
+    monkeypatch.setattr(os, "umask", lambda mask: 0o022)  # serve's owner-only umask stays out of this process
+    args = ["serve", "--model", f"flux-2-klein-4b={tiny_distilled}", "--device", "cpu", "--data-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--decoder", f"small={tiny_small_decoder}", "--vae-channels-last"])
+    assert result.exit_code == 0, result.stderr
+    assert f"VAE: decoder small={tiny_small_decoder}, channels_last" in " ".join(result.stderr.split())

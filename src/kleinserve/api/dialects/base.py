@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -240,13 +240,19 @@ def to_request(fields: Mapping[str, Any], settings: Settings, names: FieldNames)
         raise names.rename(err) from None
 
 
-def client_image_error(error: InvalidRequestError, images_field: str, *, single: bool = False) -> InvalidRequestError:
-    """A worker's reference-image error, naming the client's field (``single``: without an index)."""
+def client_image_error(
+    error: InvalidRequestError, images_field: str | Callable[[int], str], *, single: bool = False
+) -> InvalidRequestError:
+    """A worker's reference-image error, naming the client's field (``single``: without an index;
+    a callable names the field of each index, e.g. BFL's ``input_image_2``)."""
     found = _WORKER_IMAGE_ERROR.match(error.message)
     if found is None:
         return error
-    index = None if single else int(found.group(1))
-    renamed = InvalidImageError(index, found.group(2), field=images_field)
+    index = int(found.group(1))
+    if callable(images_field):
+        renamed = InvalidImageError(None, found.group(2), field=images_field(index))
+    else:
+        renamed = InvalidImageError(None if single else index, found.group(2), field=images_field)
     renamed.code = error.code
     return renamed
 

@@ -97,9 +97,20 @@ def test_readyz_reports_each_device(tmp_path: Path, tiny_distilled: Path) -> Non
         while (response := client.get("/readyz")).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.2)
         body = response.json()
+        (listed,) = client.get("/v1/models").json()["data"]
+        (oxen,) = client.get("/api/ai/models").json()["data"]
     assert response.status_code == 200, body
     assert body["device"] == "cpu,cpu"
     assert [(d["device"], d["state"], d["worker"], d["job"]) for d in body["devices"]] == [
         ("cpu", "ready", "worker-0", None),
         ("cpu", "ready", "worker-1", None),
+    ]
+    # The model list says where the model runs: on each device's worker, ready and idle.
+    assert listed["devices"] == [
+        {"device": "cpu", "state": "ready", "worker": "worker-0", "busy": False},
+        {"device": "cpu", "state": "ready", "worker": "worker-1", "busy": False},
+    ]
+    assert [(d["status"], d["device"], d["worker"]) for d in oxen["deployments"]] == [
+        ("active", "cpu", "worker-0"),
+        ("active", "cpu", "worker-1"),
     ]

@@ -34,7 +34,14 @@ from dataclasses import replace
 
 from PIL import Image
 
-from kleinserve.engine.images import ASSET_PREFIX, InputPolicy, decode_image, encode_image, read_source
+from kleinserve.engine.images import (
+    ASSET_PREFIX,
+    InputPolicy,
+    check_header,
+    decode_image,
+    encode_image,
+    read_source,
+)
 from kleinserve.engine.masks import FIELD as MASK_FIELD
 from kleinserve.engine.masks import check_mask_size, decode_mask
 from kleinserve.engine.variants import find_variant
@@ -143,6 +150,7 @@ class InputStager:
                 read[source] = text
                 continue
             data = read_source(text, index, policy)  # the per-image cap, checked before decoding base64
+            _check_header(data, index, policy)  # PNG, JPEG and WebP are stored undecoded: refuse by size now
             budget -= len(data)
             if budget < 0:
                 self._over_budget(index)
@@ -270,3 +278,12 @@ class InputStager:
         gets the same answer as a missing one."""
         if not self.owns(key, owner):
             raise InvalidImageError(index, f"no such asset: {key}", field=field)
+
+
+def _check_header(data: bytes, index: int, policy: InputPolicy) -> None:
+    """Refuse an image too large to decode by its header (a file that does not open is left to decoding)."""
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Exception:
+        return
+    check_header(opened, index, policy)

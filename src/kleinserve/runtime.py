@@ -187,6 +187,8 @@ class Runtime:
     device_states: list[DeviceState] = field(default_factory=list, init=False)  # one per worker
     started_at: float = field(default_factory=time.time, init=False)
     advertised: list[AdvertisedModel] = field(default_factory=list, init=False)
+    # ``api``: per model, the live workers serving it (refresh_models), as model_devices() lists them.
+    advertised_devices: dict[str, list[dict[str, object]]] = field(default_factory=dict, init=False)
     # Engines already loaded by the caller (``kleinserve bench`` serves the modules it times in
     # process); every worker then uses them instead of loading ``served`` again.
     preloaded: dict[str, Engine] | None = field(default=None, init=False)
@@ -224,6 +226,23 @@ class Runtime:
     def models(self) -> list[ServedModel | AdvertisedModel]:
         """The models this process serves (``api``: those live workers serve)."""
         return list(self.advertised) if self.role == "api" else list(self.served or [])
+
+    def model_devices(self, variant_id: str) -> list[dict[str, object]]:
+        """Per device, where ``variant_id`` runs, for the model lists: ``serve`` and ``worker``: each
+        device's worker (every worker loads every served model) with its state (loading, ready,
+        error) and whether it is running a job; ``api``: the live workers that serve it."""
+        if self.role == "api":
+            return [dict(entry) for entry in self.advertised_devices.get(variant_id, [])]
+        listed = []
+        for state in self.device_states:
+            entry: dict[str, object] = {"device": state.device, "state": state.state}
+            if state.worker is not None:
+                entry["worker"] = state.worker.name
+                entry["busy"] = state.worker.current_job_id is not None
+            if state.error:
+                entry["error"] = state.error
+            listed.append(entry)
+        return listed
 
     def served_model(self, name: str) -> ServedModel | AdvertisedModel | None:
         """The served model called ``name`` in any provider's spelling, or ``None``."""
@@ -361,10 +380,14 @@ class Runtime:
         """``api``: learn which models live workers serve (heartbeats of the last three intervals)."""
         since = time.time() - 3 * self.settings.heartbeat_seconds
         ids: dict[str, bool] = {}
+        devices: dict[str, list[dict[str, object]]] = {}
         for worker in self.store.live_workers(since=since):
             demo_ids = set(worker.info.get("demo") or [])
             for model in worker.models:
                 ids[model] = ids.get(model, False) or model in demo_ids
+                entry = {"device": worker.info.get("device"), "state": "ready", "worker": worker.id}
+                devices.setdefault(model, []).append(entry)
+        self.advertised_devices = devices
         advertised = []
         for model, is_demo in sorted(ids.items()):
             try:

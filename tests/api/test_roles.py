@@ -115,6 +115,10 @@ def test_api_and_worker_processes_share_the_queue(
     try:
         models = _until(lambda: httpx.get(f"{url}/api/ai/models").json()["data"])
         assert [m["id"] for m in models] == ["black-forest-labs/flux.2-klein-4b"] or len(models) == 1
+        # The api lists each live worker serving the model, with its device.
+        (listed,) = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [(d["device"], d["state"]) for d in listed["devices"]] == [("cpu", "ready")]
+        assert isinstance(listed["devices"][0]["worker"], str)
         # Sync and async submissions through the api are run by the worker.
         sync = httpx.post(f"{url}/api/ai/images/generate", json={**SMALL, "seed": 3}, timeout=120)
         assert sync.status_code == 200, sync.text

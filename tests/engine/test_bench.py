@@ -112,7 +112,7 @@ def test_step_caches_and_the_http_server_are_timed_beside_the_in_process_run(
         size=64,
         steps=1,
         base_steps=5,
-        cases=("unique", "stepcache"),
+        cases=("unique", "queue4", "stepcache"),
         repeats=1,
         http=True,
         checkpoint=tiny_distilled,
@@ -120,11 +120,14 @@ def test_step_caches_and_the_http_server_are_timed_beside_the_in_process_run(
     )
     report = run_bench(engine, options)
     assert report["http"] is True
-    unique, stepcache = report["cases"]
+    unique, queue4, stepcache = report["cases"]
     # Through the server: the same pixels as in process, its own timings, both ratios.
     assert unique["http_max_pixel_diff"] == 0
     assert unique["http"]["median_seconds"] > 0 and unique["http"]["transformer_calls"] == 1
     assert unique["http_ratio"] > 0 and unique["http_vs_in_process"] > 0
+    # Four requests at once, from four client threads: batched by the server's worker as in process
+    # (how the arrivals split into batches may differ: within the batching rule's 2 levels).
+    assert queue4["http_max_pixel_diff"] <= 2 and queue4["http"]["images_per_second"] > 0
     assert "http" not in stepcache  # the step-cache sides run in process only
     assert [item["setting"] for item in stepcache["step_cache"]] == ["taylorseer:2"]
     assert CASES["stepcache"].step_caches == STEP_CACHE_SETTINGS  # the default: every setting
@@ -139,7 +142,11 @@ def test_step_caches_and_the_http_server_are_timed_beside_the_in_process_run(
 
 
 def test_modes_are_benched_side_by_side_through_the_cli(tmp_path: Path, tiny_distilled: Path) -> None:
-    assert parse_modes("bf16, int8+compile") == [Mode("bf16"), Mode("int8+compile", "int8", True)]
+    assert parse_modes("bf16, int8+compile,channels-last") == [
+        Mode("bf16"),
+        Mode("int8+compile", "int8", True),
+        Mode("channels-last", vae_channels_last=True),
+    ]
     for wrong in ("int9", "bf16,plain", ""):
         with pytest.raises(ValueError):
             parse_modes(wrong)

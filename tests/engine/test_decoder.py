@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,45 @@ def test_make_tiny_writes_a_small_decoder_the_plan_and_the_server_take(tmp_path:
     assert vae_lines[0] != vae_lines[1]  # the small decoder's weights and activations are counted
     bad = runner.invoke(app, ["models", "--plan", "-m", model, "--device", "cpu", "--decoder", "tiny"])
     assert bad.exit_code == 1 and "decoder" in bad.stderr
+
+
+def test_bench_measures_with_the_small_decoder_and_channels_last(
+    tmp_path: Path, tiny_distilled: Path, tiny_small_decoder: Path
+) -> None:
+    """Both sides (kleinserve and diffusers) decode with the same small decoder in channels_last."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kleinserve.cli import app
+
+    target = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--model", f"flux-2-klein-4b={tiny_distilled}", "--dtype", "float32", "--size", "64",
+            "--steps", "1", "--cases", "repeat", "--repeats", "1", "--decoder", f"small={tiny_small_decoder}",
+            "--vae-channels-last", "--json", str(target),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(target.read_text())
+    assert report["mode"] == "float32, offload none, small decoder, VAE channels_last"
+    assert f"--decoder small={tiny_small_decoder}" in report["command"] and "--vae-channels-last" in report["command"]
+    assert report["cases"][0]["max_pixel_diff"] == 0
+
+
+def test_serve_says_which_decoder_it_uses(
+    tmp_path: Path, tiny_distilled: Path, tiny_small_decoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import kleinserve.api.server
+    from kleinserve.cli import app
+
+    monkeypatch.setattr(kleinserve.api.server, "run", lambda app, settings: None)  # the banner, not the server
+    monkeypatch.setattr(os, "umask", lambda mask: 0o022)  # serve's owner-only umask stays out of this process
+    args = ["serve", "--model", f"flux-2-klein-4b={tiny_distilled}", "--device", "cpu", "--data-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--decoder", f"small={tiny_small_decoder}", "--vae-channels-last"])
+    assert result.exit_code == 0, result.stderr
+    assert f"VAE: decoder small={tiny_small_decoder}, channels_last" in " ".join(result.stderr.split())

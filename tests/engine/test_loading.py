@@ -152,11 +152,17 @@ def test_regional_compilation_traces_every_block_whole_and_keeps_the_pixels(
     assert np.array_equal(pixels(engine), base_pixels)
 
 
-def test_serve_with_sequential_offload_on_the_cpu_stops_at_start(tmp_path: Path, tiny_distilled: Path) -> None:
+def test_serve_with_sequential_offload_on_the_cpu_stops_at_start(
+    tmp_path: Path, tiny_distilled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A clear one-line error before any weight is read, not a crash in the first job."""
+    import os
+
     from typer.testing import CliRunner
 
     from kleinserve.cli import app
+
+    monkeypatch.setattr(os, "umask", lambda mask: 0o022)  # serve's owner-only umask stays out of this process
 
     args = ["serve", "--model", f"flux-2-klein-4b={tiny_distilled}", "--device", "cpu", "--offload", "sequential"]
     result = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path)])

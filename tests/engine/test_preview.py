@@ -175,3 +175,19 @@ def test_tiny_autoencoder_sources_are_checked(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE"):
         load_tiny_autoencoder("nobody/not-a-cached-repo", CPU, torch.float32)
+
+
+def test_tiny_autoencoder_decodes_large_outputs_at_the_preview_size(
+    distilled_engine: Engine, tiny_autoencoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = load_tiny_autoencoder(str(tiny_autoencoder), CPU, torch.float32)
+    shapes: list[tuple[int, ...]] = []
+    decode = tiny.decode_packed
+    monkeypatch.setattr(tiny, "decode_packed", lambda z: shapes.append(tuple(z.shape)) or decode(z))
+    previewer = Previewer(distilled_engine.pipeline, tiny)
+    channels = distilled_engine.pipeline.transformer.config.in_channels
+    h, w = 512 // 16, 1024 // 16
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols, torch.zeros_like(rows)], dim=-1).reshape(1, -1, 4)
+    [image] = previewer.images(torch.randn(1, h * w, channels), ids, 1024, 512)
+    assert image.size == (512, 256) and shapes == [(1, channels, 16, 32)]  # half the grid: a quarter of the work

@@ -27,7 +27,7 @@ from kleinserve.errors import ResourceExhaustedError
 from kleinserve.generation import run_request
 from kleinserve.jobs import worker as worker_module
 from kleinserve.jobs.batches import auto_max_batch
-from kleinserve.jobs.events import StoreEventBus
+from kleinserve.jobs.events import EventType, StoreEventBus
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.jobs.service import JobService
 from kleinserve.jobs.store import SQLiteJobStore
@@ -151,17 +151,21 @@ def test_compatible_jobs_queued_together_run_as_one_batch(system: System, monkey
         system.submit("a mountain lake", seed=30),
     ]
     runs_before, jobs_before = batch_jobs_count()
-    system.worker(max_batch=4).start()
+    charged: list[Job] = []  # on_succeeded (charging the key) once per job
+    system.worker(max_batch=4, on_succeeded=charged.append).start()
     done = [system.finished(job.id) for job in jobs]
     assert [job.status for job in done] == [JobStatus.SUCCEEDED] * 3
+    poll(lambda: len(charged) == 3)
+    assert sorted(job.id for job in charged) == sorted(job.id for job in jobs)
     assert batches.prompts == [["a red fox in snow", "a cat wearing a hat", "a mountain lake"]]
     runs, jobs_total = batch_jobs_count()
     assert (runs - runs_before, jobs_total - jobs_before) == (1, 3)
     for job in done:
         assert job.result is not None and job.attempts == 1
         assert [o.seed for o in job.result.outputs] == [job.request.seed + i for i in range(job.request.num_images)]
-        # Each job its own progress: every step reported for it.
-        assert (job.progress_step, job.progress_total) == (2, 2)
+        # Each job its own progress events: every step reported for it.
+        events = [e for e in system.store.events_after(0) if e.job_id == job.id and e.type is EventType.PROGRESS]
+        assert [(e.data["step"], e.data["total"]) for e in events] == [(1, 2), (2, 2)]
     # Formats are per job (webp at quality 100 is lossy: compare the PNG jobs' pixels exactly to 2 levels).
     assert [o.media_type for o in done[1].result.outputs] == ["image/webp"] * 2  # type: ignore[union-attr]
     for job in (done[0], done[2]):
@@ -304,3 +308,31 @@ def test_a_batch_out_of_memory_runs_its_jobs_one_at_a_time(system: System, monke
     system.worker(max_batch=3).start()
     assert [system.finished(job.id).status for job in jobs] == [JobStatus.SUCCEEDED] * 3
     assert sizes == [3, 1, 1, 1]
+
+
+def test_jobs_that_cannot_join_the_batch_go_back_for_another_live_worker(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several devices, a worker that claimed jobs its batch can't take hands them back at once
+    (without using an attempt) rather than holding them while another worker sits idle."""
+    batches = Batches(monkeypatch)
+    first = system.submit("the long one", **LONG)
+    other_size = system.submit("another size", width=80)
+    a = system.worker(max_batch=4)
+    b = system.worker(max_batch=4)
+    system.store.heartbeat(b.id, [MODEL], {})  # b is live (it will start once a has handed back)
+    a.start()
+    poll(lambda: batches.prompts == [["the long one"]])  # a runs its batch ...
+    assert system.store.get(other_size.id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    b.start()  # ... and b, idle, takes the job a handed back
+    done = system.finished(other_size.id)
+    assert done.status is JobStatus.SUCCEEDED and done.worker_id == b.id and done.attempts == 1
+    assert system.finished(first.id).worker_id == a.id
+
+
+def test_a_lone_worker_keeps_what_it_claimed(system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = Batches(monkeypatch)
+    jobs = [system.submit("one"), system.submit("another size", width=80)]
+    system.worker(max_batch=4).start()
+    assert all(system.finished(job.id).attempts == 1 for job in jobs)
+    assert batches.prompts == [["one"], ["another size"]]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from kleinserve.engine.engine import Engine
 from kleinserve.engine.preview import Previewer
 from kleinserve.jobs.events import EventType
 from kleinserve.jobs.job import JobStatus
@@ -89,3 +92,33 @@ def test_a_failed_preview_does_not_fail_the_job(system: System, monkeypatch: pyt
     job = system.submit(steps=2, previews=2)
     assert system.finished(job.id).status is JobStatus.SUCCEEDED
     assert not [e for e in system.events(job.id) if e.type is EventType.PREVIEW]
+
+
+def test_batched_jobs_write_their_own_previews(
+    tmp_path: Path, distilled_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two compatible jobs in one batch: only the one that asked gets previews, of its own image."""
+    from tests.jobs.test_batching import Batches
+    from tests.jobs.test_batching import System as BatchSystem
+
+    batches = Batches(monkeypatch)
+    batched = BatchSystem(tmp_path, distilled_engine)
+    try:
+        wants = batched.submit("a red fox in snow", steps=3, previews=3)
+        other = batched.submit("a cat wearing a hat", steps=3, seed=20)
+        batched.worker(max_batch=2).start()
+        done = [batched.finished(job.id) for job in (wants, other)]
+        assert [job.status for job in done] == [JobStatus.SUCCEEDED] * 2
+        assert batches.prompts == [["a red fox in snow", "a cat wearing a hat"]]
+        events = batched.store.events_after(0)
+        previews = [e for e in events if e.type is EventType.PREVIEW]
+        assert [(e.job_id, e.data["step"]) for e in previews] == [(wants.id, 1), (wants.id, 2), (wants.id, 3)]
+        # The last preview (sigma 0) shows the job's own final image, not its batch neighbour's.
+        final = np.asarray(Image.open(io.BytesIO(batched.storage.read(f"{wants.id}/0.png"))).convert("RGB"), np.int16)
+        neighbour = np.asarray(
+            Image.open(io.BytesIO(batched.storage.read(f"{other.id}/0.png"))).convert("RGB"), np.int16
+        )
+        last = np.asarray(Image.open(io.BytesIO(batched.storage.read(f"{wants.id}/preview-2.jpg"))), np.int16)
+        assert np.abs(last - final).mean() < np.abs(last - neighbour).mean()
+    finally:
+        batched.close()

@@ -36,10 +36,14 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def workbench_server(
-    tiny_distilled: Path, tiny_base: Path, classifiers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    tiny_distilled: Path,
+    tiny_base: Path,
+    tiny_lora: Path,
+    classifiers: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
     """All four variants in demo mode; the checkpoints are copied, not built again. A safety checker
-    that passes every image runs, so the page shows its verdict."""
+    that passes every image runs, so the page shows its verdict; one LoRA adapter is offered."""
     data_dir = tmp_path_factory.mktemp("workbench-server")
     shutil.copytree(tiny_distilled, data_dir / "demo" / "tiny-distilled")
     shutil.copytree(tiny_base, data_dir / "demo" / "tiny-base")
@@ -52,6 +56,8 @@ def workbench_server(
         "cpu",
         "--safety-checker",
         str(classifiers["normal"]),
+        "--lora",
+        f"style={tiny_lora}",
         env={"HF_HOME": str(data_dir / "hf"), "KLEINSERVE_KEEPALIVE_INTERVAL": "1"},
     ).start()
     yield server

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
+import kleinserve.api.workbench
+from kleinserve.api.workbench import MODULES
 from kleinserve.keys import KeyStore
 from tests.api.conftest import ServerProcess
 from tests.conftest import ImageServer, png_bytes
@@ -35,7 +38,11 @@ new MutationObserver(() => {
     const text = node.textContent;
     if (text && window.statusLog[window.statusLog.length - 1] !== text) window.statusLog.push(text);
   }
-}).observe(document, { subtree: true, childList: true, characterData: true });
+  for (const node of document.querySelectorAll('#gallery .preview')) {
+    if (!window.previewLog.includes(node.src)) window.previewLog.push(node.src);
+  }
+}).observe(document, { subtree: true, childList: true, characterData: true, attributes: true });
+window.previewLog = [];
 """
 
 
@@ -45,6 +52,16 @@ def page(browser: Any, workbench_server: ServerProcess) -> Iterator[Any]:
     page.add_init_script(RECORD_STATUSES)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # Console errors too (a module that fails to load or import says so only there), but for the
+    # HTTP errors the tests provoke on purpose (a 401 without a key, a refused reference).
+    page.on(
+        "console",
+        lambda message: (
+            message.type == "error"
+            and not message.text.startswith("Failed to load resource")
+            and errors.append(message.text)
+        ),
+    )
     fetched: list[str] = []
     page.on("request", lambda request: fetched.append(request.url))
     page.goto(workbench_server.url + "/")
@@ -87,7 +104,7 @@ def generate(page: Any, count: int = 1) -> list[Any]:
     expect(cards).to_have_count(before + count, timeout=30_000)
     new = [cards.nth(i) for i in reversed(range(count))]
     for card in new:
-        expect(card.locator("img")).to_be_visible(timeout=60_000)
+        expect(card.locator("a > img")).to_be_visible(timeout=60_000)
     return new
 
 
@@ -96,11 +113,22 @@ def pixels_of(data: bytes) -> bytes:
 
 
 def card_image(card: Any) -> bytes:
-    return httpx.get(card.locator("img").get_attribute("src"), timeout=30).content
+    return httpx.get(card.locator("a > img").get_attribute("src"), timeout=30).content
 
 
 def test_page_is_served_with_its_config_and_demo_banner(page: Any, workbench_server: ServerProcess) -> None:
     assert httpx.get(workbench_server.url + "/workbench/nothing-here.js").status_code == 404
+    # Native ES modules, each served as JavaScript (a module with another type does not run), and
+    # every module file in the package is in the served table.
+    package = Path(kleinserve.api.workbench.__file__).parent
+    assert {path.name for path in package.glob("*.js")} == set(MODULES)
+    html = httpx.get(workbench_server.url + "/").text
+    assert '<script type="module" src="/workbench/main.js">' in html
+    for name in MODULES:
+        response = httpx.get(f"{workbench_server.url}/workbench/{name}")
+        assert response.headers["content-type"] == "text/javascript; charset=utf-8", name
+    loaded = page.evaluate("performance.getEntriesByType('resource').map((e) => e.name)")
+    assert {f"{workbench_server.url}/workbench/{name}" for name in MODULES} <= set(loaded)
     config = httpx.get(workbench_server.url + "/workbench/config").json()
     assert config["demo"] is True and config["limits"]["max_references"] == 4
     assert config["sizes"]["16:9"]["1"] == [1360, 768]
@@ -248,16 +276,35 @@ def run_curl(code: str, cwd: Path, key: str | None = None) -> subprocess.Complet
     return done
 
 
-def run_python(code: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(cwd)
-    monkeypatch.delenv("KLEINSERVE_API_KEY", raising=False)
-    exec(compile(code, "<snippet>", "exec"), {"__name__": "__main__"})
+def run_python(code: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "KLEINSERVE_API_KEY"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+DIALECT_LABELS = ["Oxen.ai", "OpenAI", "1min.ai", "BFL API", "Replicate", "fal queue", "Verda"]
+
+
+def test_api_tab_offers_every_dialect_in_curl_and_python(page: Any) -> None:
+    settings(page, model="flux-2-klein-4b", seed=5)
+    page.get_by_role("tab", name="API").click()
+    options = page.get_by_label("Request as").locator("option")
+    expect(options).to_have_count(2 * len(DIALECT_LABELS))
+    labels = options.all_inner_texts()
+    assert labels == [f"{name} {language}" for name in DIALECT_LABELS for language in ("cURL", "Python")]
+    # The three newer dialects, as the server writes them: BFL's x-key, fal's Key scheme, Replicate's input.
+    code = copy_snippet(page, "BFL API cURL")
+    assert "/v1/flux-2-klein-4b" in code and '"x-key: $KLEINSERVE_API_KEY"' in code and '"seed": 5' in code
+    code = copy_snippet(page, "fal queue Python")
+    assert '"/fal-ai/flux-2/klein/4b"' in code and 'f"Key {API_KEY}"' in code
+    code = copy_snippet(page, "Replicate cURL")
+    assert "'Prefer: wait'" in code and '"input": {' in code
+    page.get_by_role("tab", name="Results").click()
 
 
 @pytest.mark.parametrize("editing", [False, True], ids=["text-to-image", "edit"])
-def test_every_api_snippet_runs_and_gives_the_same_image(
-    page: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, editing: bool
-) -> None:
+def test_every_api_snippet_runs_and_gives_the_same_image(page: Any, tmp_path: Path, editing: bool) -> None:
     settings(page, seed=7, prompt="a lighthouse at dusk, 'quoted' and \"double\"")
     if editing:
         add_reference_file(page, tmp_path, "ref.png", (96, 64), (20, 160, 60))
@@ -265,25 +312,109 @@ def test_every_api_snippet_runs_and_gives_the_same_image(
     expected = pixels_of(card_image(card))
     page.get_by_role("tab", name="API").click()
 
-    done = run_curl(copy_snippet(page, "Oxen cURL"), tmp_path)
+    done = run_curl(copy_snippet(page, "Oxen.ai cURL"), tmp_path)
     assert pixels_of(httpx.get(json.loads(done.stdout)["images"][0]["url"]).content) == expected
 
-    run_python(copy_snippet(page, "Oxen Python (queue)"), tmp_path, monkeypatch)
-    assert pixels_of((tmp_path / "oxen-0.png").read_bytes()) == expected
+    answer = json.loads(run_python(copy_snippet(page, "Oxen.ai Python"), tmp_path))
+    assert pixels_of(httpx.get(answer["images"][0]["url"]).content) == expected
 
-    run_python(copy_snippet(page, "OpenAI Python SDK"), tmp_path, monkeypatch)
-    assert pixels_of((tmp_path / "openai-0.png").read_bytes()) == expected
+    answer = json.loads(run_python(copy_snippet(page, "OpenAI Python"), tmp_path))
+    assert pixels_of(httpx.get(answer["data"][0]["url"]).content) == expected
 
     run_curl(copy_snippet(page, "Verda cURL"), tmp_path)
     assert pixels_of((tmp_path / "verda.png").read_bytes()) == expected
 
-    # 1min.ai has no 64x64: the snippet says so and asks for the nearest size it has.
-    code = copy_snippet(page, "1min.ai cURL")
-    expect(page.locator("#snippet-note")).to_contain_text("nearest is 1:1 at 0.25 MP (512×512)")
-    record = json.loads(run_curl(code, tmp_path).stdout)["aiRecord"]
+    record = json.loads(run_curl(copy_snippet(page, "1min.ai cURL"), tmp_path).stdout)["aiRecord"]
     assert record["type"] == ("IMAGE_EDITOR" if editing else "IMAGE_GENERATOR")
-    assert Image.open(io.BytesIO(httpx.get(record["temporaryUrl"]).content)).size == (512, 512)
+    assert pixels_of(httpx.get(record["temporaryUrl"]).content) == expected
     page.get_by_role("tab", name="Results").click()
+
+
+def test_lora_picker_sends_the_adapters_with_their_scales(page: Any) -> None:
+    settings(page, seed=9)
+    panel = page.get_by_role("group", name=re.compile("LoRA adapters"))
+    expect(panel).to_be_visible()
+    scale = page.get_by_label("Scale of style")
+    expect(scale).to_be_disabled()
+    page.get_by_role("checkbox", name="style").check()
+    scale.fill("0.5")
+    with page.expect_request(lambda r: r.url.endswith("/api/ai/queue") and r.method == "POST") as queued:
+        (card,) = generate(page)
+    assert queued.value.post_data_json["loras"] == [{"name": "style", "scale": 0.5}]
+    expect(card.locator(".params")).to_contain_text(re.compile(r"LoRA\s*style 0\.50"))
+    page.get_by_role("checkbox", name="style").uncheck()
+
+
+PAINT = """async () => {
+  const { maskDataUri } = await import('/workbench/mask.js');
+  return maskDataUri();
+}"""
+
+
+def test_mask_painting_makes_an_openai_mask_of_the_first_reference(
+    page: Any, tmp_path: Path, workbench_server: ServerProcess, artifacts: Path
+) -> None:
+    settings(page, seed=13)
+    add_reference_file(page, tmp_path, "photo.png", (96, 64), (120, 120, 120))
+    page.get_by_role("button", name="Paint a mask on reference 1").click()
+    canvas = page.get_by_label("Mask: paint with the pointer")
+    expect(canvas).to_be_visible()
+    assert page.evaluate(PAINT) is None  # nothing painted yet: no mask
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5, steps=5)
+    page.mouse.up()
+    expect(page.get_by_role("button", name="Paint a mask on reference 1")).to_have_text("Mask ✓")
+    page.get_by_role("region", name="Mask editor").screenshot(path=artifacts / "workbench-mask.png")
+    uri = page.evaluate(PAINT)
+    assert uri.startswith("data:image/png;base64,")
+    mask = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert mask.mode == "RGBA" and mask.size == (96, 64)  # the reference's own size
+    alpha = mask.getchannel("A")
+    assert alpha.getpixel((29, 32)) == 0  # painted: transparent, the area to edit
+    assert alpha.getpixel((90, 5)) == 255 and alpha.getpixel((5, 5)) == 255  # the rest is kept
+    # Erasing gives the pixels back: a wide eraser over the stroke leaves no mask at all.
+    page.get_by_label("Erase").check()
+    page.get_by_label("Brush").fill("40")
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    assert page.evaluate(PAINT) is None
+    expect(page.get_by_role("button", name="Paint a mask on reference 1")).to_have_text("Mask")
+    page.get_by_label("Paint", exact=True).check()
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    assert page.evaluate(PAINT) is not None
+    page.get_by_role("button", name="Clear mask").click()
+    assert page.evaluate(PAINT) is None
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    # The request carries it as `mask`, and no size: the result keeps the reference's.
+    assert httpx.get(workbench_server.url + "/workbench/config").json()["features"]["mask"] is True
+    expect(page.locator("#size-note")).to_have_text("With a mask, the result keeps the size of @Image1.")
+    with page.expect_request(lambda r: r.url.endswith("/api/ai/queue") and r.method == "POST") as queued:
+        (card,) = generate(page)
+    sent = queued.value.post_data_json
+    assert sent["mask"] == page.evaluate(PAINT) and sent["input_image"][0].startswith("data:image/png")
+    assert "image_size" not in sent and "aspect_ratio" not in sent
+    assert Image.open(io.BytesIO(card_image(card))).size == (96, 64)
+    expect(card.locator(".params")).to_contain_text(re.compile(r"Mask\s*painted on @Image1"))
+    page.get_by_role("button", name="Done").click()
+    expect(canvas).to_be_hidden()
+
+
+def test_live_preview_shows_previews_in_the_running_card(page: Any, workbench_server: ServerProcess) -> None:
+    if not httpx.get(workbench_server.url + "/workbench/config").json()["features"]["previews"]:
+        pytest.skip("this server's request model has no previews field yet")
+    settings(page, model="flux-2-klein-base-4b", size=(128, 128), seed=21)
+    page.get_by_label("Steps").fill("12")
+    page.evaluate("window.previewLog = []")
+    page.get_by_label("Live preview").check()
+    try:
+        with page.expect_request(lambda r: r.url.endswith("/api/ai/queue") and r.method == "POST") as queued:
+            (card,) = generate(page)
+        assert queued.value.post_data_json["previews"] == 12  # one per step
+        assert len(page.evaluate("window.previewLog")) >= 1  # the card showed the latest preview while running
+        expect(card.locator(".preview")).to_have_count(0)  # gone once the image is there
+    finally:
+        page.get_by_label("Live preview").uncheck()
 
 
 def test_phone_and_desktop_screenshots(page: Any, artifacts: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kleinserve.cli.console import err_console, fail, out_console
-from kleinserve.cli.options import DeviceOption, DtypeOption, build_settings
+from kleinserve.cli.options import DecoderOption, DeviceOption, DtypeOption, VaeChannelsLastOption, build_settings
 from kleinserve.errors import KleinserveError
 
 
@@ -39,6 +39,8 @@ def bench(
     attention_backend: Annotated[
         Optional[str], typer.Option("--attention-backend", help="diffusers attention backend.")
     ] = None,
+    decoder: DecoderOption = None,
+    vae_channels_last: VaeChannelsLastOption = False,
     http: Annotated[
         bool,
         typer.Option(
@@ -51,7 +53,8 @@ def bench(
         Optional[str],
         typer.Option(
             help="Bench several modes side by side, each on its own load, e.g. bf16,int8,compile "
-            "(parts: the dtype or plain, int8/fp8/int4 for transformer and text encoder, compile; joined by +).",
+            "(parts: the dtype or plain, int8/fp8/int4 for transformer and text encoder, compile, channels-last "
+            "for the VAE; joined by +).",
         ),
     ] = None,
     step_caches: Annotated[
@@ -69,13 +72,14 @@ def bench(
     from kleinserve.engine.bench.report import tables, write_json
     from kleinserve.engine.bench.runner import BenchOptions, run_bench
     from kleinserve.engine.cache import PromptCache
+    from kleinserve.engine.decoder import DecoderSpec, resolve_decoder
     from kleinserve.engine.device import pick_device, pick_dtype
     from kleinserve.engine.engine import Engine
     from kleinserve.engine.loading import LoadOptions
     from kleinserve.engine.memory import MemoryMode
     from kleinserve.engine.weights import ModelSpec, load_engine, resolve_weights
 
-    settings = build_settings(device=device, dtype=dtype)
+    settings = build_settings(device=device, dtype=dtype, decoder=decoder)
     chosen = [c.strip() for c in cases.split(",") if c.strip()] or list(CASES)
     unknown = [c for c in chosen if c not in CASES]
     if unknown:
@@ -89,7 +93,10 @@ def bench(
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
         mode = MemoryMode(offload, quantize, quantize_text_encoder)
-        load = LoadOptions(torch_dtype, mode, compile_blocks, attention_backend)
+        vae = resolve_decoder(DecoderSpec.parse(settings.decoder))  # both sides decode with it
+        load = LoadOptions(
+            torch_dtype, mode, compile_blocks, attention_backend, vae=vae, vae_channels_last=vae_channels_last
+        )
         try:
             chosen_modes = parse_modes(modes) if modes is not None else None
         except ValueError as err:
@@ -136,6 +143,7 @@ def bench(
         "--quantize": None if quantize == "none" else quantize,
         "--quantize-text-encoder": None if quantize_text_encoder == "none" else quantize_text_encoder,
         "--attention-backend": attention_backend,
+        "--decoder": decoder,
         "--modes": modes,
         "--step-caches": step_caches,
     }
@@ -144,6 +152,7 @@ def bench(
         + [f"--cases {','.join(chosen)}"]
         + [f"{flag} {value}" for flag, value in flags.items() if value is not None]
         + (["--compile"] if compile_blocks else [])
+        + (["--vae-channels-last"] if vae_channels_last else [])
         + (["--http"] if http else [])
     )
     width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column

@@ -185,6 +185,9 @@ def serve(
         err_console.print(f"  model {m.variant.id}: {m.directory}{'  (demo)' if m.demo else ''}", highlight=False)
     if offered:
         err_console.print(f"  LoRA adapters: {', '.join(sorted(offered))}", highlight=False, markup=False)
+    if settings.decoder != "full" or settings.vae_channels_last:
+        vae = [f"decoder {settings.decoder}"] + (["channels_last"] if settings.vae_channels_last else [])
+        err_console.print(f"  VAE: {', '.join(vae)} (pixels differ from diffusers' default)", highlight=False)
     for line in memory.lines():
         err_console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     if memory.fits is False:

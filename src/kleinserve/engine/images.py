@@ -192,16 +192,8 @@ def _decode_data_uri(text: str, index: int, policy: InputPolicy) -> bytes:
     return data
 
 
-def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.Image:
-    """Decode image bytes to RGB, refusing unknown formats, bombs and truncated files."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise InvalidImageError(index, "image has too many pixels", field=policy.field) from None
-    except Exception:
-        raise InvalidImageError(
-            index, "is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=policy.field
-        ) from None
+def check_header(image: Image.Image, index: int | None, policy: InputPolicy) -> None:
+    """Refuse an opened image by its header alone (format, pixel count, decode memory): nothing decoded."""
     if image.format not in ALLOWED_INPUT_FORMATS:
         raise InvalidImageError(index, f"image format {image.format} is not accepted", field=policy.field)
     width, height = image.size
@@ -220,6 +212,19 @@ def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.I
             f"over the limit of {policy.max_decode_bytes >> 20} MiB",
             field=policy.field,
         )
+
+
+def decode_image(data: bytes, index: int | None, policy: InputPolicy) -> Image.Image:
+    """Decode image bytes to RGB, refusing unknown formats, bombs and truncated files."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise InvalidImageError(index, "image has too many pixels", field=policy.field) from None
+    except Exception:
+        raise InvalidImageError(
+            index, "is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF)", field=policy.field
+        ) from None
+    check_header(image, index, policy)
     try:
         image.seek(0)
         image.load()

@@ -12,7 +12,8 @@ is computed unless someone calls it. Two decoders:
   a hub repo id such as ``fal/FLUX.2-Tiny-AutoEncoder``), which decodes the packed, *normalised*
   latents directly: the VAE's inverse batch norm is not applied (TAE decoders take FLUX.2's latent API,
   the normalised latents; applying the inverse made previews darker and oversaturated, measured in
-  IonDen/mlx-taef#41).
+  IonDen/mlx-taef#41). Latents of outputs larger than the preview are resized (bilinear, antialiased)
+  to the preview's grid first, so a 1024x1024 job decodes a 512x512 preview, a quarter of the work.
 - **Otherwise, a linear projection** from the packed channels to RGB plus a bias, derived from the
   model's own VAE the first time a preview is asked for (so it follows whatever VAE the checkpoint
   ships, the tiny test ones included, and nothing is fitted to data): the VAE decodes a fixed random
@@ -59,7 +60,6 @@ class Previewer:
         self.tiny = tiny
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
-        self.decodes = 0  # previews decoded so far (tests and metrics read it)
 
     @property
     def kind(self) -> str:
@@ -96,17 +96,19 @@ class Previewer:
         grid = pipe.vae_scale_factor * 2
         ids = latent_ids[:1].expand(x0.shape[0], -1, -1) if latent_ids.shape[0] != x0.shape[0] else latent_ids
         packed = pipe._unpack_latents_with_ids(x0, ids, height // grid, width // grid)  # (B, C, h, w)
+        size = preview_size(width, height)
         if self.tiny is not None:
             tiny = self.tiny
+            cells = (max(1, round(size[1] / grid)), max(1, round(size[0] / grid)))
+            if cells != tuple(packed.shape[-2:]):  # decode at the preview's size, not the output's
+                packed = torch.nn.functional.interpolate(packed.float(), cells, mode="bilinear", antialias=True)
             rgb = tiny.decode_packed(packed.to(tiny.device, tiny.dtype)).float()
         else:
             matrix, bias = self.projection()
             rgb = torch.einsum("bchw,cr->brhw", packed.float(), matrix.to(packed.device)) + bias.to(packed.device).view(
                 1, 3, 1, 1
             )
-        self.decodes += 1
         pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        size = preview_size(width, height)
         return [Image.fromarray(np.ascontiguousarray(a)).resize(size, Image.Resampling.BILINEAR) for a in pixels]
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor]:

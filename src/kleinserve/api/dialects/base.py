@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -33,10 +33,17 @@ from pydantic import BaseModel, ValidationError
 from kleinserve.api.auth import Caller
 from kleinserve.api.jobs_http import wait_for_jobs, with_lora_header
 from kleinserve.api.webhooks_http import webhook_from_header
-from kleinserve.engine.variants import Variant
-from kleinserve.errors import InvalidImageError, InvalidParameterError, InvalidRequestError, KleinserveError
+from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    InvalidRequestError,
+    KleinserveError,
+    UnknownModelError,
+)
 from kleinserve.jobs.job import Job
-from kleinserve.request import GenerationRequest
+from kleinserve.loras import LORA_HEADER
+from kleinserve.request import DEFAULT_SIZE, GenerationRequest
 from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
 
@@ -45,6 +52,9 @@ M = TypeVar("M", bound=BaseModel)
 _SOURCES = ("body", "query", "path", "header", "cookie", "form")
 # The worker reports a bad reference as "images[<index>]: <detail>" (engine/images.py).
 _WORKER_IMAGE_ERROR = re.compile(r"^images\[(\d+)\]: (.*)$", re.S)
+# pydantic adds the member of a union that failed to an error's location ("mask.str",
+# "image_size.literal['square',...]"); a client sent only the field.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z-]+\[.*\])$", re.S)
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,9 @@ class Example:
 
     ``auth_header`` / ``auth_scheme`` say how the dialect carries an API key (e.g. ``Authorization`` /
     ``Bearer ``); ``body`` is JSON; ``notes`` are short remarks a reader needs (what is fixed, ignored).
+    ``unsaid`` names the canonical fields of the request it was made for that this wire format cannot
+    carry (the server's default applies instead; a note says so); ``response`` is ``json`` or
+    ``image`` (raw image bytes, as Verda answers).
     """
 
     dialect: str
@@ -64,6 +77,9 @@ class Example:
     auth_scheme: str = "Bearer "
     headers: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    unsaid: tuple[str, ...] = ()
+    response: str = "json"
+    served: bool = True  # False: the provider has no id for this variant (the shape only; here a 404)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +92,9 @@ class Example:
             "auth_scheme": self.auth_scheme,
             "headers": self.headers,
             "notes": list(self.notes),
+            "unsaid": list(self.unsaid),
+            "response": self.response,
+            "served": self.served,
         }
 
 
@@ -96,8 +115,62 @@ class Dialect(Protocol):
     def model_id(self, variant: Variant) -> str:
         """How this provider names ``variant`` (a body's ``model`` field, or a path slug)."""
 
-    def example(self, variant: Variant) -> Example:
-        """A minimal text-to-image request for ``variant`` in this wire format."""
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        """``request`` (for ``variant``) in this wire format; None: a minimal text-to-image request.
+
+        Sent to this server, the example means ``request`` (the same canonical request, but for the
+        fields it lists as ``unsaid``): tests/api/test_examples.py holds every dialect to that.
+        """
+
+
+EXAMPLE_PROMPT = "a lighthouse at dusk, oil painting"
+
+
+def example_request(variant: Variant, request: GenerationRequest | None) -> GenerationRequest:
+    """The request an example encodes: ``request``, or the minimal one (a prompt) for ``variant``."""
+    return request if request is not None else GenerationRequest(model=variant.id, prompt=EXAMPLE_PROMPT)
+
+
+def output_size(request: GenerationRequest) -> tuple[int, int] | None:
+    """The size ``request`` asks for: its own, 1024 x 1024 without references, None = the first image's."""
+    if request.width is not None and request.height is not None:
+        return request.width, request.height
+    return None if request.images else DEFAULT_SIZE
+
+
+def unsaid(request: GenerationRequest, carried: set[str] | frozenset[str]) -> tuple[str, ...]:
+    """The fields of ``request`` set away from their defaults that a dialect carrying ``carried`` drops.
+
+    ``quality`` of a PNG changes nothing and is never counted.
+    """
+    try:
+        variant: Variant | None = find_variant(request.model)
+    except UnknownModelError:
+        variant = None
+    # The variant's own steps and guidance are what a request without them gets.
+    own = {"steps": variant.default_steps, "guidance": variant.default_guidance} if variant else {}
+    dropped = []
+    for name, info in GenerationRequest.model_fields.items():
+        if name in carried or (name == "quality" and request.output_format.value == "png"):
+            continue
+        value = getattr(request, name)
+        if value != info.get_default(call_default_factory=True) and not (name in own and value == own[name]):
+            dropped.append(name)
+    return tuple(dropped)
+
+
+def unsaid_note(dialect: str, fields: Sequence[str]) -> tuple[str, ...]:
+    """The note an example gives for the fields it cannot carry."""
+    if not fields:
+        return ()
+    return (f"{dialect} cannot carry {', '.join(fields)}: the server's default applies.",)
+
+
+def lora_header(request: GenerationRequest) -> dict[str, str]:
+    """The ``X-Kleinserve-Loras`` header naming ``request``'s adapters, for dialects without a body field."""
+    if not request.loras:
+        return {}
+    return {LORA_HEADER: ", ".join(f"{c.name}={c.scale!r}" for c in request.loras)}
 
 
 class FieldNames(dict[str, str]):
@@ -134,6 +207,8 @@ def parameter_error(
     loc = list(first.get("loc", ()))
     if from_request and loc and loc[0] in _SOURCES:
         loc = loc[1:]
+    tags = loc[:-1] if kind == "extra_forbidden" else loc  # an unknown field's own name is kept
+    loc = [part for part in tags if not (isinstance(part, str) and _UNION_TAG.match(part))] + loc[len(tags) :]
     where = ".".join(str(part) for part in loc)
     message = str(first.get("msg", "invalid value"))
     for lead in ("Value error, ", "Assertion failed, "):
@@ -165,13 +240,19 @@ def to_request(fields: Mapping[str, Any], settings: Settings, names: FieldNames)
         raise names.rename(err) from None
 
 
-def client_image_error(error: InvalidRequestError, images_field: str, *, single: bool = False) -> InvalidRequestError:
-    """A worker's reference-image error, naming the client's field (``single``: without an index)."""
+def client_image_error(
+    error: InvalidRequestError, images_field: str | Callable[[int], str], *, single: bool = False
+) -> InvalidRequestError:
+    """A worker's reference-image error, naming the client's field (``single``: without an index;
+    a callable names the field of each index, e.g. BFL's ``input_image_2``)."""
     found = _WORKER_IMAGE_ERROR.match(error.message)
     if found is None:
         return error
-    index = None if single else int(found.group(1))
-    renamed = InvalidImageError(index, found.group(2), field=images_field)
+    index = int(found.group(1))
+    if callable(images_field):
+        renamed = InvalidImageError(None, found.group(2), field=images_field(index))
+    else:
+        renamed = InvalidImageError(None if single else index, found.group(2), field=images_field)
     renamed.code = error.code
     return renamed
 

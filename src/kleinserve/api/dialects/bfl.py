@@ -42,11 +42,19 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    client_image_error,
+    example_request,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
-from kleinserve.errors import InvalidParameterError, KleinserveError, NotFoundError
+from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.request import MAX_SEED, GenerationRequest
 from kleinserve.runtime import Runtime
@@ -163,6 +171,11 @@ def polling_url(runtime: Runtime, task_id: str) -> str:
 router = APIRouter(prefix=PREFIX, tags=["bfl"])
 
 
+def _input_image_field(index: int) -> str:
+    """BFL's name for reference ``index``: input_image, input_image_2 ... input_image_4."""
+    return "input_image" if index == 0 else f"input_image_{index + 1}"
+
+
 async def _submit(
     request: Request, endpoint: str, body: BflKleinRequest, runtime: Runtime, caller: CallerDep
 ) -> dict[str, Any]:
@@ -171,9 +184,12 @@ async def _submit(
         request, runtime
     )
     extra = {"model": endpoint, "safety_tolerance": body.safety_tolerance}
-    (job,) = await asyncio.to_thread(
-        runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
-    )
+    try:  # submitting checks the references: name them as the client did
+        (job,) = await asyncio.to_thread(
+            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+        )
+    except InvalidRequestError as err:
+        raise client_image_error(err, _input_image_field) from None
     output_mp = round(gen.width * gen.height / 1_000_000, 4) if gen.width and gen.height else None
     return {
         "id": job.id,
@@ -232,16 +248,36 @@ class BflDialect:
     def model_id(self, variant: Variant) -> str:
         return bfl_endpoint(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        body: dict[str, Any] = {"prompt": req.prompt}
+        carried = {"model", "prompt", "width", "height", "seed", "output_format", "safety_tolerance"}
+        for name, image in zip(IMAGE_FIELDS, req.images, strict=False):
+            body[name] = image
+        if len(req.images) <= len(IMAGE_FIELDS):
+            carried.add("images")
+        if req.width is not None and req.height is not None:  # left out: BFL's automatic size
+            body.update(width=req.width, height=req.height)
+        if req.seed is not None:
+            body["seed"] = req.seed
+        body["output_format"] = req.output_format.value  # BFL's default is jpeg
+        if req.safety_tolerance is not None:
+            body["safety_tolerance"] = req.safety_tolerance
+        dropped = unsaid(req, carried)
         return Example(
             dialect=NAME,
             title="BFL API: submit, then poll polling_url",
             method="POST",
             path=f"{PREFIX}/{bfl_endpoint(variant)}",
-            body={"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 1024, "seed": 42},
+            body=body,
             auth_header="x-key",
             auth_scheme="",
-            notes=("Answers {id, polling_url}; GET the polling_url until status is Ready, then fetch result.sample.",),
+            notes=(
+                "Answers {id, polling_url}; GET the polling_url until status is Ready, then fetch result.sample.",
+                *unsaid_note("The BFL API", dropped),
+            ),
+            unsaid=dropped,
+            served=bfl_endpoint(variant) in ENDPOINTS,
         )
 
 

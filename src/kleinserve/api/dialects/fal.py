@@ -42,7 +42,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    client_image_error,
+    example_request,
+    output_size,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.dialects.oxen_schema import IMAGE_SIZE_PRESETS
 from kleinserve.api.jobs_http import ReadyRuntime, job_error, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
@@ -209,9 +218,12 @@ def _add_endpoint(endpoint: str) -> None:
             request, runtime
         )
         extra = {"model": f"fal-ai/flux-2/{endpoint}", "sync_mode": body.sync_mode}
-        (job,) = await asyncio.to_thread(
-            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
-        )
+        try:  # submitting checks the references: name them as the client did
+            (job,) = await asyncio.to_thread(
+                runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+            )
+        except InvalidRequestError as err:
+            raise client_image_error(err, "image_urls") from None
         position = (await asyncio.to_thread(runtime.service.queue_positions, [job])).get(job.id, 0)
         return {"request_id": job.id, **request_urls(runtime, job.id), "status": "IN_QUEUE", "queue_position": position}
 
@@ -272,22 +284,48 @@ class FalDialect:
     def model_id(self, variant: Variant) -> str:
         return fal_endpoint(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        body: dict[str, Any] = {"prompt": req.prompt}
+        carried = {"model", "prompt", "negative_prompt", "images", "width", "height", "steps", "guidance"}
+        carried |= {"num_images", "seed", "output_format", "safety_check"}
+        if req.images:
+            body["image_urls"] = list(req.images)
+        if (size := output_size(req)) is not None:
+            body["image_size"] = {"width": size[0], "height": size[1]}
+        if req.steps is not None:
+            body["num_inference_steps"] = req.steps
+        if req.guidance is not None and not variant.distilled:  # the distilled endpoints take none
+            body["guidance_scale"] = req.guidance
+        if req.negative_prompt is not None:
+            body["negative_prompt"] = req.negative_prompt
+        if req.num_images > 1:
+            body["num_images"] = req.num_images
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.output_format.value != "png":
+            body["output_format"] = req.output_format.value
+        if not req.safety_check:
+            body["enable_safety_checker"] = False
+        dropped = unsaid(req, carried)
+        endpoint = fal_endpoint(variant, edit=bool(req.images))
         return Example(
             dialect=NAME,
             title="fal queue: submit, then poll status_url and fetch response_url",
             method="POST",
-            path=f"/{fal_endpoint(variant)}",
-            body={"prompt": "a lighthouse at dusk, oil painting", "image_size": "square_hd", "seed": 42},
+            path=f"/{endpoint}",
+            body=body,
             auth_header="Authorization",
             auth_scheme="Key ",
-            notes=("Answers {request_id, status_url, response_url, cancel_url}.",),
+            notes=("Answers {request_id, status_url, response_url, cancel_url}.", *unsaid_note("fal", dropped)),
+            unsaid=dropped,
+            served=endpoint.removeprefix("fal-ai/flux-2/") in ENDPOINTS,
         )
 
 
-def fal_endpoint(variant: Variant) -> str:
-    """fal's text-to-image endpoint id for ``variant`` (e.g. ``fal-ai/flux-2/klein/4b/base``)."""
-    for endpoint, (variant_id, edit) in ENDPOINTS.items():
-        if variant_id == variant.id and not edit:
+def fal_endpoint(variant: Variant, *, edit: bool = False) -> str:
+    """fal's endpoint id for ``variant`` (e.g. ``fal-ai/flux-2/klein/4b/base``; ``edit``: its /edit one)."""
+    for endpoint, (variant_id, is_edit) in ENDPOINTS.items():
+        if variant_id == variant.id and is_edit == edit:
             return f"fal-ai/flux-2/{endpoint}"
     return f"fal-ai/flux-2/klein/{variant.id}"

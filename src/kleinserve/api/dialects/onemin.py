@@ -33,7 +33,17 @@ from fastapi import APIRouter, File, Header, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kleinserve.api.auth import CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, submit_and_wait, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    example_request,
+    lora_header,
+    output_size,
+    submit_and_wait,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -281,19 +291,45 @@ class OneMinDialect:
     def model_id(self, variant: Variant) -> str:
         return f"black-forest-labs/{variant.id}"
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        prompt: dict[str, Any] = {"prompt": req.prompt}
+        carried = {"model", "prompt", "negative_prompt", "width", "height", "steps", "seed", "num_images"}
+        carried |= {"output_format", "quality", "safety_check", "loras"}
+        if req.images:
+            prompt["imageUrl"] = req.images[0]
+            if len(req.images) == 1:
+                carried.add("images")
+        if req.negative_prompt is not None:
+            prompt["negativePrompt"] = req.negative_prompt
+        if (size := output_size(req)) is not None:
+            prompt["size"] = f"{size[0]}x{size[1]}"
+        if req.steps is not None:
+            prompt["num_inference_steps"] = req.steps
+        if req.seed is not None:
+            prompt["seed"] = req.seed
+        if req.num_images > 1:
+            prompt["n"] = req.num_images
+        prompt["output_format"] = req.output_format.value  # 1min's default is webp
+        if req.output_format.value != "png":
+            prompt["output_quality"] = req.quality
+        if not req.safety_check:
+            prompt["disable_safety_checker"] = True
+        dropped = unsaid(req, carried)
+        notes = ["The answer's aiRecord.temporaryUrl is the image."]
+        if req.loras:
+            notes.append("Adapters go in the X-Kleinserve-Loras header (1min has no field for them).")
         return Example(
             dialect=NAME,
-            title="1min.ai: IMAGE_GENERATOR",
+            title=f"1min.ai: {EDITOR if req.images else GENERATOR}",
             method="POST",
             path=f"{PREFIX}/features",
-            body={
-                "type": GENERATOR,
-                "model": self.model_id(variant),
-                "promptObject": {"prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"},
-            },
+            body={"type": EDITOR if req.images else GENERATOR, "model": self.model_id(variant), "promptObject": prompt},
             auth_header="API-KEY",
             auth_scheme="",
+            headers=lora_header(req),
+            notes=(*notes, *unsaid_note("1min.ai", dropped)),
+            unsaid=dropped,
         )
 
 

@@ -29,7 +29,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, parse_body, submit_and_wait, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    example_request,
+    output_size,
+    parse_body,
+    submit_and_wait,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.dialects.openai_stream import Kind, image_stream
 from kleinserve.api.dialects.openai_variations import VariationParams, to_variation_request, variation_inputs
 from kleinserve.api.jobs_http import (
@@ -374,14 +384,40 @@ class OpenAIDialect:
     def model_id(self, variant: Variant) -> str:
         return openai_id(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        body: dict[str, Any] = {"model": openai_id(variant), "prompt": req.prompt}
+        if req.images:  # the JSON form of an edit; the openai SDK uploads files as multipart instead
+            body["images"] = [{"image_url": image} for image in req.images]
+        if req.mask is not None:
+            body["mask"] = {"image_url": req.mask}
+        elif (size := output_size(req)) is not None:  # with a mask, the first image's size
+            body["size"] = f"{size[0]}x{size[1]}"
+        if req.num_images > 1:
+            body["n"] = req.num_images
+        if req.output_format.value != "png":
+            body["output_format"] = req.output_format.value
+            body["output_compression"] = req.quality
+        # kleinserve's extensions (extra_body in the openai SDK)
+        for name, value in (("seed", req.seed), ("num_inference_steps", req.steps), ("guidance_scale", req.guidance)):
+            if value is not None:
+                body[name] = value
+        if req.loras:
+            body["loras"] = [choice.model_dump() for choice in req.loras]
+        carried = {"model", "prompt", "images", "mask", "width", "height", "num_images", "output_format", "quality"}
+        dropped = unsaid(req, carried | {"seed", "steps", "guidance", "loras"})
         return Example(
             dialect=NAME,
-            title="OpenAI: images.generate",
+            title=f"OpenAI: images.{'edit' if req.images else 'generate'}",
             method="POST",
-            path=f"{PREFIX}/images/generations",
-            body={"model": openai_id(variant), "prompt": "a lighthouse at dusk, oil painting", "size": "1024x1024"},
-            notes=("The openai SDK: OpenAI(base_url=<server>/v1).images.generate(...).",),
+            path=f"{PREFIX}/images/{'edits' if req.images else 'generations'}",
+            body=body,
+            notes=(
+                "The openai SDK: OpenAI(base_url=<server>/v1).images.generate(...); seed, "
+                "num_inference_steps, guidance_scale and loras go in extra_body.",
+                *unsaid_note("OpenAI", dropped),
+            ),
+            unsaid=dropped,
         )
 
 
@@ -533,7 +569,7 @@ def usage_report(runtime: Runtime, caller: Caller) -> dict[str, Any]:
 
 
 def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, Any]:
-    """OpenAI's Model object, with kleinserve's defaults and demo flag beside it."""
+    """OpenAI's Model object, with kleinserve's defaults, demo flag and per-device state beside it."""
     return {
         "id": openai_id(variant),
         "object": "model",
@@ -542,4 +578,5 @@ def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, An
         "modality": "image",
         "defaults": {"num_inference_steps": variant.default_steps, "guidance_scale": variant.default_guidance},
         "demo": demo,
+        "devices": runtime.model_devices(variant.id),
     }

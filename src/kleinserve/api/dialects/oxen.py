@@ -21,7 +21,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from kleinserve.api.auth import Caller, CallerDep, while_allowed
-from kleinserve.api.dialects.base import Example, submit_and_wait
+from kleinserve.api.dialects.base import (
+    Example,
+    example_request,
+    output_size,
+    submit_and_wait,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.dialects.oxen_models import (
     model_object,
     oxen_id,
@@ -30,7 +37,7 @@ from kleinserve.api.dialects.oxen_models import (
     write_favorites,
 )
 from kleinserve.api.dialects.oxen_queue import frame, generation_objects, to_sse
-from kleinserve.api.dialects.oxen_schema import OxenImageRequest, echo, to_generation_request
+from kleinserve.api.dialects.oxen_schema import QUALITY, OxenImageRequest, echo, to_generation_request
 from kleinserve.api.jobs_http import (
     ReadyRuntime,
     outputs_of,
@@ -44,6 +51,7 @@ from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import KleinserveError
 from kleinserve.jobs.events import EventType
 from kleinserve.jobs.job import JobStatus
+from kleinserve.request import ASPECT_RATIOS, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
 
 PREFIX = "/api"
@@ -86,14 +94,52 @@ class OxenDialect:
     def model_id(self, variant: Variant) -> str:
         return oxen_id(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        body: dict[str, Any] = {"model": oxen_id(variant), "prompt": req.prompt}
+        carried = {"model", "prompt", "negative_prompt", "strength", "images", "mask", "width", "height", "steps"}
+        carried |= {"guidance", "seed", "num_images", "output_format", "loras", "cache"}
+        for name, value in (("negative_prompt", req.negative_prompt), ("strength", req.strength)):
+            if value is not None:
+                body[name] = value
+        if req.images:
+            body["input_image"] = list(req.images)
+        if req.mask is not None:  # kleinserve's extension: inpainting of the first input_image
+            body["mask"] = req.mask
+        if (size := output_size(req)) is not None:
+            ratio = next((r for r in ASPECT_RATIOS if size_for_aspect_ratio(r) == size), None)
+            body.update({"aspect_ratio": ratio} if ratio else {"image_size": {"width": size[0], "height": size[1]}})
+        for name, value in (("num_inference_steps", req.steps), ("guidance_scale", req.guidance), ("seed", req.seed)):
+            if value is not None:
+                body[name] = value
+        if req.num_images > 1:
+            body["num_generations"] = req.num_images
+        if req.output_format.value != "png":
+            body["output_format"] = req.output_format.value
+            named = {quality: name for name, quality in QUALITY.items()}
+            if req.quality in named:
+                body["output_quality"] = named[req.quality]
+                carried.add("quality")
+        if req.loras:
+            body["loras"] = [choice.model_dump() for choice in req.loras]
+        if req.cache is not None:
+            body["cache"] = req.cache.model_dump(exclude_none=True)
+        if previews := getattr(req, "previews", 0):  # the field exists once live previews are served
+            body["previews"] = previews
+            carried.add("previews")
+        dropped = unsaid(req, carried)
         return Example(
             dialect=NAME,
-            title="Oxen.ai: queue a generation",
+            title="Oxen.ai: generate (sync)" if not req.images else "Oxen.ai: edit (sync)",
             method="POST",
-            path=f"{PREFIX}/ai/queue",
-            body={"model": oxen_id(variant), "prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"},
-            notes=("Poll GET /api/ai/queue/{generation_id} or listen on GET /api/events.",),
+            path=f"{PREFIX}/ai/images/{'edit' if req.images else 'generate'}",
+            body=body,
+            notes=(
+                "POST /api/ai/queue takes the same body (what the Workbench sends); poll GET "
+                "/api/ai/queue/{generation_id} or listen on GET /api/events.",
+                *unsaid_note("Oxen", dropped),
+            ),
+            unsaid=dropped,
         )
 
 

@@ -37,7 +37,7 @@ def model_object(runtime: Runtime, variant: Variant, demo: bool) -> dict[str, An
         "capabilities": {"input": ["text", "image"], "output": ["image"]},
         "pricing": {"method": "per_image", "cost_per_image": None},
         "fine_tuning": None,
-        "deployments": [{"status": "active"}],
+        "deployments": deployments(runtime, variant),
         "developer": {"name": "Black Forest Labs", "logo": None},
         "source_model": variant.repo_id,
         "image_url": None,
@@ -77,3 +77,13 @@ def served_or_404(runtime: Runtime, model_id: str) -> ServedModel | AdvertisedMo
     if served is None:
         raise NotFoundError(f"Model not found: {model_id}")
     return served
+
+
+def deployments(runtime: Runtime, variant: Variant) -> list[dict[str, Any]]:
+    """Oxen's deployments: one per device running the model (``status`` ``active`` when its worker is
+    ready, else ``loading`` or ``error``), with kleinserve's device, worker and busy beside it."""
+    listed = [
+        {"status": "active" if entry["state"] == "ready" else entry["state"], **entry}
+        for entry in runtime.model_devices(variant.id)
+    ]
+    return listed or [{"status": "active"}]

@@ -47,11 +47,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kleinserve.api.auth import CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, parse_body, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    client_image_error,
+    example_request,
+    output_size,
+    parse_body,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
-from kleinserve.errors import InvalidParameterError, KleinserveError, NotFoundError
+from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
@@ -236,9 +246,12 @@ async def create_prediction(
     gen = to_generation_request(name, inputs, runtime)
     extra = {"model": f"{OWNER}/{name}", "input": body.input}
     webhook_url = await checked_webhook(runtime, body.webhook, "webhook") or await webhook_from_header(request, runtime)
-    (job,) = await asyncio.to_thread(
-        runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
-    )
+    try:  # submitting checks the references: name them as the client did
+        (job,) = await asyncio.to_thread(
+            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+        )
+    except InvalidRequestError as err:
+        raise client_image_error(err, "input.images") from None
     if wait:
         try:
             job = await runtime.service.wait(job.id, timeout=wait)
@@ -294,15 +307,48 @@ class ReplicateDialect:
     def model_id(self, variant: Variant) -> str:
         return replicate_name(variant)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        inputs: dict[str, Any] = {"prompt": req.prompt}
+        carried = {"model", "prompt", "images", "seed", "output_format", "quality", "safety_check"}
+        if req.images:
+            inputs["images"] = list(req.images)
+        size = output_size(req)
+        if size is None:
+            inputs["aspect_ratio"] = MATCH_INPUT
+            carried |= {"width", "height"}
+        else:
+            found = [(r, mp) for r in ASPECT_RATIOS for mp in MEGAPIXELS if size_for_aspect_ratio(r, mp) == size]
+            if found:
+                inputs["aspect_ratio"], megapixels = found[0]
+                if megapixels != 1.0:
+                    inputs["output_megapixels"] = megapixels
+                carried |= {"width", "height"}
+        if req.seed is not None:
+            inputs["seed"] = req.seed
+        inputs["output_format"] = "jpg" if req.output_format.value == "jpeg" else req.output_format.value
+        if req.output_format.value != "png":
+            inputs["output_quality"] = req.quality
+        if not req.safety_check:
+            inputs["disable_safety_checker"] = True
+        if req.guidance is not None and not variant.distilled:
+            inputs["guidance"] = req.guidance
+            carried.add("guidance")
+        dropped = unsaid(req, carried)
+        notes = ["The replicate package: Client(api_token=<key>, base_url=<server>).run(...)."]
+        if "width" in dropped:
+            notes.append("Replicate sizes are aspect_ratio x output_megapixels: this size is not one of them.")
+        name = replicate_name(variant)
         return Example(
             dialect=NAME,
             title="Replicate: create a prediction and wait",
             method="POST",
-            path=f"{PREFIX}/models/{replicate_name(variant)}/predictions",
-            body={"input": {"prompt": "a lighthouse at dusk, oil painting", "aspect_ratio": "1:1"}},
+            path=f"{PREFIX}/models/{name}/predictions",
+            body={"input": inputs},
             headers={"Prefer": "wait"},
-            notes=("The replicate package: Client(api_token=<key>, base_url=<server>).run(...).",),
+            notes=(*notes, *unsaid_note("Replicate", dropped)),
+            unsaid=dropped,
+            served=name.removeprefix(f"{OWNER}/") in MODELS,
         )
 
 

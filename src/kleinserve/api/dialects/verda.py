@@ -49,7 +49,18 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import Caller, CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, client_image_error, submit_and_wait, to_request
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    client_image_error,
+    example_request,
+    lora_header,
+    output_size,
+    submit_and_wait,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.errors import status_for
 from kleinserve.api.jobs_http import ReadyRuntime, job_error, outputs_of, runtime_of
 from kleinserve.engine.images import ASSET_PREFIX
@@ -225,14 +236,40 @@ class VerdaDialect:
     def model_id(self, variant: Variant) -> str:
         return verda_slug(variant.id)
 
-    def example(self, variant: Variant) -> Example:
+    def example(self, variant: Variant, request: GenerationRequest | None = None) -> Example:
+        req = example_request(variant, request)
+        carried = {"model", "prompt", "images", "steps", "guidance", "seed", "output_format", "quality"}
+        carried |= {"safety_check", "loras"}
+        body: dict[str, Any] = {"prompt": req.prompt}
+        if (size := output_size(req)) is not None:  # Verda has no "the input's size": 1024x768 then
+            body.update(width=size[0], height=size[1])
+            carried |= {"width", "height"}
+        for name, value in (("num_steps", req.steps), ("guidance", req.guidance), ("seed", req.seed)):
+            if value is not None:
+                body[name] = value
+        if req.images:
+            body["input_images"] = list(req.images)
+        body["output_format"] = req.output_format.value  # Verda's default is jpeg
+        if req.output_format.value != "png":
+            body["output_quality"] = req.quality
+        if not req.safety_check:
+            body["enable_safety_checker"] = False
+        # Verda has no "the first image's size": its default size applies then.
+        dropped = unsaid(req, carried) + (() if size else ("width", "height"))
+        notes = ["The model is the path; the answer is the image's bytes (enable_base64_output: true gives JSON)."]
+        if req.num_images > 1:
+            notes.append("Verda makes one image per call.")
         return Example(
             dialect=NAME,
             title="Verda: generate (raw image bytes back)",
             method="POST",
             path=f"/{verda_slug(variant.id)}/generate",
-            body={"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 768},
-            notes=("The model is the path; enable_base64_output: true answers JSON instead of bytes.",),
+            body=body,
+            headers=lora_header(req),
+            notes=(*notes, *unsaid_note("Verda", dropped)),
+            unsaid=dropped,
+            response="image",
+            served=verda_slug(variant.id) in SLUGS,
         )
 
 

@@ -4,9 +4,15 @@ Static HTML, CSS and JavaScript shipped as package data (no Node build, no CDN),
 endpoint, ``GET /workbench/config``, that tells the page what the Oxen API cannot: each model's id in
 every dialect, whether its steps and guidance are fixed, the server's request limits and the
 aspect-ratio size table computed by :func:`~kleinserve.request.size_for_aspect_ratio` (so the page
-never re-implements the rounding). The page itself calls the public Oxen queue and SSE stream, the
-same endpoints any client uses; it has no private back door. The page, its files and the config are
-served without an API key: the page must load to ask for one, and nothing here is secret.
+never re-implements the rounding). ``POST /workbench/snippet`` takes the page's settings as a canonical
+:class:`~kleinserve.request.GenerationRequest` and answers each dialect's request for them (its
+:meth:`Dialect.example`), from which the page renders curl and Python generically and which it
+submits itself (the Oxen one, to the queue): no wire format is encoded in JavaScript. The page then
+calls the public Oxen queue and SSE stream, the same endpoints any client uses; it has no private
+back door. The page, its files, the config and the snippets are served without an API key: the page
+must load to ask for one, and nothing here is secret (a snippet only restates what was sent).
+
+The script is native ES modules (``main.js`` imports the rest), no build step and no CDN.
 """
 
 from __future__ import annotations
@@ -21,11 +27,27 @@ from fastapi.responses import HTMLResponse
 
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.jobs_http import runtime_of
-from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, size_for_aspect_ratio
+from kleinserve.engine.variants import find_variant
+from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
 
 PREFIX = "/workbench"
 # The only files served, by name: a fixed table leaves no path to traverse.
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+_JS = "text/javascript; charset=utf-8"
+# The script's native ES modules (main.js imports the others); the names are the whole table.
+MODULES: tuple[str, ...] = (
+    "main.js",
+    "dom.js",
+    "api.js",
+    "settings.js",
+    "references.js",
+    "mask.js",
+    "loras.js",
+    "jobs.js",
+    "compare.js",
+    "snippets.js",
+    "tabs.js",
+)
+ASSETS = {"app.css": "text/css; charset=utf-8", **dict.fromkeys(MODULES, _JS)}
 # Oxen's queue schema bounds; the server's own settings may be tighter.
 OXEN_MAX_STEPS, OXEN_MAX_GUIDANCE, OXEN_MAX_GENERATIONS = 50, 10.0, 4
 # "no-cache" revalidates every load, so an upgraded server never runs an old script.
@@ -68,6 +90,8 @@ def workbench_config(request: Request, dialects: Sequence[Dialect] = ()) -> dict
         "ready": runtime.ready,
         "models": models,
         "sizes": sizes,
+        # Canonical fields the page offers controls for only when this server's request model has them.
+        "features": {name: name in GenerationRequest.model_fields for name in ("mask", "previews")},
         "limits": {
             "max_references": settings.max_references,
             "max_generations": min(OXEN_MAX_GENERATIONS, settings.max_images),
@@ -81,6 +105,18 @@ def workbench_config(request: Request, dialects: Sequence[Dialect] = ()) -> dict
     }
 
 
+def snippets(request: Request, fields: dict[str, Any], dialects: Sequence[Dialect]) -> dict[str, Any]:
+    """Each dialect's request for the canonical settings ``fields`` (a 400 names a bad field)."""
+    runtime = runtime_of(request)
+    gen = GenerationRequest.parse(fields, runtime.settings)
+    variant = find_variant(runtime.service.check_model(gen.model))
+    gen = gen.model_copy(update={"model": variant.id})
+    return {
+        "request": gen.model_dump(mode="json"),
+        "examples": [d.example(variant, gen).as_json() for d in dialects],
+    }
+
+
 def workbench_router(dialects: Sequence[Dialect] = ()) -> APIRouter:
     """Routes of the Workbench: the page at ``/``, its two assets, and its config (``dialects``: the
     provider APIs the app serves, whose ids and example requests the config lists)."""
@@ -91,6 +127,10 @@ def workbench_router(dialects: Sequence[Dialect] = ()) -> APIRouter:
     @router.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=_HEADERS)
+
+    @router.post(PREFIX + "/snippet")
+    async def snippet(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        return snippets(request, body, dialects)
 
     @router.get(PREFIX + "/config")
     async def config(request: Request) -> dict[str, Any]:

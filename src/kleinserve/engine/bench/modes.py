@@ -2,9 +2,10 @@
 
 A mode is the plain load in the chosen dtype (``plain``, also spelled by the dtype, e.g. ``bf16``)
 or ``+``-joined parts: ``int8``/``fp8``/``int4`` (the transformer and the text encoder quantised
-through torchao, engine/loading.py) and ``compile`` (regional ``torch.compile`` of the transformer
-blocks). ``--modes bf16,int8,compile`` runs every case three times, each mode on its own freshly
-loaded weights, and compares each mode's kleinserve medians and peak memory with the first mode's.
+through torchao, engine/loading.py), ``compile`` (regional ``torch.compile`` of the transformer
+blocks) and ``channels-last`` (the VAE in channels_last, engine/vae.py). ``--modes
+bf16,int8,compile`` runs every case three times, each mode on its own freshly loaded weights, and
+compares each mode's kleinserve medians and peak memory with the first mode's.
 
 Decisions:
 - One mode at a time in memory. Two copies of the weights may not fit, so modes cannot alternate
@@ -38,10 +39,11 @@ class Mode:
     name: str
     quantize: str = "none"
     compile: bool = False
+    vae_channels_last: bool = False
 
     def load_options(self, base: LoadOptions) -> LoadOptions:
         mode = replace(base.mode, quantize=self.quantize, quantize_text_encoder=self.quantize)
-        return replace(base, mode=mode, compile=self.compile)
+        return replace(base, mode=mode, compile=self.compile, vae_channels_last=self.vae_channels_last)
 
 
 def parse_modes(text: str) -> list[Mode]:
@@ -50,21 +52,23 @@ def parse_modes(text: str) -> list[Mode]:
     for raw in (part.strip() for part in text.split(",")):
         if not raw:
             continue
-        quantize, compile_ = "none", False
+        quantize, compile_, channels_last = "none", False, False
         for token in (t.strip().lower() for t in raw.split("+")):
             if token in QUANTISATIONS and quantize == "none":
                 quantize = token
             elif token == "compile" and not compile_:
                 compile_ = True
+            elif token == "channels-last" and not channels_last:
+                channels_last = True
             elif token not in PLAIN_NAMES:
                 raise ValueError(
-                    f"bench mode {raw!r}: parts are plain (or the dtype), {', '.join(QUANTISATIONS)} and compile, "
-                    "joined by +"
+                    f"bench mode {raw!r}: parts are plain (or the dtype), {', '.join(QUANTISATIONS)}, compile and "
+                    "channels-last, joined by +"
                 )
-        modes.append(Mode(raw, quantize, compile_))
+        modes.append(Mode(raw, quantize, compile_, channels_last))
     if not modes:
         raise ValueError("--modes names no mode")
-    if len({(m.quantize, m.compile) for m in modes}) != len(modes):
+    if len({(m.quantize, m.compile, m.vae_channels_last) for m in modes}) != len(modes):
         raise ValueError(f"--modes {text!r} names the same mode twice")
     return modes
 

@@ -12,7 +12,7 @@ Decisions:
   server computes on the very modules the in-process and diffusers sides use; there is no second
   copy of the weights and nothing differs but the serving path.
 - Requests of a case with ``requests > 1`` are sent at once from client threads, as real clients
-  would; the worker takes them from the queue (batching them where the worker does).
+  would; the server's worker batches up to 4 of them, as the in-process ``queue4`` worker does.
 - References travel as PNG data URIs, encoded once per case outside the clock (a client has its
   files encoded already); the server's decoding of them is inside it.
 """
@@ -39,6 +39,7 @@ from kleinserve.engine.engine import Engine
 
 GENERATE_PATH = "/api/ai/images/generate"
 READY_TIMEOUT_SECONDS = 600.0
+MAX_BATCH = 4  # the most requests any case sends at once
 
 
 def free_port() -> int:
@@ -88,6 +89,9 @@ class BenchServer:
             # The weights are in memory already: the start-up memory plan must not count them again.
             device_memory=1e6,
             prompt_cache_bytes=first.prompt_cache.max_bytes if first.prompt_cache is not None else 0,
+            # As the in-process queue4 case runs its Worker (cases.run_queued): batching up to 4 jobs
+            # (the server's own default on the CPU is 1), so both sides run the same work.
+            max_batch=MAX_BATCH,
         )
         served = [ServedModel(engine.variant, self.directory) for engine in self.engines.values()]
         app = create_app(settings, served)

@@ -46,8 +46,10 @@ def _start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     log = (data_dir / "server.log").open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "kleinserve", "serve", "--port", str(port), "--data-dir", str(data_dir)]
-        + ["--model", f"{MODEL}={tiny}", "--device", "cpu", "--dtype", "float32", "--log-level", "warning"],
+        [
+            *(sys.executable, "-m", "kleinserve", "serve", "--port", str(port), "--data-dir", str(data_dir)),
+            *("--model", f"{MODEL}={tiny}", "--device", "cpu", "--dtype", "float32", "--log-level", "warning"),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -69,7 +71,7 @@ def _start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def measure(url: str, store: SQLiteJobStore, count: int, warmup: int) -> dict[str, float]:

@@ -15,12 +15,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint() -> None:
-    done = run(str(BIN / "ruff"), "check", "src", "tests")
+    done = run(str(BIN / "ruff"), "check", "src", "tests", "scripts")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ruff_format() -> None:
-    done = run(str(BIN / "ruff"), "format", "--check", "src", "tests")
+    done = run(str(BIN / "ruff"), "format", "--check", "src", "tests", "scripts")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -114,3 +114,27 @@ def test_an_image_over_the_pixel_limit_is_refused_at_submission(server: ServerPr
         response = httpx.post(f"{server.url}{path}", json=body, timeout=60)
         assert response.status_code == 400, (dialect, response.text)
         assert "over the limit" in response.text, (dialect, response.text)
+
+
+def test_a_bad_reference_is_named_as_the_client_sent_it(server: ServerProcess) -> None:
+    """The queue dialects' submit names the reference field of the request, not the canonical ``images``."""
+    bad = "data:image/png;base64,aGVsbG8="  # valid base64, not an image
+    good = "data:image/png;base64," + base64.b64encode(_png(64, 64)).decode()
+    submissions = {
+        "input_image_2": ("/v1/flux-2-klein-4b", {"prompt": "x", "input_image": good, "input_image_2": bad}),
+        "input.images[1]": (
+            "/v1/models/black-forest-labs/flux-2-klein-4b/predictions",
+            {"input": {"prompt": "x", "images": [good, bad]}},
+        ),
+        "image_urls[1]": ("/fal-ai/flux-2/klein/4b/edit", {"prompt": "x", "image_urls": [good, bad]}),
+    }
+    for field, (path, body) in submissions.items():
+        response = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+        assert response.status_code == 400, (field, response.text)
+        assert f"{field}: is not a readable image" in response.text, (field, response.text)
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -93,7 +93,8 @@ def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..
     before = item(server, done_before)
     assert before["status"] == "succeeded" and httpx.get(before["result_url"]).status_code == 200
     assert "requeued" in server.log() or "recovered" in server.log()
-    assert_graceful(server, server.stop())
+    # SIGTERM's graceful stop is checked below (with a running job); Ctrl-C must stop as cleanly.
+    assert_graceful(server, server.stop(signal.SIGINT))
 
 
 def test_sigterm_requeues_the_running_job_without_spending_an_attempt(
@@ -123,8 +124,22 @@ def test_a_job_interrupted_too_often_fails_with_a_reason(make_server: Callable[.
     assert_graceful(server, server.stop())
 
 
-def test_full_queue_is_503_with_retry_after(make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server(kleinserve_max_queue="2").start()
+@pytest.fixture(scope="module")
+def bounded(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with room for two jobs and no fetch allow-list, for the tests that need no restart."""
+    server = ServerProcess(
+        tmp_path_factory.mktemp("bounded"),
+        [f"flux-2-klein-4b={tiny_distilled}"],
+        "--dtype",
+        "float32",
+        env={"KLEINSERVE_MAX_QUEUE": "2"},
+    ).start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+def test_full_queue_is_503_with_retry_after(bounded: ServerProcess) -> None:
+    server = bounded
     enqueue(server, SLOW)
     enqueue(server, QUICK)
     response = httpx.post(f"{server.url}/api/ai/queue", json=QUICK, timeout=30)
@@ -138,17 +153,8 @@ def test_full_queue_is_503_with_retry_after(make_server: Callable[..., ServerPro
     assert other.status_code == 404 and "known models: flux-2-klein-4b" in other.json()["error"]["detail"]
 
 
-# SIGTERM's graceful stop is checked above (with a running job); Ctrl-C must stop as cleanly.
-@pytest.mark.parametrize("signal_number", [signal.SIGINT])
-def test_stops_cleanly(make_server: Callable[..., ServerProcess], signal_number: int) -> None:
-    server = make_server().start()
-    assert_graceful(server, server.stop(signal_number))
-
-
-def test_without_an_allow_list_loopback_images_are_refused(
-    make_server: Callable[..., ServerProcess], image_server: ImageServer
-) -> None:
-    server = make_server().start()
+def test_without_an_allow_list_loopback_images_are_refused(bounded: ServerProcess, image_server: ImageServer) -> None:
+    server = bounded
     url = image_server.add("private.png", png_bytes(64, 64))
     # URLs are fetched (and refused) when the job is submitted: a 400 at once, no job.
     response = httpx.post(f"{server.url}/api/ai/queue", json={**QUICK, "input_image": url}, timeout=30)

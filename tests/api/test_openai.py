@@ -339,3 +339,10 @@ def test_models(client: OpenAI) -> None:
     assert model.owned_by == "black-forest-labs" and model.object == "model"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-image-1")
+
+
+def test_a_client_error_without_its_own_type_is_an_invalid_request(server: ServerProcess) -> None:
+    """A 4xx with no AIgateway type of its own (405 here) is invalid_request_error, never server_error."""
+    response = httpx.patch(f"{server.url}/v1/images/generations", json={})
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"

@@ -308,3 +308,31 @@ def test_a_batch_out_of_memory_runs_its_jobs_one_at_a_time(system: System, monke
     system.worker(max_batch=3).start()
     assert [system.finished(job.id).status for job in jobs] == [JobStatus.SUCCEEDED] * 3
     assert sizes == [3, 1, 1, 1]
+
+
+def test_jobs_that_cannot_join_the_batch_go_back_for_another_live_worker(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several devices, a worker that claimed jobs its batch can't take hands them back at once
+    (without using an attempt) rather than holding them while another worker sits idle."""
+    batches = Batches(monkeypatch)
+    first = system.submit("the long one", **LONG)
+    other_size = system.submit("another size", width=80)
+    a = system.worker(max_batch=4)
+    b = system.worker(max_batch=4)
+    system.store.heartbeat(b.id, [MODEL], {})  # b is live (it will start once a has handed back)
+    a.start()
+    poll(lambda: batches.prompts == [["the long one"]])  # a runs its batch ...
+    assert system.store.get(other_size.id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    b.start()  # ... and b, idle, takes the job a handed back
+    done = system.finished(other_size.id)
+    assert done.status is JobStatus.SUCCEEDED and done.worker_id == b.id and done.attempts == 1
+    assert system.finished(first.id).worker_id == a.id
+
+
+def test_a_lone_worker_keeps_what_it_claimed(system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = Batches(monkeypatch)
+    jobs = [system.submit("one"), system.submit("another size", width=80)]
+    system.worker(max_batch=4).start()
+    assert all(system.finished(job.id).attempts == 1 for job in jobs)
+    assert batches.prompts == [["one"], ["another size"]]

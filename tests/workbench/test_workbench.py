@@ -352,7 +352,7 @@ PAINT = """async () => {
 
 
 def test_mask_painting_makes_an_openai_mask_of_the_first_reference(
-    page: Any, tmp_path: Path, workbench_server: ServerProcess
+    page: Any, tmp_path: Path, workbench_server: ServerProcess, artifacts: Path
 ) -> None:
     settings(page, seed=13)
     add_reference_file(page, tmp_path, "photo.png", (96, 64), (120, 120, 120))
@@ -366,6 +366,7 @@ def test_mask_painting_makes_an_openai_mask_of_the_first_reference(
     page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5, steps=5)
     page.mouse.up()
     expect(page.get_by_role("button", name="Paint a mask on reference 1")).to_have_text("Mask ✓")
+    page.get_by_role("region", name="Mask editor").screenshot(path=artifacts / "workbench-mask.png")
     uri = page.evaluate(PAINT)
     assert uri.startswith("data:image/png;base64,")
     mask = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))

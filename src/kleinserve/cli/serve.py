@@ -107,12 +107,6 @@ def serve(
     import logging
 
     from kleinserve.access import Access, is_loopback
-    from kleinserve.api.app import create_app
-    from kleinserve.api.server import run as run_http
-    from kleinserve.engine.catalog import plan_models
-    from kleinserve.engine.lora import check_sources
-    from kleinserve.loras import parse_lora_options
-    from kleinserve.runtime import memory_plan_for
 
     settings = build_settings(
         models=model,
@@ -164,6 +158,14 @@ def serve(
                 "Create a key first (kleinserve keys create --name NAME), bind to 127.0.0.1, or pass "
                 "--insecure-no-auth if something in front of kleinserve checks access."
             )
+        # Imported once the start is allowed: they bring in torch (seconds), which a refusal need not wait for.
+        from kleinserve.api.app import create_app
+        from kleinserve.api.server import run as run_http
+        from kleinserve.engine.catalog import plan_models
+        from kleinserve.engine.lora import check_sources
+        from kleinserve.loras import parse_lora_options
+        from kleinserve.runtime import memory_plan_for
+
         served = plan_models(settings.models, settings.data_dir)
         memory = memory_plan_for(settings, served)
         offered = parse_lora_options(settings.loras)

@@ -156,7 +156,11 @@ class Worker:
                 continue
             try:
                 runs = self._prepare(claimed)
-                for group in batch_groups(self._fill(runs, len(claimed)), self.max_batch):
+                groups = batch_groups(self._fill(runs, len(claimed)), self.max_batch)
+                if len(groups) > 1 and self._others_can_run(groups[1:]):
+                    self._hand_back(groups[1:])
+                    groups = groups[:1]
+                for group in groups:
                     self._run_group(group)
             except Exception:  # e.g. the store was unreachable when an outcome was written
                 # The thread lives on; the jobs' leases run out and the reaper hands them back.
@@ -213,6 +217,26 @@ class Worker:
             claimed += len(more)
             runs += self._prepare(more)
         return runs
+
+    def _others_can_run(self, groups: Sequence[Sequence[Run]]) -> bool:
+        """Whether another live worker serves a model of these claimed-but-waiting jobs (with several
+        devices, one worker must not sit on jobs that can't join its batch while another is idle)."""
+        models = {run.job.request.model for group in groups for run in group}
+        since = time.time() - 3 * self.heartbeat_seconds
+        try:
+            others = [w for w in self.store.live_workers(since=since) if w.id != self.id]
+        except Exception:
+            log.exception("%s: cannot list live workers", self.name)
+            return False
+        return any(models & set(w.models) for w in others)
+
+    def _hand_back(self, groups: Sequence[Sequence[Run]]) -> None:
+        """Return jobs that would wait for this worker's current batch to the queue at once, without
+        using an attempt, so an idle worker takes them (the oldest still go first)."""
+        for group in groups:
+            for run in group:
+                if self._complete(run.job, JobStatus.QUEUED) is not None:
+                    log.info("%s: job %s handed back for another worker", self.name, run.job.id)
 
     # -- each job -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -52,6 +52,9 @@ M = TypeVar("M", bound=BaseModel)
 _SOURCES = ("body", "query", "path", "header", "cookie", "form")
 # The worker reports a bad reference as "images[<index>]: <detail>" (engine/images.py).
 _WORKER_IMAGE_ERROR = re.compile(r"^images\[(\d+)\]: (.*)$", re.S)
+# pydantic adds the member of a union that failed to an error's location ("mask.str",
+# "image_size.literal['square',...]"); a client sent only the field.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z-]+\[.*\])$", re.S)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ def parameter_error(
     loc = list(first.get("loc", ()))
     if from_request and loc and loc[0] in _SOURCES:
         loc = loc[1:]
+    tags = loc[:-1] if kind == "extra_forbidden" else loc  # an unknown field's own name is kept
+    loc = [part for part in tags if not (isinstance(part, str) and _UNION_TAG.match(part))] + loc[len(tags) :]
     where = ".".join(str(part) for part in loc)
     message = str(first.get("msg", "invalid value"))
     for lead in ("Value error, ", "Assertion failed, "):
@@ -235,13 +240,19 @@ def to_request(fields: Mapping[str, Any], settings: Settings, names: FieldNames)
         raise names.rename(err) from None
 
 
-def client_image_error(error: InvalidRequestError, images_field: str, *, single: bool = False) -> InvalidRequestError:
-    """A worker's reference-image error, naming the client's field (``single``: without an index)."""
+def client_image_error(
+    error: InvalidRequestError, images_field: str | Callable[[int], str], *, single: bool = False
+) -> InvalidRequestError:
+    """A worker's reference-image error, naming the client's field (``single``: without an index;
+    a callable names the field of each index, e.g. BFL's ``input_image_2``)."""
     found = _WORKER_IMAGE_ERROR.match(error.message)
     if found is None:
         return error
-    index = None if single else int(found.group(1))
-    renamed = InvalidImageError(index, found.group(2), field=images_field)
+    index = int(found.group(1))
+    if callable(images_field):
+        renamed = InvalidImageError(None, found.group(2), field=images_field(index))
+    else:
+        renamed = InvalidImageError(None if single else index, found.group(2), field=images_field)
     renamed.code = error.code
     return renamed
 

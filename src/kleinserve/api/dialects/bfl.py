@@ -42,11 +42,19 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import CallerDep
-from kleinserve.api.dialects.base import Example, FieldNames, example_request, to_request, unsaid, unsaid_note
+from kleinserve.api.dialects.base import (
+    Example,
+    FieldNames,
+    client_image_error,
+    example_request,
+    to_request,
+    unsaid,
+    unsaid_note,
+)
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
-from kleinserve.errors import InvalidParameterError, KleinserveError, NotFoundError
+from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.request import MAX_SEED, GenerationRequest
 from kleinserve.runtime import Runtime
@@ -163,6 +171,11 @@ def polling_url(runtime: Runtime, task_id: str) -> str:
 router = APIRouter(prefix=PREFIX, tags=["bfl"])
 
 
+def _input_image_field(index: int) -> str:
+    """BFL's name for reference ``index``: input_image, input_image_2 ... input_image_4."""
+    return "input_image" if index == 0 else f"input_image_{index + 1}"
+
+
 async def _submit(
     request: Request, endpoint: str, body: BflKleinRequest, runtime: Runtime, caller: CallerDep
 ) -> dict[str, Any]:
@@ -171,9 +184,12 @@ async def _submit(
         request, runtime
     )
     extra = {"model": endpoint, "safety_tolerance": body.safety_tolerance}
-    (job,) = await asyncio.to_thread(
-        runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
-    )
+    try:  # submitting checks the references: name them as the client did
+        (job,) = await asyncio.to_thread(
+            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+        )
+    except InvalidRequestError as err:
+        raise client_image_error(err, _input_image_field) from None
     output_mp = round(gen.width * gen.height / 1_000_000, 4) if gen.width and gen.height else None
     return {
         "id": job.id,

@@ -45,6 +45,7 @@ from kleinserve.api.auth import CallerDep
 from kleinserve.api.dialects.base import (
     Example,
     FieldNames,
+    client_image_error,
     example_request,
     output_size,
     to_request,
@@ -217,9 +218,12 @@ def _add_endpoint(endpoint: str) -> None:
             request, runtime
         )
         extra = {"model": f"fal-ai/flux-2/{endpoint}", "sync_mode": body.sync_mode}
-        (job,) = await asyncio.to_thread(
-            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
-        )
+        try:  # submitting checks the references: name them as the client did
+            (job,) = await asyncio.to_thread(
+                runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+            )
+        except InvalidRequestError as err:
+            raise client_image_error(err, "image_urls") from None
         position = (await asyncio.to_thread(runtime.service.queue_positions, [job])).get(job.id, 0)
         return {"request_id": job.id, **request_urls(runtime, job.id), "status": "IN_QUEUE", "queue_position": position}
 

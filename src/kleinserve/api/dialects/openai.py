@@ -375,7 +375,7 @@ class OpenAIDialect:
         return {
             "error": {
                 "message": error.message,
-                "type": _ERROR_TYPES.get(status, "server_error"),
+                "type": _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
                 "param": param or None,
                 "code": error.code,
             }

@@ -50,6 +50,7 @@ from kleinserve.api.auth import CallerDep
 from kleinserve.api.dialects.base import (
     Example,
     FieldNames,
+    client_image_error,
     example_request,
     output_size,
     parse_body,
@@ -60,7 +61,7 @@ from kleinserve.api.dialects.base import (
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant
-from kleinserve.errors import InvalidParameterError, KleinserveError, NotFoundError
+from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, GenerationRequest, size_for_aspect_ratio
 from kleinserve.runtime import Runtime
@@ -245,9 +246,12 @@ async def create_prediction(
     gen = to_generation_request(name, inputs, runtime)
     extra = {"model": f"{OWNER}/{name}", "input": body.input}
     webhook_url = await checked_webhook(runtime, body.webhook, "webhook") or await webhook_from_header(request, runtime)
-    (job,) = await asyncio.to_thread(
-        runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
-    )
+    try:  # submitting checks the references: name them as the client did
+        (job,) = await asyncio.to_thread(
+            runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra, webhook_url=webhook_url
+        )
+    except InvalidRequestError as err:
+        raise client_image_error(err, "input.images") from None
     if wait:
         try:
             job = await runtime.service.wait(job.id, timeout=wait)

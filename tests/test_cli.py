@@ -110,6 +110,31 @@ def test_output_png_matches_diffusers_and_carries_parameters(tmp_path: Path, tin
     assert str(target) in stdout
 
 
+def test_generate_with_the_small_decoder(tmp_path: Path, tiny_distilled: Path, tiny_small_decoder: Path) -> None:
+    """``--decoder small=PATH`` is diffusers' pipeline with that VAE (and not the full decoder's pixels)."""
+    from diffusers import AutoencoderKLFlux2
+
+    args = ["a fox", "-m", model_arg(tiny_distilled), "--width", "64", "--height", "64", "--seed", "3", "--steps", "2"]
+    args += ["--dtype", "float32", "--device", "cpu"]
+    code, _, stderr = run("generate", *args, "--decoder", f"small={tiny_small_decoder}", "-o", str(tmp_path / "s.png"))
+    assert code == 0, stderr
+    vae = AutoencoderKLFlux2.from_pretrained(str(tiny_small_decoder))
+    pipe = Flux2KleinPipeline.from_pretrained(str(tiny_distilled), vae=vae)
+    expected = pipe(
+        prompt="a fox",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
+    code, _, stderr = run("generate", *args, "-o", str(tmp_path / "f.png"))
+    assert code == 0, stderr
+    with Image.open(tmp_path / "s.png") as small, Image.open(tmp_path / "f.png") as full:
+        assert np.array_equal(np.asarray(small.convert("RGB")), np.asarray(expected))
+        assert not np.array_equal(np.asarray(small.convert("RGB")), np.asarray(full.convert("RGB")))
+
+
 def test_no_seed_gets_a_random_one_that_is_reported(tmp_path: Path, tiny_distilled: Path) -> None:
     target = tmp_path / "r.png"
     code, stdout, _ = run(
@@ -181,6 +206,7 @@ def test_references_as_file_url_base64_and_data_uri(
         (["-i", "ftp://example.com/x.png"], "unsupported URL scheme"),
         (["-o", "x.jpg", "--format", "png"], "does not match the file name"),
         (["--device", "potato"], "device:"),
+        (["--decoder", "tiny"], "decoder"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, tiny_distilled: Path, args: list[str], message: str) -> None:

@@ -331,6 +331,9 @@ class Runtime:
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)
+        if tiny is None and options.mode.offload == "none":  # previews' projection: derived in the background
+            for engine in {id(e.pipeline): e for e in engines.values()}.values():
+                engine.previews.warm()
         return engines, safety_checker_from_settings(self.settings, device)
 
     async def _start_worker(self, index: int, engines: dict[str, Engine], safety: SafetyChecker | None) -> None:

@@ -155,9 +155,15 @@ def bench(
         + (["--vae-channels-last"] if vae_channels_last else [])
         + (["--http"] if http else [])
     )
-    width = max(out_console.width, 170)  # wide tables; a pipe or a narrow terminal still gets every column
-    for table in tables(report):
-        out_console.print(table, width=width)
+    # Wide tables: a pipe or a narrow terminal still gets every column unwrapped (print(width=) alone
+    # cannot exceed the console's own width, which is 80 when stdout is a file).
+    narrow = out_console.width
+    out_console.width = max(narrow, 170)
+    try:
+        for table in tables(report):
+            out_console.print(table)
+    finally:
+        out_console.width = narrow
     if json_path is not None:
         write_json(report, json_path)
         err_console.print(f"wrote {json_path}", highlight=False)

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kleinserve.cli.console import err_console, fail, out_console
-from kleinserve.cli.options import DeviceOption, DtypeOption, build_settings
+from kleinserve.cli.options import DecoderOption, DeviceOption, DtypeOption, build_settings
 from kleinserve.errors import InvalidParameterError, KleinserveError
 from kleinserve.request import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, OutputFormat, size_for_aspect_ratio
 
@@ -99,16 +99,19 @@ def generate(
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality, 1-100.")] = 95,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    decoder: DecoderOption = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory (created) or file name.")] = Path("out"),
 ) -> None:
     """Generate images from a prompt, optionally editing 1-4 reference images."""
+    from kleinserve.engine.decoder import DecoderSpec, resolve_decoder
     from kleinserve.engine.device import dtype_name, pick_device, pick_dtype
     from kleinserve.engine.images import InputPolicy, load_references
+    from kleinserve.engine.loading import LoadOptions
     from kleinserve.engine.masks import check_mask_size, load_mask
     from kleinserve.engine.weights import ModelSpec, load_engine
     from kleinserve.generation import run_request
 
-    settings = build_settings(device=device, dtype=dtype)
+    settings = build_settings(device=device, dtype=dtype, decoder=decoder)
     try:
         spec = ModelSpec.parse(model)
         suffix_format = _SUFFIX_FORMATS.get(output.suffix.lower())
@@ -142,6 +145,8 @@ def generate(
             check_mask_size(mask_image.size, references[0].size)  # before the model loads
         torch_device = pick_device(settings.device)
         torch_dtype = pick_dtype(torch_device, settings.dtype)
+        vae = resolve_decoder(DecoderSpec.parse(settings.decoder))  # --decoder small: before the model loads
+        options = LoadOptions(torch_dtype, vae=vae) if vae is not None else None
         with Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -153,7 +158,7 @@ def generate(
         ) as progress:
             task = progress.add_task(f"loading {spec} on {torch_device} ({dtype_name(torch_dtype)})", total=None)
             started = time.perf_counter()
-            engine = load_engine(spec, torch_device, torch_dtype)
+            engine = load_engine(spec, torch_device, torch_dtype, options=options)
             load_seconds = time.perf_counter() - started
 
             def on_progress(p: Any) -> None:

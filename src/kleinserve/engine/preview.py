@@ -16,12 +16,16 @@ is computed unless someone calls it. Two decoders:
   to the preview's grid first, so a 1024x1024 job decodes a 512x512 preview, a quarter of the work.
 - **Otherwise, a linear projection** from the packed channels to RGB plus a bias, derived from the
   model's own VAE the first time a preview is asked for (so it follows whatever VAE the checkpoint
-  ships, the tiny test ones included, and nothing is fitted to data): the VAE decodes a fixed random
-  latent on a 2x2 packed grid and, in one batch, that latent with each packed channel raised by 1
-  (about one standard deviation of normalised latents); each channel's column is the change of the
-  mean colour (a finite-difference Jacobian of the decoder), and the bias makes the projection of the
-  base latent its mean colour. It costs ``channels + 1`` decodes of 32x32 pixels once per pipeline
-  and then one small matrix product per preview; the image is the latent grid (1/16 of the output)
+  ships, the tiny test ones included, and nothing is fitted to data): the VAE decodes, in one
+  batch, a fixed random latent on a 2x2 packed grid (32x32 pixels) and that latent with each *latent*
+  channel raised by 1 (about one standard deviation of normalised latents) at its four 2x2
+  sub-positions, i.e. the four packed channels ``4k .. 4k+3``; the change of the mean colour (a
+  finite-difference Jacobian of the decoder) is split between those four columns in proportion to
+  their batch-norm std, which assumes the decoder answers a latent channel alike at each
+  sub-position (see :func:`derive_projection`), and the bias makes the projection of the base latent
+  its mean colour. It costs ``latent channels + 1`` (33 for klein) decodes of 32x32 pixels once per
+  pipeline, instead of one per packed channel (129), and then one small matrix product per preview;
+  the image is the latent grid (1/16 of the output)
   scaled up, blurry by design.
 
 Previews are at most :data:`PREVIEW_MAX_SIDE` pixels on their long side, in the output's aspect ratio.
@@ -29,6 +33,7 @@ Previews are at most :data:`PREVIEW_MAX_SIDE` pixels on their long side, in the 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,9 +45,10 @@ from PIL import Image
 if TYPE_CHECKING:
     from kleinserve.engine.tiny_autoencoder import Flux2TinyAutoEncoder
 
+log = logging.getLogger(__name__)
+
 PREVIEW_MAX_SIDE = 512
 PROJECTION_GRID = 2  # packed latent cells per side of the probe latents (32 x 32 pixels)
-PROJECTION_CHUNK = 16  # probe latents decoded per VAE call
 PreviewFn = Callable[[], list[Image.Image]]
 
 
@@ -111,6 +117,21 @@ class Previewer:
         pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)).resize(size, Image.Resampling.BILINEAR) for a in pixels]
 
+    def warm(self) -> threading.Thread:
+        """Derive the projection in a daemon thread now (at model load) rather than in the first
+        preview; a preview asked for meanwhile waits for it. A failure is logged and left for the
+        first preview to meet again."""
+
+        def derive() -> None:
+            try:
+                self.projection()
+            except Exception:  # a background convenience: the first preview retries
+                log.warning("deriving the previews' projection failed", exc_info=True)
+
+        thread = threading.Thread(target=derive, name="preview-projection", daemon=True)
+        thread.start()
+        return thread
+
     def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (channels x 3) matrix and the bias of the latent-to-RGB projection (derived once)."""
         with self._lock:
@@ -122,18 +143,27 @@ class Previewer:
 @torch.inference_mode()
 def derive_projection(pipeline: Any, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear map from normalised packed latents to RGB in [-1, 1], from the pipeline's VAE
-    (see the module docstring); float32 on the CPU."""
+    (see the module docstring); float32 on the CPU.
+
+    One batch of ``latent channels + 1`` probes: the base latent, and the base with the four packed
+    channels ``4k .. 4k+3`` of latent channel ``k`` (its 2x2 sub-positions) raised by 1 each. The
+    change of mean colour is the sum of those four columns; it is split between them in proportion
+    to each packed channel's batch-norm std (a normalised step of 1 is a raw step of that std). The
+    approximation: the decoder answers a raw change of a latent channel the same at each of the four
+    sub-positions (true of a translation-invariant decoder away from the image's borders)."""
     vae = pipeline.vae
-    channels = int(vae.bn.running_mean.numel())
-    device, dtype = vae.device, vae.dtype
+    std = torch.sqrt(vae.bn.running_var.float().cpu() + vae.config.batch_norm_eps)
+    packed = int(std.numel())
+    channels = packed // 4
     generator = torch.Generator("cpu").manual_seed(seed)
-    base = torch.randn(1, channels, PROJECTION_GRID, PROJECTION_GRID, generator=generator)
+    base = torch.randn(1, packed, PROJECTION_GRID, PROJECTION_GRID, generator=generator)
     probes = base.repeat(channels + 1, 1, 1, 1)
-    probes[torch.arange(1, channels + 1), torch.arange(channels)] += 1.0
-    colours = torch.cat(
-        [_mean_colour(pipeline, chunk.to(device, dtype)) for chunk in torch.split(probes, PROJECTION_CHUNK)]
-    )
-    matrix = colours[1:] - colours[:1]  # (channels, 3)
+    raised = probes[1:].view(channels, channels, 4, PROJECTION_GRID, PROJECTION_GRID)
+    raised[torch.arange(channels), torch.arange(channels)] += 1.0
+    colours = _mean_colour(pipeline, probes.to(vae.device, vae.dtype))
+    change = colours[1:] - colours[:1]  # (channels, 3): one latent channel, all four sub-positions
+    share = std.view(channels, 4) / std.view(channels, 4).sum(dim=1, keepdim=True)
+    matrix = (change[:, None, :] * share[:, :, None]).reshape(packed, 3)
     bias = colours[0] - base.mean(dim=(2, 3))[0] @ matrix
     return matrix, bias
 

@@ -61,7 +61,7 @@ class BenchServer:
         self.engines = {engine.variant.id: engine for engine in engines}
         self.directory = directory
         self.url = ""
-        self._references: tuple[int, list[str]] = (-1, [])
+        self._references: tuple[Sequence[Image.Image] | None, list[str]] = (None, [])
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._data_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -146,9 +146,9 @@ class BenchServer:
         return not case.kv and not case.step_caches
 
     def _reference_uris(self, references: Sequence[Image.Image]) -> list[str]:
-        key = id(references[0]) if references else 0
-        if self._references[0] != key:
-            self._references = (key, [data_uri(image) for image in references])
+        # Held, so the identity check cannot meet a later case's list at a reused address.
+        if self._references[0] is not references:
+            self._references = (references, [data_uri(image) for image in references])
         return self._references[1]
 
     def run(

@@ -138,3 +138,18 @@ def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_oxen_names_the_reference_field_it_was_sent_in(server: ServerProcess) -> None:
+    bad = "data:image/png;base64,aGVsbG8="
+    good = "data:image/png;base64," + base64.b64encode(_png(64, 64)).decode()
+    model = "black-forest-labs-flux-2-klein-4b"
+    cases = {
+        "input_image: is not": ("/api/ai/images/edit", {"input_image": bad}),
+        "image[1]: is not": ("/api/ai/images/edit", {"image": [good, bad]}),
+        "input_image[1]: is not": ("/api/ai/queue", {"input_image": [good, bad]}),
+    }
+    for expected, (path, fields) in cases.items():
+        response = httpx.post(f"{server.url}{path}", json={"model": model, "prompt": "x", **fields}, timeout=60)
+        assert response.status_code == 400, response.text
+        assert expected in response.json()["error"]["detail"], response.text

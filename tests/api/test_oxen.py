@@ -167,7 +167,7 @@ def test_num_generations_bounds(server: ServerProcess) -> None:
 def test_failed_generation_reports_its_reason(server: ServerProcess) -> None:
     # URLs are fetched at submission: an unreachable one is a 400 at once.
     unreachable = post(server, "/api/ai/queue", {**SMALL, "input_image": "http://127.0.0.1:1/nothing.png"})
-    assert_oxen_error(unreachable, 400, "invalid_params", "images[0]: fetching http://127.0.0.1:1/nothing.png failed")
+    assert_oxen_error(unreachable, 400, "invalid_params", "input_image: fetching http://127.0.0.1:1/nothing.png failed")
     # A PNG whose header reads but whose pixels are cut short is accepted, and fails in the worker.
     truncated = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)[:-40]).decode()
     response = post(server, "/api/ai/queue", {**SMALL, "input_image": truncated})

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from kleinserve.api.auth import Caller, CallerDep, while_allowed
 from kleinserve.api.dialects.base import (
     Example,
+    client_image_error,
     example_request,
     output_size,
     submit_and_wait,
@@ -48,7 +49,7 @@ from kleinserve.api.jobs_http import (
 )
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
 from kleinserve.engine.variants import Variant, find_variant
-from kleinserve.errors import KleinserveError
+from kleinserve.errors import InvalidRequestError, KleinserveError
 from kleinserve.jobs.events import EventType
 from kleinserve.jobs.job import JobStatus
 from kleinserve.request import ASPECT_RATIOS, GenerationRequest, size_for_aspect_ratio
@@ -143,11 +144,28 @@ class OxenDialect:
         )
 
 
+def _images_field(body: OxenImageRequest) -> tuple[str, bool]:
+    """The field the client sent its references in (``input_image`` or ``image``; ``images`` for both),
+    and whether it was one string (named without an index)."""
+    sent = [name for name in ("input_image", "image") if getattr(body, name) is not None]
+    if len(sent) != 1:
+        return "images", False
+    return sent[0], isinstance(getattr(body, sent[0]), str)
+
+
 async def run_sync(request: Request, body: OxenImageRequest, runtime: Runtime, caller: Caller) -> dict[str, Any]:
     """Sync generate/edit: one job of ``num_generations`` images."""
     gen = to_generation_request(body, runtime, num_images=body.num_generations)
+    field, single = _images_field(body)
     (job,) = await submit_and_wait(
-        request, runtime, caller, [gen], dialect=NAME, extra={"model": body.model, **echo(body)}
+        request,
+        runtime,
+        caller,
+        [gen],
+        dialect=NAME,
+        extra={"model": body.model, **echo(body)},
+        images_field=field,
+        single_image=single,
     )
     # Off the event loop: reading results may be a network call (S3).
     images = await asyncio.to_thread(
@@ -180,14 +198,18 @@ async def enqueue(request: Request, body: OxenImageRequest, runtime: ReadyRuntim
     webhook_url = await checked_webhook(runtime, body.webhook_url, "webhook_url") or await webhook_from_header(
         request, runtime
     )
-    jobs = await asyncio.to_thread(
-        runtime.service.submit,
-        requests,
-        key=caller.key,
-        dialect=NAME,
-        extra={"model": body.model, **echo(body)},
-        webhook_url=webhook_url,
-    )
+    try:  # submitting checks the references: name them as the client did
+        jobs = await asyncio.to_thread(
+            runtime.service.submit,
+            requests,
+            key=caller.key,
+            dialect=NAME,
+            extra={"model": body.model, **echo(body)},
+            webhook_url=webhook_url,
+        )
+    except InvalidRequestError as err:
+        field, single = _images_field(body)
+        raise err if field == "images" else client_image_error(err, field, single=single) from None
     return {"generations": [{"generation_id": j.id, "status": j.status.value} for j in jobs]}
 
 

@@ -171,3 +171,14 @@ def test_the_token_is_the_api_key(ops_server: OpsServer) -> None:
     with replicate_client(ops_server.server, ops_server.secret) as right:
         (item,) = right.run("black-forest-labs/flux-2-klein-4b", input={"prompt": "keyed", **SMALL})
     assert Image.open(io.BytesIO(read_output(item))).size == (512, 512)
+
+
+def test_models_get_parses_for_replicate_and_openai(server: ServerProcess, client: replicate.Client) -> None:
+    """GET /v1/models/black-forest-labs/<name> is both APIs' model route: one answer both clients parse."""
+    model = client.models.get("black-forest-labs/flux-2-klein-4b")
+    assert (model.owner, model.name, model.visibility) == ("black-forest-labs", "flux-2-klein-4b", "public")
+    assert model.url.endswith("/v1/models/black-forest-labs/flux-2-klein-4b")
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0) as openai_client:
+        assert openai_client.models.retrieve("black-forest-labs/flux-2-klein-4b").owned_by == "black-forest-labs"

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
+from kleinserve.api.dialects import replicate
 from kleinserve.api.dialects.base import (
     Example,
     FieldNames,
@@ -538,7 +539,10 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
     served = runtime.served_model(model_id)
     if served is None:
         raise NotFoundError(f"The model '{model_id}' does not exist")
-    return model_object(runtime, served.variant, served.demo)
+    found = model_object(runtime, served.variant, served.demo)
+    if model_id.startswith(f"{replicate.OWNER}/"):  # also Replicate's model route: carry its fields too
+        found = {**replicate.model_fields(runtime, served.variant), **found}
+    return found
 
 
 def usage_report(runtime: Runtime, caller: Caller) -> dict[str, Any]:

@@ -352,6 +352,26 @@ class ReplicateDialect:
         )
 
 
+def model_fields(runtime: Runtime, variant: Variant) -> dict[str, Any]:
+    """Replicate's model object for ``variant``. ``GET /v1/models/{owner}/{name}`` is also OpenAI's model
+    route (same path, same ids): that route adds these fields, so both clients parse its answer."""
+    owner, _, name = replicate_name(variant).partition("/")
+    return {
+        "url": f"{runtime.settings.link_base_url()}{PREFIX}/models/{owner}/{name}",
+        "owner": owner,
+        "name": name,
+        "description": variant.display_name,
+        "visibility": "public",
+        "github_url": None,
+        "paper_url": None,
+        "license_url": None,
+        "run_count": 0,
+        "cover_image_url": None,
+        "default_example": None,
+        "latest_version": None,
+    }
+
+
 def replicate_name(variant: Variant) -> str:
     """``owner/name`` of ``variant`` at Replicate (the Base models are ``...-4b-base`` there)."""
     for name, variant_id in MODELS.items():

@@ -331,7 +331,9 @@ class Runtime:
         if options.compile:  # compile now, not in the first request
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 warm_up(engine)
-        if tiny is None and options.mode.offload == "none":  # previews' projection: derived in the background
+        # The previews' projection, derived in the background now rather than in the first preview; not
+        # for engines the caller preloaded (bench times them: no background work beside its requests).
+        if tiny is None and options.mode.offload == "none" and self.preloaded is None:
             for engine in {id(e.pipeline): e for e in engines.values()}.values():
                 engine.previews.warm()
         return engines, safety_checker_from_settings(self.settings, device)

@@ -238,3 +238,29 @@ def test_warm_derives_the_projection_in_the_background(distilled_engine: Engine)
     matrix, bias = distilled_engine.previews.projection()
     torch.testing.assert_close(previewer._projection[0], matrix)
     torch.testing.assert_close(previewer._projection[1], bias)
+
+
+def test_the_runtime_derives_the_projection_at_load(tmp_path: Path, tiny_distilled: Path) -> None:
+    """A started runtime's workers have (or are deriving) the projection before any preview is asked."""
+    import asyncio
+    import time
+
+    from kleinserve.engine.catalog import ServedModel
+    from kleinserve.engine.variants import find_variant
+    from kleinserve.runtime import Runtime
+    from kleinserve.settings import Settings
+
+    runtime = Runtime(
+        Settings(data_dir=tmp_path, dtype="float32"), [ServedModel(find_variant("flux-2-klein-4b"), tiny_distilled)]
+    )
+    try:
+        asyncio.run(runtime.start())
+        assert runtime.ready, runtime.load_error
+        (worker,) = runtime.workers
+        previewer = worker.engines["flux-2-klein-4b"].previews
+        deadline = time.monotonic() + 60
+        while previewer._projection is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert previewer._projection is not None
+    finally:
+        runtime.stop()

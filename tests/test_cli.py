@@ -299,3 +299,9 @@ def test_mask_inpaints_the_first_image(tmp_path: Path, tiny_distilled: Path) -> 
     alpha.resize((48, 64)).save(mask)
     code, _, stderr = run(*args, "--mask", str(mask), "-o", str(tmp_path / "bad.png"))
     assert code == 1 and "mask: is 48x64 but the image it applies to (the first) is 64x48" in " ".join(stderr.split())
+
+
+def test_help_names_the_models_as_written() -> None:
+    """Rich reads "[klein]" as markup unless escaped; the top-level help kept "FLUX.2  text-to-image"."""
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "FLUX.2 [klein] text-to-image" in result.output

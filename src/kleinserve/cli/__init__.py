@@ -21,7 +21,7 @@ from kleinserve.cli.tiny import make_tiny_command
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="kleinserve: FLUX.2 [klein] text-to-image and multi-reference editing, on your own hardware.",
+    help=r"kleinserve: FLUX.2 \[klein] text-to-image and multi-reference editing, on your own hardware.",
 )
 app.command()(generate)
 app.command()(serve)

@@ -176,9 +176,13 @@ function applyItem(card, item) {
   renderCard(card);
 }
 
-// The server names references by its canonical field ("images[0]"); the page says "Reference 1".
+// The server names a reference by the field it came in: Oxen's "input_image[1]" (or "input_image"
+// for a single one), the canonical "images[0]"; the page says "Reference 2".
 function failure(message) {
-  return (message || 'The generation failed.').replace(/^images\[(\d+)\]/, (m, i) => `Reference ${Number(i) + 1}`);
+  return (message || 'The generation failed.').replace(
+    /^(?:images|input_image|image)(?:\[(\d+)\])?(?=:)/,
+    (m, i) => `Reference ${Number(i ?? 0) + 1}`,
+  );
 }
 
 // The completion event names the file; the queue item adds the seed actually used and the size.

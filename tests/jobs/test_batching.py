@@ -50,6 +50,12 @@ def lora_engine(tiny_distilled: Path, tiny_lora: Path) -> Engine:
     return engine
 
 
+@pytest.fixture(scope="module")
+def second_engine(tiny_distilled: Path) -> Engine:
+    """The same weights loaded again, as a second device's worker has them (an Engine serves one thread)."""
+    return Engine(load_pipeline(tiny_distilled, torch.device("cpu"), torch.float32), find_variant(MODEL))
+
+
 class Batches:
     """Records the size of every engine run the worker makes (a spy on generate_batch)."""
 
@@ -74,12 +80,12 @@ class System:
         self.service.served_loras = ["tiny"] if engine.adapters is not None else []
         self.workers: list[Worker] = []
 
-    def worker(self, max_batch: int, **options: Any) -> Worker:
+    def worker(self, max_batch: int, engine: Engine | None = None, **options: Any) -> Worker:
         worker = Worker(
             self.store,
             self.bus,
             self.storage,
-            {MODEL: self.engine},
+            {MODEL: engine or self.engine},
             InputPolicy(),
             name=f"batch-worker-{len(self.workers)}",
             idle_poll=0.05,
@@ -311,7 +317,7 @@ def test_a_batch_out_of_memory_runs_its_jobs_one_at_a_time(system: System, monke
 
 
 def test_jobs_that_cannot_join_the_batch_go_back_for_another_live_worker(
-    system: System, monkeypatch: pytest.MonkeyPatch
+    system: System, second_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With several devices, a worker that claimed jobs its batch can't take hands them back at once
     (without using an attempt) rather than holding them while another worker sits idle."""
@@ -319,7 +325,7 @@ def test_jobs_that_cannot_join_the_batch_go_back_for_another_live_worker(
     first = system.submit("the long one", **LONG)
     other_size = system.submit("another size", width=80)
     a = system.worker(max_batch=4)
-    b = system.worker(max_batch=4)
+    b = system.worker(max_batch=4, engine=second_engine)  # another device: an engine of its own
     system.store.heartbeat(b.id, [MODEL], {})  # b is live (it will start once a has handed back)
     a.start()
     poll(lambda: batches.prompts == [["the long one"]])  # a runs its batch ...

@@ -313,6 +313,7 @@ def test_every_api_snippet_runs_and_gives_the_same_image(page: Any, tmp_path: Pa
     page.get_by_role("tab", name="API").click()
 
     done = run_curl(copy_snippet(page, "Oxen.ai cURL"), tmp_path)
+    assert "images" in json.loads(done.stdout), done.stdout
     assert pixels_of(httpx.get(json.loads(done.stdout)["images"][0]["url"]).content) == expected
 
     answer = json.loads(run_python(copy_snippet(page, "Oxen.ai Python"), tmp_path))

@@ -156,6 +156,9 @@ ${answer}
 }
 
 async function copySnippet() {
+  // Cleared first (before any wait for the server), so "Copied." always means this copy has
+  // landed, never an earlier one.
+  $('copy-status').textContent = '';
   if (dirty) {
     clearTimeout(timer); // copy what the settings are now, not what they were
     await load();
@@ -163,8 +166,6 @@ async function copySnippet() {
   const snippet = current();
   if (!snippet) return;
   const { code } = snippet;
-  // Cleared first, so "Copied." always means this copy has landed, never an earlier one.
-  $('copy-status').textContent = '';
   try {
     await navigator.clipboard.writeText(code);
   } catch {

@@ -21,14 +21,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller
 from kleinserve.api.dialects.base import FieldNames, parse_body, to_request
+from kleinserve.api.dialects.openai_params import OpenAIParams, parse_size
 from kleinserve.api.jobs_http import store_upload
 from kleinserve.errors import InvalidParameterError
-from kleinserve.request import MAX_SEED, GenerationRequest, check_size
+from kleinserve.request import GenerationRequest, check_size
 from kleinserve.runtime import Runtime
 
 DEFAULT_STRENGTH = 0.75
@@ -43,49 +44,29 @@ NAMES = FieldNames(
 )
 
 
-class VariationParams(BaseModel):
+class VariationParams(OpenAIParams):
     """The text fields of a variations request (the image is a file)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="Default: the first model this server serves.")
     n: int = Field(1, ge=1, le=10, description="Variations to make; variation i uses seed + i.")
     size: str = Field("auto", max_length=32, description="'auto' (the image's size) or 'WxH' in multiples of 16.")
     response_format: Literal["url", "b64_json"] = "url"
-    user: str | None = Field(None, description="Accepted; recorded with the job.")
-    safety_identifier: str | None = Field(None, description="Accepted; recorded with the job.")
     prompt: str = Field("", description="kleinserve extension: an instruction; default none.")
     strength: float = Field(
         DEFAULT_STRENGTH, gt=0, le=1, allow_inf_nan=False, description="kleinserve extension: how far to re-draw."
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="kleinserve extension.")
-    num_inference_steps: int | None = Field(None, ge=1, description="kleinserve extension.")
-    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="kleinserve extension.")
     output_format: Literal["png", "jpeg", "jpg", "webp"] = Field("png", description="kleinserve extension.")
     output_compression: int = Field(100, ge=0, le=100, description="kleinserve extension: JPEG/WebP quality.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_left_out(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
-
-    def end_user(self) -> str | None:
-        return self.safety_identifier or self.user or None
-
     def pixel_size(self, runtime: Runtime) -> tuple[int, int] | None:
         """The size the image is resized to, or None for ``auto``."""
-        if self.size == "auto":
+        pixels = parse_size(self.size)
+        if pixels is None:
             return None
-        width, sep, height = self.size.lower().partition("x")
-        if not (sep and width.isdigit() and height.isdigit() and len(width) <= 6 and len(height) <= 6):
-            raise InvalidParameterError("size", f"must be 'auto' or 'WIDTHxHEIGHT', e.g. 1024x1024; got {self.size!r}")
         try:
-            check_size(int(width), int(height), runtime.settings)
+            check_size(*pixels, runtime.settings)
         except InvalidParameterError as err:
             raise InvalidParameterError("size", err.detail) from None
-        return int(width), int(height)
+        return pixels
 
 
 async def variation_inputs(request: Request, runtime: Runtime, caller: Caller) -> tuple[VariationParams, str]:

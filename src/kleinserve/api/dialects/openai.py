@@ -25,7 +25,6 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller, CallerDep
 from kleinserve.api.dialects import replicate
@@ -40,7 +39,7 @@ from kleinserve.api.dialects.base import (
     unsaid,
     unsaid_note,
 )
-from kleinserve.api.dialects.openai_params import EditParams, ImageParams, requested_size
+from kleinserve.api.dialects.openai_params import EditParams, ImageParams, requested_size, split_form, upload_cost
 from kleinserve.api.dialects.openai_stream import Kind, image_stream
 from kleinserve.api.dialects.openai_variations import VariationParams, to_variation_request, variation_inputs
 from kleinserve.api.jobs_http import (
@@ -179,52 +178,26 @@ def images_response(runtime: Runtime, job: Job, params: ImageParams | VariationP
     }
 
 
-def _set_form_field(fields: dict[str, Any], key: str, value: str) -> None:
-    """One multipart text field; the SDK sends nested objects as ``svg[reasoning][effort]``."""
-    base, bracket, rest = key.partition("[")
-    if not bracket or not base:
-        fields[key] = value
-        return
-    path = [base, *rest.rstrip("]").split("][")]
-    node = fields
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[path[-1]] = value
-
-
 async def _edit_params(request: Request, runtime: Runtime, caller: Caller) -> tuple[EditParams, list[str]]:
     """Edit parameters and reference sources from a multipart form or a JSON body."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=runtime.settings.max_references + 2)
-        fields: dict[str, Any] = {}
-        uploads: list[UploadFile] = []
-        for key, value in form.multi_items():
-            if key in ("image", "image[]"):
-                if not isinstance(value, UploadFile):
-                    raise InvalidParameterError("image", "must be a file upload")
-                uploads.append(value)
-            elif isinstance(value, UploadFile):
-                if key == "mask":
-                    mask = await value.read(runtime.settings.max_image_bytes + 1)
-                    if len(mask) > runtime.settings.max_image_bytes:
-                        raise mask_error(f"is over the limit of {runtime.settings.max_image_bytes} bytes")
-                    fields["mask"] = base64.b64encode(mask).decode()  # checked and stored on submission
-                    continue
-                if key == "markup":
-                    raise InvalidParameterError("markup", _MARKUP)
-                raise InvalidParameterError(key, "is not a known file parameter")
+        fields, uploads, files = split_form(form)
+        for key, value in files:
+            if key == "mask":
+                mask = await value.read(runtime.settings.max_image_bytes + 1)
+                if len(mask) > runtime.settings.max_image_bytes:
+                    raise mask_error(f"is over the limit of {runtime.settings.max_image_bytes} bytes")
+                fields["mask"] = base64.b64encode(mask).decode()  # checked and stored on submission
+            elif key == "markup":
+                raise InvalidParameterError("markup", _MARKUP)
             else:
-                _set_form_field(fields, key, value)
+                raise InvalidParameterError(key, "is not a known file parameter")
         params = parse_body(EditParams, fields)
         if len(uploads) > runtime.settings.max_references:
             raise InvalidParameterError("image", f"at most {runtime.settings.max_references} images are allowed")
-        # Priced with the default model when none is named: refusing (402/429) before decoding.
-        model = params.model or next(iter(runtime.served_ids()), None)
-        cost = runtime.inputs.price_of(model, params.n)
+        cost = upload_cost(runtime, params.model, params.n)
         references = [
             await store_upload(runtime, await upload.read(), index, "image", caller.key, cost, 1)
             for index, upload in enumerate(uploads)

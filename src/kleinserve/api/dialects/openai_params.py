@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import FormData, UploadFile
 
 from kleinserve.errors import InvalidParameterError
 from kleinserve.request import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS, LoraChoice, size_for_aspect_ratio
+from kleinserve.runtime import Runtime
 
 
 class OpenAIParams(BaseModel):
@@ -39,6 +41,46 @@ class OpenAIParams(BaseModel):
     def end_user(self) -> str | None:
         """Who the client says the end user is: ``safety_identifier``, else the deprecated ``user``."""
         return self.safety_identifier or self.user or None
+
+
+def upload_cost(runtime: Runtime, model: str | None, images: int) -> float:
+    """What the request will cost, priced with the default model when none is named, so an upload
+    is refused (402/429) before it is decoded or stored."""
+    return runtime.inputs.price_of(model or next(iter(runtime.served_ids()), None), images)
+
+
+def split_form(form: FormData) -> tuple[dict[str, Any], list[UploadFile], list[tuple[str, UploadFile]]]:
+    """A multipart body as its text fields (nested ``a[b]`` keys as objects), its ``image`` /
+    ``image[]`` files in order, and every other file with its key (for the endpoint to take or refuse)."""
+    fields: dict[str, Any] = {}
+    uploads: list[UploadFile] = []
+    files: list[tuple[str, UploadFile]] = []
+    for key, value in form.multi_items():
+        if key in ("image", "image[]"):
+            if not isinstance(value, UploadFile):
+                raise InvalidParameterError("image", "must be a file upload")
+            uploads.append(value)
+        elif isinstance(value, UploadFile):
+            files.append((key, value))
+        else:
+            _set_form_field(fields, key, value)
+    return fields, uploads, files
+
+
+def _set_form_field(fields: dict[str, Any], key: str, value: str) -> None:
+    """One multipart text field; the SDK sends nested objects as ``svg[reasoning][effort]``."""
+    base, bracket, rest = key.partition("[")
+    if not bracket or not base:
+        fields[key] = value
+        return
+    path = [base, *rest.rstrip("]").split("][")]
+    node = fields
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
 
 
 def parse_size(size: str) -> tuple[int, int] | None:

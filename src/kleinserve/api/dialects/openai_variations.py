@@ -18,15 +18,14 @@ image-to-image run); ``auto`` keeps the image's. Compatibility notes: docs/api/o
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import Request
 from pydantic import Field
-from starlette.datastructures import UploadFile
 
 from kleinserve.api.auth import Caller
 from kleinserve.api.dialects.base import FieldNames, parse_body, to_request
-from kleinserve.api.dialects.openai_params import OpenAIParams, parse_size
+from kleinserve.api.dialects.openai_params import OpenAIParams, parse_size, split_form, upload_cost
 from kleinserve.api.jobs_http import store_upload
 from kleinserve.errors import InvalidParameterError
 from kleinserve.request import GenerationRequest, check_size
@@ -74,25 +73,17 @@ async def variation_inputs(request: Request, runtime: Runtime, caller: Caller) -
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidParameterError("image", "send the image as a file in a multipart/form-data body")
     form = await request.form(max_files=2)
-    fields: dict[str, Any] = {}
-    uploads: list[UploadFile] = []
-    for key, value in form.multi_items():
-        if key in ("image", "image[]"):
-            if not isinstance(value, UploadFile):
-                raise InvalidParameterError("image", "must be a file upload")
-            uploads.append(value)
-        elif isinstance(value, UploadFile):
-            raise InvalidParameterError(key, "is not a known file parameter")
-        else:
-            fields[key] = value
+    fields, uploads, files = split_form(form)
+    for key, _ in files:
+        raise InvalidParameterError(key, "is not a known file parameter")
     params = parse_body(VariationParams, fields)
     if len(uploads) != 1:
         raise InvalidParameterError("image", f"exactly one image file is required; got {len(uploads)}")
     size = params.pixel_size(runtime)
-    model = params.model or next(iter(runtime.served_ids()), None)
-    cost = runtime.inputs.price_of(model, params.n)
     data = await uploads[0].read()
-    reference = await store_upload(runtime, data, None, "image", caller.key, cost, 1, size=size)
+    reference = await store_upload(
+        runtime, data, None, "image", caller.key, upload_cost(runtime, params.model, params.n), 1, size=size
+    )
     return params, reference
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kleinserve.engine.variants import Variant
+from kleinserve.errors import WeightsUnavailableError
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
 
@@ -187,17 +188,14 @@ def _empty_component(name: str, config: dict[str, Any]) -> torch.nn.Module:
         return encoder
 
 
-def _read_config(directory: Path, name: str) -> dict[str, Any]:
-    path = directory / name / "config.json"
+def read_config(directory: Path, what: str = "") -> dict[str, Any]:
+    """The ``config.json`` of a component directory, or a clear error (``what``: e.g. "the decoder's ")."""
+    path = directory / "config.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        from kleinserve.errors import WeightsUnavailableError
-
-        raise WeightsUnavailableError(f"cannot read {path}: {err}") from None
+        raise WeightsUnavailableError(f"cannot read {what}{path}: {err}") from None
     if not isinstance(data, dict):
-        from kleinserve.errors import WeightsUnavailableError
-
         raise WeightsUnavailableError(f"{path} does not hold a JSON object")
     return data
 
@@ -218,7 +216,7 @@ def model_shape(
     components = {}
     for name in COMPONENTS:
         if directory is not None:
-            config = _read_config(directory, name)
+            config = read_config(directory / name)
         else:
             config = dict(PUBLISHED_CONFIGS[variant.parameters][name])
         if name == "vae" and vae_config:

@@ -15,13 +15,13 @@ make-tiny DIR --small-decoder`` writes a random one beside a tiny checkpoint, fo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kleinserve.engine import architecture
 from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
 
 if TYPE_CHECKING:
@@ -71,14 +71,7 @@ def _check_directory(directory: Path) -> Path:
 
 def read_config(directory: Path) -> dict[str, Any]:
     """The ``config.json`` of a VAE directory, or a clear error."""
-    path = directory / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise WeightsUnavailableError(f"cannot read the decoder's {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise WeightsUnavailableError(f"{path} does not hold a JSON object")
-    return data
+    return architecture.read_config(directory, "the decoder's ")
 
 
 def resolve_decoder(spec: DecoderSpec, *, allow_download: bool = True) -> Path | None:

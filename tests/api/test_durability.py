@@ -77,6 +77,29 @@ def make_server(tmp_path: Path, tiny_distilled: Path) -> Iterator[Callable[..., 
             server.stop(signal.SIGKILL)
 
 
+@pytest.fixture(scope="module")
+def one_attempt(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server allowing one attempt per job, shared by the tests below: each stops and restarts it
+    as it needs and leaves it running for the next (one start fewer than a server per test)."""
+    server = ServerProcess(
+        tmp_path_factory.mktemp("one-attempt"),
+        [f"flux-2-klein-4b={tiny_distilled}"],
+        "--dtype",
+        "float32",
+        env={"KLEINSERVE_MAX_ATTEMPTS": "1"},
+    )
+    yield server
+    if server.process is not None:
+        server.stop(signal.SIGKILL)
+
+
+def running(server: ServerProcess) -> ServerProcess:
+    """``server``, started unless it runs already."""
+    if server.process is None or server.process.poll() is not None:
+        server.start()
+    return server
+
+
 def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..., ServerProcess]) -> None:
     server = make_server().start()
     done_before = enqueue(server, QUICK)
@@ -97,29 +120,26 @@ def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..
     assert_graceful(server, server.stop(signal.SIGINT))
 
 
-def test_sigterm_requeues_the_running_job_without_spending_an_attempt(
-    make_server: Callable[..., ServerProcess],
-) -> None:
-    server = make_server(kleinserve_max_attempts="1").start()
-    running = enqueue(server, SLOW)
-    wait_until_running(server, running)
+def test_sigterm_requeues_the_running_job_without_spending_an_attempt(one_attempt: ServerProcess) -> None:
+    server = running(one_attempt)
+    job = enqueue(server, SLOW)
+    wait_until_running(server, job)
     assert_graceful(server, server.stop(signal.SIGTERM))
     assert "requeued at shutdown" in server.log()
 
     server.start()
     # With one attempt allowed, only a graceful requeue (which spends none) lets it run again.
-    assert wait_terminal(server, running)["status"] == "succeeded"
-    assert_graceful(server, server.stop())
+    assert wait_terminal(server, job)["status"] == "succeeded"
 
 
-def test_a_job_interrupted_too_often_fails_with_a_reason(make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server(kleinserve_max_attempts="1").start()
-    running = enqueue(server, SLOW)
-    wait_until_running(server, running)
+def test_a_job_interrupted_too_often_fails_with_a_reason(one_attempt: ServerProcess) -> None:
+    server = running(one_attempt)
+    job = enqueue(server, SLOW)
+    wait_until_running(server, job)
     server.stop(signal.SIGKILL)
 
     server.start()
-    failed = wait_terminal(server, running)
+    failed = wait_terminal(server, job)
     assert failed["status"] == "failed" and failed["error_message"].startswith("interrupted")
     assert_graceful(server, server.stop())
 

@@ -38,15 +38,17 @@ PHONE = {"width": 390, "height": 844}
 def workbench_server(
     tiny_distilled: Path,
     tiny_base: Path,
+    tiny_kv: Path,
     tiny_lora: Path,
     classifiers: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
-    """All four variants in demo mode; the checkpoints are copied, not built again. A safety checker
+    """Every variant in demo mode; the session's checkpoints are copied, not built again. A safety checker
     that passes every image runs, so the page shows its verdict; one LoRA adapter is offered."""
     data_dir = tmp_path_factory.mktemp("workbench-server")
     shutil.copytree(tiny_distilled, data_dir / "demo" / "tiny-distilled")
     shutil.copytree(tiny_base, data_dir / "demo" / "tiny-base")
+    shutil.copytree(tiny_kv, data_dir / "demo" / "tiny-kv")
     server = ServerProcess(
         data_dir,
         ["auto"],

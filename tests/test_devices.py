@@ -16,8 +16,9 @@ from kleinserve.engine.device import pick_devices
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import InvalidParameterError
 from kleinserve.jobs.job import JobStatus
+from kleinserve.placement import memory_plan_for
 from kleinserve.request import GenerationRequest
-from kleinserve.runtime import Runtime, memory_plan_for
+from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
 
 KLEIN_4B = find_variant("flux-2-klein-4b")

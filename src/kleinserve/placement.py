@@ -135,11 +135,14 @@ class DeviceState:
     error: str | None = None
     worker: Worker | None = None
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, jobs: bool = False) -> dict[str, object]:
+        """The device, its state and worker; with ``jobs`` (the operator's view: /readyz with the admin
+        token) also the id of the job its worker is running, which no unauthenticated probe may learn."""
         body: dict[str, object] = {"device": self.device, "state": self.state}
         if self.worker is not None:
             body["worker"] = self.worker.name
-            body["job"] = self.worker.current_job_id
+            if jobs:
+                body["job"] = self.worker.current_job_id
         if self.error:
             body["error"] = self.error
         return body

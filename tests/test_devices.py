@@ -16,8 +16,9 @@ from kleinserve.engine.device import pick_devices
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import InvalidParameterError
 from kleinserve.jobs.job import JobStatus
+from kleinserve.placement import memory_plan_for
 from kleinserve.request import GenerationRequest
-from kleinserve.runtime import Runtime, memory_plan_for
+from kleinserve.runtime import Runtime
 from kleinserve.settings import Settings
 
 KLEIN_4B = find_variant("flux-2-klein-4b")
@@ -89,13 +90,15 @@ def test_readyz_reports_each_device(tmp_path: Path, tiny_distilled: Path) -> Non
 
     from kleinserve.api.app import create_app
 
-    settings = Settings(data_dir=tmp_path, devices="cpu,cpu", dtype="float32")
+    settings = Settings(data_dir=tmp_path, devices="cpu,cpu", dtype="float32", admin_token="operator")
     # A loopback Host: the request guard refuses TestClient's default "testserver" with a 400.
     app = create_app(settings, [ServedModel(KLEIN_4B, tiny_distilled)])
     with TestClient(app, base_url="http://localhost") as client:
         deadline = time.monotonic() + 300
-        while (response := client.get("/readyz")).status_code == 503 and time.monotonic() < deadline:
+        while (public := client.get("/readyz")).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.2)
+        # The job each worker runs only with the admin token.
+        response = client.get("/readyz", headers={"Authorization": "Bearer operator"})
         body = response.json()
         (listed,) = client.get("/v1/models").json()["data"]
         (oxen,) = client.get("/api/ai/models").json()["data"]
@@ -105,6 +108,7 @@ def test_readyz_reports_each_device(tmp_path: Path, tiny_distilled: Path) -> Non
         ("cpu", "ready", "worker-0", None),
         ("cpu", "ready", "worker-1", None),
     ]
+    assert public.json()["devices"] == [{k: v for k, v in d.items() if k != "job"} for d in body["devices"]]
     # The model list says where the model runs: on each device's worker, ready and idle.
     assert listed["devices"] == [
         {"device": "cpu", "state": "ready", "worker": "worker-0", "busy": False},

@@ -55,10 +55,13 @@ class InvalidParameterError(InvalidRequestError):
 
     code = "invalid_parameter"
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, source: str = "body") -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.detail = message  # the message without the field, for renaming the field (api/dialects/base.py)
+        # Where the field came from (body, query, path, header): FastAPI-shaped errors (BFL, fal) put
+        # it first in their ``loc``.
+        self.source = source
 
 
 class InvalidImageError(InvalidRequestError):

@@ -15,10 +15,11 @@ from typing import Any
 
 from PIL import Image
 
-from kleinserve.engine.engine import CancelCheck, Engine, EngineInputs, EngineOutput, ProgressCallback
+from kleinserve.engine.engine import Engine, EngineInputs, EngineOutput
 from kleinserve.engine.images import EncodedImage, encode_image
 from kleinserve.engine.img2img import start_size
 from kleinserve.engine.masks import check_mask_size
+from kleinserve.engine.progress import CancelCheck, ProgressCallback
 from kleinserve.engine.stepcache import DEFAULT_THRESHOLDS, StepCache
 from kleinserve.engine.variants import Variant, find_variant
 from kleinserve.errors import InvalidImageError, InvalidParameterError

@@ -4,35 +4,34 @@
 workers. ``start()`` loads the models (off the event loop), reaps jobs a crash interrupted, and
 starts the workers; ``stop()`` stops them so the running job goes back to the queue.
 
-The reaper (:meth:`Runtime.reap`, every ``KLEINSERVE_REAP_INTERVAL`` seconds) hands back jobs whose
-lease expired. Workers on this host whose process is gone (its pid no longer runs, or it is ours
-but not one of our workers: a restart) count as dead at once, so a restarted ``serve`` resumes its
-interrupted job without waiting for the lease to run out.
+Beside it: placement.py (the devices, load options and memory plan, loading a device's models),
+reaper.py (handing back the jobs of workers that are gone, every ``KLEINSERVE_REAP_INTERVAL``
+seconds), roster.py (the models live workers serve, for an ``api`` process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from kleinserve import backends, logs, metrics
+from kleinserve import backends, logs, metrics, reaper
 from kleinserve.access import Access
 from kleinserve.engine.images import InputPolicy
-from kleinserve.engine.variants import Variant, find_variant
+from kleinserve.engine.variants import find_variant
 from kleinserve.errors import KleinserveError, UnknownModelError
 from kleinserve.inputs import InputStager
 from kleinserve.jobs.events import EventBus
 from kleinserve.jobs.job import Job
 from kleinserve.jobs.service import ACTIVE, JobService
-from kleinserve.jobs.store.base import JobStore, WorkerInfo
+from kleinserve.jobs.store.base import JobStore
 from kleinserve.keys import ApiKeyStore
 from kleinserve.loras import LoraSource, parse_lora_options
+from kleinserve.placement import DeviceState, devices_for, load_device, load_options_for, memory_plan_for
 from kleinserve.quotas import Quotas
+from kleinserve.roster import AdvertisedModel, advertised_models
 from kleinserve.safety import SafetyChecker
 from kleinserve.settings import Settings
 from kleinserve.storage.base import Storage
@@ -40,14 +39,11 @@ from kleinserve.storage.factory import storage_from_settings
 from kleinserve.webhooks.store import WebhookStore
 
 if TYPE_CHECKING:  # the engine (torch) is imported only by roles that load models
-    from pathlib import Path
-
     import torch
 
     from kleinserve.engine.cache import PromptCache
     from kleinserve.engine.catalog import ServedModel
     from kleinserve.engine.engine import Engine
-    from kleinserve.engine.loading import LoadOptions
     from kleinserve.engine.memory import MemoryPlan
     from kleinserve.jobs.worker import Worker
 
@@ -55,98 +51,7 @@ log = logging.getLogger(__name__)
 
 UPLOADS = "uploads"  # storage folder of images clients upload (1min.ai assets, OpenAI edit files)
 
-
-@dataclass
-class ModelInfo:
-    """A served model as the API layer describes it."""
-
-    served: ServedModel
-    loaded: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.served.variant.id
-
-
-def devices_for(settings: Settings) -> list[torch.device]:
-    """The devices to run workers on: ``--devices`` (one worker each), else the one ``--device``."""
-    from kleinserve.engine.device import pick_device, pick_devices
-
-    return pick_devices(settings.devices) if settings.devices else [pick_device(settings.device)]
-
-
-def load_options_for(settings: Settings, device: torch.device | None = None) -> tuple[torch.device, LoadOptions]:
-    """The device and load options (dtype, memory mode, compile, attention) the settings ask for, checked."""
-    from kleinserve.engine.device import pick_dtype
-    from kleinserve.engine.loading import LoadOptions, check_options
-    from kleinserve.engine.memory import MemoryMode
-
-    device = device if device is not None else devices_for(settings)[0]
-    mode = MemoryMode(settings.offload, settings.quantize, settings.quantize_text_encoder, settings.text_encoder_device)
-    options = LoadOptions(
-        pick_dtype(device, settings.dtype),
-        mode,
-        settings.compile,
-        settings.attention_backend,
-        vae=decoder_for(settings),
-        vae_channels_last=settings.vae_channels_last,
-    )
-    check_options(device, options)
-    return device, options
-
-
-def decoder_for(settings: Settings) -> Path | None:
-    """The small decoder's directory when ``--decoder small`` (HF cache, hub or PATH), else ``None``."""
-    from kleinserve.engine.decoder import DecoderSpec, resolve_decoder
-
-    return resolve_decoder(DecoderSpec.parse(settings.decoder))
-
-
-def memory_plan_for(settings: Settings, served: list[ServedModel], device: torch.device | None = None) -> MemoryPlan:
-    """The memory plan of ``served`` on one of the settings' devices (default: the first); workers
-    sharing that device (``--devices cpu,cpu``) each hold their own copy, so the plan holds them all."""
-    from kleinserve.engine.decoder import read_config
-    from kleinserve.engine.memory import plan_served
-
-    device, options = load_options_for(settings, device)
-    vae_config = read_config(options.vae) if options.vae is not None else None
-    plan = plan_served(
-        served, device, options.dtype, options.mode, device_memory_gb=settings.device_memory, vae_config=vae_config
-    )
-    sharing = sum(1 for other in devices_for(settings) if other == device)
-    if sharing > 1:
-        plan = replace(plan, models=plan.models * sharing)
-    return plan
-
-
-@dataclass
-class DeviceState:
-    """One device's worker as /readyz reports it."""
-
-    device: str
-    state: str = "loading"  # loading, ready or error
-    error: str | None = None
-    worker: Worker | None = None
-
-    def describe(self) -> dict[str, object]:
-        body: dict[str, object] = {"device": self.device, "state": self.state}
-        if self.worker is not None:
-            body["worker"] = self.worker.name
-            body["job"] = self.worker.current_job_id
-        if self.error:
-            body["error"] = self.error
-        return body
-
-
 Role = Literal["serve", "api", "worker"]
-
-
-@dataclass(frozen=True)
-class AdvertisedModel:
-    """A model a live worker serves, as an ``api`` process describes it (no weights here)."""
-
-    variant: Variant
-    demo: bool = False
 
 
 @dataclass
@@ -233,16 +138,7 @@ class Runtime:
         error) and whether it is running a job; ``api``: the live workers that serve it."""
         if self.role == "api":
             return [dict(entry) for entry in self.advertised_devices.get(variant_id, [])]
-        listed = []
-        for state in self.device_states:
-            entry: dict[str, object] = {"device": state.device, "state": state.state}
-            if state.worker is not None:
-                entry["worker"] = state.worker.name
-                entry["busy"] = state.worker.current_job_id is not None
-            if state.error:
-                entry["error"] = state.error
-            listed.append(entry)
-        return listed
+        return [state.listed() for state in self.device_states]
 
     def served_model(self, name: str) -> ServedModel | AdvertisedModel | None:
         """The served model called ``name`` in any provider's spelling, or ``None``."""
@@ -302,41 +198,9 @@ class Runtime:
     def _load_device(
         self, device: torch.device, caches: dict[str, PromptCache]
     ) -> tuple[dict[str, Engine], SafetyChecker | None]:
-        """Load every served model onto ``device`` (warmed up when compiled), with its prompt cache."""
-        from kleinserve.engine.cache import PromptCache
-        from kleinserve.engine.catalog import load_engines
-        from kleinserve.engine.classifier import safety_checker_from_settings
-        from kleinserve.engine.loading import warm_up
-        from kleinserve.engine.stepcache import StepCache
-
+        """Load every served model onto ``device`` (placement.py), with its prompt cache."""
         assert self.served is not None
-        _, options = load_options_for(self.settings, device)
-        if self.preloaded is not None:
-            engines = dict(self.preloaded)
-        else:
-            engines = load_engines(self.served, device, options.dtype, options, self.loras, self.settings.lora_cache)
-        cache = caches.setdefault(str(device), PromptCache(self.settings.prompt_cache_bytes))
-        tiny = None  # the previews' tiny autoencoder, one per device (engine/preview.py)
-        if self.settings.preview_decoder:
-            from kleinserve.engine.tiny_autoencoder import load_tiny_autoencoder
-
-            tiny = load_tiny_autoencoder(self.settings.preview_decoder, device, options.dtype)
-            log.info("previews on %s: tiny autoencoder %s", device, self.settings.preview_decoder)
-        for engine in engines.values():
-            engine.prompt_cache = cache
-            engine.cfg_batch = {"on": True, "off": False}.get(self.settings.cfg_batch)
-            engine.step_cache = StepCache.parse(self.settings.step_cache)
-            engine.vae_tile_above_pixels = self.settings.vae_tile_above_pixels
-            engine.previews.tiny = tiny
-        if options.compile:  # compile now, not in the first request
-            for engine in {id(e.pipeline): e for e in engines.values()}.values():
-                warm_up(engine)
-        # The previews' projection, derived in the background now rather than in the first preview; not
-        # for engines the caller preloaded (bench times them: no background work beside its requests).
-        if tiny is None and options.mode.offload == "none" and self.preloaded is None:
-            for engine in {id(e.pipeline): e for e in engines.values()}.values():
-                engine.previews.warm()
-        return engines, safety_checker_from_settings(self.settings, device)
+        return load_device(self.settings, self.served, self.loras, device, caches, self.preloaded)
 
     async def _start_worker(self, index: int, engines: dict[str, Engine], safety: SafetyChecker | None) -> None:
         """Start the worker of device ``index``; every worker claims from the same queue."""
@@ -366,40 +230,14 @@ class Runtime:
         state.state, state.worker = "ready", worker
 
     def reap(self) -> tuple[int, int]:
-        """Hand back jobs whose worker is gone (lease expired, or a dead process on this host):
-        requeued, or failed as interrupted at ``max_attempts``. Returns (requeued, ended)."""
-        dead = self.dead_local_workers()
-        requeued, ended = self.store.reap(self.settings.max_attempts, time.time(), dead)
-        for job in ended:
-            metrics.job_finished(job)
-        for worker_id in dead:
-            self.store.forget_worker(worker_id)
-        if requeued or ended:
-            self.bus.notify()
-            for worker in self.workers:
-                worker.wake()
-            log.warning("reaped interrupted jobs: %d requeued, %d failed", len(requeued), len(ended))
-        return len(requeued), len(ended)
+        """Hand back jobs whose worker is gone (reaper.py): requeued, or failed as interrupted at
+        ``max_attempts``. Returns (requeued, ended)."""
+        return reaper.reap(self.store, self.bus, self.settings.max_attempts, self.workers)
 
     def refresh_models(self) -> list[str]:
         """``api``: learn which models live workers serve (heartbeats of the last three intervals)."""
         since = time.time() - 3 * self.settings.heartbeat_seconds
-        ids: dict[str, bool] = {}
-        devices: dict[str, list[dict[str, object]]] = {}
-        for worker in self.store.live_workers(since=since):
-            demo_ids = set(worker.info.get("demo") or [])
-            for model in worker.models:
-                ids[model] = ids.get(model, False) or model in demo_ids
-                entry = {"device": worker.info.get("device"), "state": "ready", "worker": worker.id}
-                devices.setdefault(model, []).append(entry)
-        self.advertised_devices = devices
-        advertised = []
-        for model, is_demo in sorted(ids.items()):
-            try:
-                advertised.append(AdvertisedModel(find_variant(model), is_demo))
-            except UnknownModelError:
-                log.warning("a worker serves %s, which this version does not know", model)
-        self.advertised = advertised
+        self.advertised, self.advertised_devices = advertised_models(self.store, since)
         self.service.served_models = self.served_ids()
         return self.service.served_models
 
@@ -413,11 +251,6 @@ class Runtime:
                 await asyncio.to_thread(self.refresh_models)
             except Exception:
                 log.exception("reading live workers failed")
-
-    def dead_local_workers(self) -> list[str]:
-        """Ids of workers registered from this host whose process is no longer running."""
-        ours = {worker.id for worker in self.workers}
-        return [w.id for w in self.store.live_workers(since=0) if w.id not in ours and _process_gone(w)]
 
     async def reap_forever(self) -> None:
         while True:
@@ -494,25 +327,6 @@ class Runtime:
             except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(self.settings.cleanup_interval)
-
-
-def _process_gone(worker: WorkerInfo) -> bool:
-    """Whether ``worker`` ran on this host in a process that no longer exists (or is this process,
-    which it cannot be any more: a process that restarted under the same pid)."""
-    if worker.info.get("host") != socket.gethostname():
-        return False
-    pid = worker.info.get("pid")
-    if not isinstance(pid, int):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 async def run_worker(settings: Settings, served: list[ServedModel] | None = None) -> int:

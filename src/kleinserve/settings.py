@@ -182,7 +182,9 @@ class Settings(BaseSettings):
     metrics: Literal["off", "open", "admin"] = Field(
         "off", description="GET /metrics: off (404), open to anyone, or admin (Bearer KLEINSERVE_ADMIN_TOKEN)."
     )
-    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints such as /metrics.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the operator: /metrics (KLEINSERVE_METRICS=admin), job ids in /readyz."
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Also expose metrics on this port (no auth; for worker processes)."
     )

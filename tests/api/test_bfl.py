@@ -49,6 +49,7 @@ def test_documented_python_example(server: ServerProcess) -> None:
     assert set(request) == {"id", "polling_url", "cost", "input_mp", "output_mp"}
     assert request["polling_url"].endswith(f"/v1/get_result?id={request['id']}")
     assert request["output_mp"] == pytest.approx(64 * 64 / 1e6, abs=1e-4)
+    assert request["input_mp"] == 0  # no input images: 0, as BFL answers a text-to-image task
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.1)
@@ -70,6 +71,9 @@ def test_9b_input_images_and_formats(server: ServerProcess, image_server: ImageS
     data = base64.b64encode(png_bytes(48, 48, (0, 120, 0))).decode()
     body = {"prompt": "combine them", "input_image": url, "input_image_2": data, "output_format": "png", "seed": 1}
     submitted = httpx.post(f"{server.url}/v1/flux-2-klein-9b", json=body, timeout=60).json()
+    # BFL's input_mp: the inputs' megapixels as sent, summed; the output size is the first input's.
+    assert submitted["input_mp"] == pytest.approx((96 * 80 + 48 * 48) / 1e6, abs=1e-4)
+    assert submitted["input_mp"] > 0
     result = poll(submitted["polling_url"], {})
     assert result["status"] == "Ready", result
     image = fetch_image(result["result"]["sample"])
@@ -115,6 +119,23 @@ def test_unserved_and_unknown_endpoints(server: ServerProcess) -> None:
     for path in ("/v1/flux-2-pro", "/v1/flux-2-klein-4b/extra"):
         response = httpx.post(f"{server.url}{path}", json={"prompt": "p"}, timeout=30)
         assert 400 <= response.status_code < 500, response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/flux-nonexistent", "/v1/flux-2-pro", "/v1/flux-kontext-pro"])
+def test_unknown_model_route_is_bfls_404(server: ServerProcess, path: str) -> None:
+    """A BFL model route this server lacks answers as BFL's FastAPI app does, not in OpenAI's shape
+    (the OpenAI dialect owns the rest of /v1)."""
+    response = httpx.post(f"{server.url}{path}", json={"prompt": "p", **SMALL}, timeout=30)
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": "Not Found"}
+
+
+def test_get_result_without_id_names_the_query_parameter(server: ServerProcess) -> None:
+    for params in ({}, {"id": "x" * 201}):
+        response = httpx.get(f"{server.url}/v1/get_result", params=params, timeout=10)
+        assert response.status_code == 400, response.text
+        (detail,) = response.json()["detail"]
+        assert detail["loc"] == ["query", "id"] and detail["msg"]
 
 
 def test_x_key_is_the_api_key(ops_server: OpsServer) -> None:

@@ -111,6 +111,28 @@ def test_cancel_and_in_progress_result(server: ServerProcess, fal: fal_client.Sy
     assert again.status_code == 400 and again.json()["status"] == "ALREADY_COMPLETED"
 
 
+def test_query_and_header_parameters_are_located_where_they_were(server: ServerProcess) -> None:
+    """FastAPI's ``loc`` starts with where the value was sent: a query parameter or header is not "body"."""
+    submit, unsafe = f"{server.url}/fal-ai/flux-2/klein/4b", "http://169.254.169.254/latest"
+    cases = [
+        (httpx.post(submit, params={"fal_webhook": unsafe}, json={"prompt": "p"}, timeout=30), "query", "fal_webhook"),
+        (
+            httpx.post(submit, headers={"X-Kleinserve-Webhook": unsafe}, json={"prompt": "p"}, timeout=30),
+            "header",
+            "X-Kleinserve-Webhook",
+        ),
+        (
+            httpx.get(f"{server.url}/fal-ai/flux-2/requests/x/status", params={"logs": "1" * 11}, timeout=30),
+            "query",
+            "logs",
+        ),
+    ]
+    for response, source, name in cases:
+        assert response.status_code == 400, response.text
+        (detail,) = response.json()["detail"]
+        assert detail["loc"] == [source, name] and detail["msg"]
+
+
 @pytest.mark.parametrize(
     ("endpoint", "change", "loc"),
     [

@@ -165,6 +165,34 @@ def test_admin_metrics_need_the_token_and_the_port_needs_none(ops_server: OpsSer
     assert value(after, "kleinserve_jobs_finished_total", model=MODEL, dialect="oxen", outcome="succeeded") >= 1
 
 
+def test_readyz_shows_running_job_ids_only_with_the_admin_token(ops_server: OpsServer) -> None:
+    """/readyz is public for orchestrators (ready, models, each device's state); which job a worker
+    runs is the operator's to see: with the admin token, never to an anonymous probe or an API key."""
+    server = ops_server.server
+    key = {"Authorization": f"Bearer {ops_server.secret}"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    slow = {**SMALL, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50}
+    response = httpx.post(f"{server.url}/api/ai/queue", json=slow, headers=key, timeout=60)
+    assert response.status_code == 200, response.text
+    job_id = response.json()["generations"][0]["generation_id"]
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the worker runs it
+            operator = httpx.get(f"{server.url}/readyz", headers=admin, timeout=10).json()
+            if operator["devices"][0]["job"] == job_id or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert operator["devices"][0]["job"] == job_id, operator
+        for headers in ({}, key):
+            public = httpx.get(f"{server.url}/readyz", headers=headers, timeout=10)
+            assert public.status_code == 200 and public.json()["status"] == "ready"
+            (device,) = public.json()["devices"]
+            assert device["state"] == "ready" and device["worker"] and "job" not in device
+            assert job_id not in public.text
+    finally:
+        httpx.delete(f"{server.url}/api/ai/queue/{job_id}", headers=key, timeout=30)
+
+
 def test_metrics_off_is_404(tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 

@@ -100,6 +100,26 @@ def test_documented_http_flow_prefer_wait_and_match_input(server: ServerProcess,
     assert fetched["id"] == body["id"] and fetched["status"] == "succeeded"
 
 
+def test_prefer_wait_is_a_preference_as_rfc_7240_says(server: ServerProcess) -> None:
+    """A wait the server cannot use as sent is ignored, never a 400 (RFC 7240 § 2); over 60 s it waits
+    Replicate's 60; the answer names the wait it applied in Preference-Applied (§ 3)."""
+    url = f"{server.url}/v1/models/black-forest-labs/flux-2-klein-4b/predictions"
+    body = {"input": {"prompt": "p", "seed": 5, **SMALL}}
+    for prefer, applied in [
+        ("wait=abc", None),
+        ("wait=-1", None),
+        ("wait=abc, wait=5", None),  # only the first wait counts
+        ("wait=0", None),
+        ("wait=100", "wait=60"),
+        ("respond-async, wait=30", "wait=30"),
+    ]:
+        response = httpx.post(url, headers={"Prefer": prefer}, json=body, timeout=120)
+        assert response.status_code == 201, (prefer, response.text)
+        assert response.headers.get("Preference-Applied") == applied, prefer
+        if applied is not None:
+            assert response.json()["status"] == "succeeded", prefer
+
+
 def test_cancel_and_failed_prediction(client: replicate.Client) -> None:
     api = client
     slow = api.models.predictions.create(

@@ -53,6 +53,14 @@ def test_run_async_status_and_result(client: InferenceClient, server: ServerProc
     assert result["image"] == sync["image"] and result["seed"] == 21
 
 
+def test_other_preferences_are_ignored_and_answered_synchronously(server: ServerProcess) -> None:
+    """RFC 7240 § 2: a preference the server does not use (wait=N, a malformed one) is ignored, not an error."""
+    for prefer in ("wait=abc", "wait=5", "respond-sync"):
+        response = httpx.post(f"{server.url}/{SLUG}/generate", json=SMALL, headers={"Prefer": prefer}, timeout=120)
+        assert response.status_code == 200, (prefer, response.text)
+        assert response.headers["content-type"] == "image/jpeg" and "Preference-Applied" not in response.headers
+
+
 def test_async_protocol_headers_and_errors(server: ServerProcess) -> None:
     response = httpx.post(
         f"{server.url}/{SLUG}/generate", json={**SMALL, "seed": 22}, headers={"Prefer": "respond-async"}, timeout=60
@@ -63,6 +71,7 @@ def test_async_protocol_headers_and_errors(server: ServerProcess) -> None:
     assert response.headers["X-Inference-Id"] == body["Id"]
     assert response.headers["Location"] == f"{server.url}/status/{SLUG}"
     assert (body["StatusPath"], body["ResultPath"]) == (f"/status/{SLUG}", f"/result/{SLUG}")
+    assert response.headers["Preference-Applied"] == "respond-async"  # RFC 7240 § 3
     headers = {"X-Inference-Id": body["Id"]}
     deadline = time.monotonic() + 120
     while httpx.get(f"{server.url}{body['StatusPath']}", headers=headers).json()["Status"] != "Completed":

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from kleinserve.engine.batch import BatchItem, batch_key, generate_batch
-from kleinserve.engine.engine import Engine, EngineInputs, EngineOutput, Progress
+from kleinserve.engine.engine import Engine, EngineInputs, EngineOutput
+from kleinserve.engine.progress import Progress
 from kleinserve.engine.stepcache import StepCache
 from kleinserve.errors import GenerationCancelledError
 

@@ -24,7 +24,7 @@ from kleinserve.engine.loading import LoadOptions, load_placed, make_engine
 from kleinserve.engine.memory import plan_memory
 from kleinserve.engine.variants import find_variant
 from kleinserve.errors import InvalidParameterError, WeightsUnavailableError
-from kleinserve.runtime import load_options_for, memory_plan_for
+from kleinserve.placement import load_options_for, memory_plan_for
 from kleinserve.settings import Settings
 from tests.conftest import png_bytes
 from tests.engine.test_engine import diffusers_images

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kleinserve.engine.engine import Engine, EngineInputs, Progress
+from kleinserve.engine.engine import Engine, EngineInputs
+from kleinserve.engine.progress import Progress
 from kleinserve.errors import GenerationCancelledError
 
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from kleinserve.engine.batch import BatchItem, generate_batch
-from kleinserve.engine.engine import Engine, EngineInputs, Progress
+from kleinserve.engine.engine import Engine, EngineInputs
 from kleinserve.engine.preview import PREVIEW_MAX_SIDE, Previewer, preview_size
+from kleinserve.engine.progress import Progress
 from kleinserve.engine.tiny_autoencoder import Flux2TinyAutoEncoder, load_tiny_autoencoder
 from kleinserve.errors import WeightsUnavailableError
 

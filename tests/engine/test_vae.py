@@ -11,7 +11,7 @@ import torch
 from kleinserve.engine.engine import Engine, EngineInputs
 from kleinserve.engine.loading import LoadOptions, load_placed, make_engine
 from kleinserve.engine.vae import is_channels_last
-from kleinserve.runtime import load_options_for
+from kleinserve.placement import load_options_for
 from kleinserve.settings import Settings
 
 CPU = torch.device("cpu")

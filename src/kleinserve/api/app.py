@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import __version__, metrics
 from kleinserve.api.access_log import AccessMiddleware
-from kleinserve.api.auth import authenticate
+from kleinserve.api.auth import authenticate, has_admin_token
 from kleinserve.api.dialects.base import Dialect
 from kleinserve.api.dialects.bfl import BflDialect
 from kleinserve.api.dialects.fal import FalDialect
@@ -181,14 +181,17 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], summary="Readiness: 200 once every model is loaded, else 503.")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
+        # Public, for orchestrators: ready or not, the models, each device's state. The job each
+        # worker runs only with the admin token: an unauthenticated probe learns no job ids.
+        jobs = has_admin_token(request.headers, settings)
         body = {
             "status": "ready" if runtime.ready else ("error" if runtime.load_error else "loading"),
             "demo": runtime.demo,
             "models": runtime.served_ids(),
             "device": runtime.device,
             "dtype": runtime.dtype,
-            "devices": [state.describe() for state in runtime.device_states],
+            "devices": [state.describe(jobs) for state in runtime.device_states],
         }
         if runtime.load_error:
             body["error"] = runtime.load_error

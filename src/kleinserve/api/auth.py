@@ -11,6 +11,7 @@ open, not even when its last key is revoked. When keys are required, every diale
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -23,6 +24,7 @@ from kleinserve.api.jobs_http import runtime_of
 from kleinserve.errors import AuthenticationError
 from kleinserve.keys import ApiKey
 from kleinserve.runtime import Runtime
+from kleinserve.settings import Settings
 
 T = TypeVar("T")
 
@@ -58,6 +60,15 @@ def key_from_headers(headers: Headers) -> str | None:
         if value:
             return value
     return None
+
+
+def has_admin_token(headers: Headers, settings: Settings) -> bool:
+    """Whether ``headers`` carry ``Authorization: Bearer <KLEINSERVE_ADMIN_TOKEN>``, the operator's
+    secret, which is not an API key (compared in constant time; never true without a configured token).
+    It opens /metrics (``KLEINSERVE_METRICS=admin``) and the job ids of /readyz."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    return scheme.lower() == "bearer" and bool(expected) and hmac.compare_digest(token.strip(), expected)
 
 
 async def authenticate(request: Request) -> Caller:

@@ -107,11 +107,16 @@ class ErrorRenderer:
     def __init__(self, dialects: Sequence[Dialect]) -> None:
         self.native = NativeDialect()
         self.dialects = list(dialects)
-        self._by_prefix = sorted(((p, d) for d in dialects for p in d.prefixes), key=lambda pd: -len(pd[0]))
+        # (prefix, dialect, whole segments only); the longest prefix wins. A dialect's optional
+        # ``loose_prefixes`` also match inside a segment: BFL owns every ``/v1/flux-...`` model route,
+        # served or not, so an unknown model is answered in BFL's shape rather than OpenAI's (``/v1``).
+        prefixes = [(p, d, True) for d in dialects for p in d.prefixes]
+        prefixes += [(p, d, False) for d in dialects for p in getattr(d, "loose_prefixes", ())]
+        self._by_prefix = sorted(prefixes, key=lambda entry: -len(entry[0]))
 
     def dialect_for(self, path: str) -> Dialect | NativeDialect:
-        for prefix, dialect in self._by_prefix:
-            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+        for prefix, dialect, whole in self._by_prefix:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/" if whole else prefix):
                 return dialect
         return self.native
 

@@ -9,12 +9,12 @@ cannot read other keys' traffic. The token is compared in constant time.
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kleinserve import metrics
+from kleinserve.api.auth import has_admin_token
 from kleinserve.api.jobs_http import runtime_of
 from kleinserve.errors import AuthenticationError, NotFoundError
 
@@ -32,11 +32,8 @@ def metrics_router() -> APIRouter:
         settings = runtime_of(request).settings
         if settings.metrics == "off":
             raise NotFoundError("metrics are off (KLEINSERVE_METRICS=open or admin turns them on)")
-        if settings.metrics == "admin":
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
-            if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(token.strip(), expected):
-                raise AuthenticationError("metrics need the admin token: 'Authorization: Bearer <token>'")
+        if settings.metrics == "admin" and not has_admin_token(request.headers, settings):
+            raise AuthenticationError("metrics need the admin token: 'Authorization: Bearer <token>'")
         body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)  # the queue collector reads the store
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

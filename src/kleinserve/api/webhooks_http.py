@@ -34,24 +34,25 @@ HEADER = "X-Kleinserve-Webhook"
 MAX_URL = 2048
 
 
-async def checked_webhook(runtime: Runtime, url: str | None, field: str) -> str | None:
-    """``url`` if it may receive webhooks (see the module docstring), else a 400 naming ``field``."""
+async def checked_webhook(runtime: Runtime, url: str | None, field: str, source: str = "body") -> str | None:
+    """``url`` if it may receive webhooks (see the module docstring), else a 400 naming ``field``
+    (which came from ``source``: body, query or header)."""
     if url is None or not url.strip():
         return None
     url = url.strip()
     if len(url) > MAX_URL:
-        raise InvalidParameterError(field, f"must be at most {MAX_URL} characters")
+        raise InvalidParameterError(field, f"must be at most {MAX_URL} characters", source=source)
     policy = InputPolicy.from_settings(runtime.settings, field=field)
     try:
         await asyncio.to_thread(vetted_targets, url, policy)
     except InvalidImageError as err:
-        raise InvalidParameterError(field, err.message.removeprefix(f"{field}: ")) from None
+        raise InvalidParameterError(field, err.message.removeprefix(f"{field}: "), source=source) from None
     return url
 
 
 async def webhook_from_header(request: Request, runtime: Runtime) -> str | None:
     """The checked ``X-Kleinserve-Webhook`` of ``request``, if any."""
-    return await checked_webhook(runtime, request.headers.get(HEADER), HEADER)
+    return await checked_webhook(runtime, request.headers.get(HEADER), HEADER, "header")
 
 
 def start_dispatcher(runtime: Runtime) -> Callable[[], None]:

@@ -164,7 +164,7 @@ def serve(
         from kleinserve.engine.catalog import plan_models
         from kleinserve.engine.lora import check_sources
         from kleinserve.loras import parse_lora_options
-        from kleinserve.runtime import memory_plan_for
+        from kleinserve.placement import memory_plan_for
 
         served = plan_models(settings.models, settings.data_dir)
         memory = memory_plan_for(settings, served)

@@ -20,16 +20,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kleinserve.engine.engine import (
-    DEFAULT_SIZE,
-    CancelCheck,
-    Engine,
-    EngineInputs,
-    EngineOutput,
-    Progress,
-    ProgressCallback,
-    denoising_schedule,
-)
+from kleinserve.engine.denoising import denoising_schedule
+from kleinserve.engine.engine import DEFAULT_SIZE, Engine, EngineInputs, EngineOutput
+from kleinserve.engine.progress import CancelCheck, Progress, ProgressCallback
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
 

@@ -14,50 +14,31 @@ Reproducibility contract: for the same weights, inputs, device and dtype this pr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from PIL import Image
 
 from kleinserve.engine.cache import PromptCache
-from kleinserve.engine.guidance import guided_noise_one_batch
+from kleinserve.engine.denoising import Blend, Conditioning, Denoiser, denoising_schedule
 from kleinserve.engine.kv import ReferenceKV, use_kv_processors
-from kleinserve.engine.preview import Previewer, PreviewFn
-from kleinserve.engine.stepcache import StepCache, in_cache_context, step_caching
-from kleinserve.engine.vae import decode_latents
+from kleinserve.engine.preview import Previewer
+from kleinserve.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
+from kleinserve.engine.prompt import check_layers, encode_prompt
+from kleinserve.engine.references import encode_references, preprocess_reference
+from kleinserve.engine.stepcache import StepCache, step_caching
+from kleinserve.engine.vae import decode_packed
 from kleinserve.engine.variants import Variant
-from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
+from kleinserve.errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
     from diffusers import Flux2KleinPipeline
 
     from kleinserve.engine.lora import Adapters
 
-Stage = Literal["encode_prompt", "encode_references", "denoise", "decode"]
 DEFAULT_SIZE = 1024
-REFERENCE_MAX_PIXELS = 1024 * 1024  # diffusers shrinks larger references to this area
-MAX_SEQUENCE_LENGTH = 512
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a generation is: ``step`` of ``total`` within ``stage``.
-
-    ``preview`` (denoising steps only) decodes this request's current x0 estimate to small images
-    when called (engine/preview.py); it costs nothing unless called, and only during the callback.
-    """
-
-    stage: Stage
-    step: int
-    total: int
-    preview: PreviewFn | None = None
-
-
-ProgressCallback = Callable[[Progress], None]
-CancelCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -99,27 +80,6 @@ class EngineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _StopEncoding(Exception):
-    """Raised from a forward hook once the deepest tapped text-encoder layer has run."""
-
-
-def denoising_schedule(pipe: Any, steps: int, image_seq_len: int, device: torch.device) -> tuple[Any, torch.Tensor]:
-    """A private scheduler (the pipeline's own carries step state) set to ``steps`` timesteps as
-    ``Flux2KleinPipeline`` sets them: linear sigmas unless the config uses flow sigmas, shifted by
-    the empirical mu of the image's sequence length. Returns (scheduler, timesteps)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    sigmas: np.ndarray | None = np.linspace(1.0, 1 / steps, steps)
-    if getattr(scheduler.config, "use_flow_sigmas", False):
-        sigmas = None
-    mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
-    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
-    scheduler.set_begin_index(0)
-    return scheduler, timesteps
-
-
 class Engine:
     """One loaded klein model on one device: typed inputs in, PIL images out.
 
@@ -142,10 +102,7 @@ class Engine:
         self._text_encoder_device = text_encoder_device
         self.adapters: Adapters | None = None  # LoRA adapters offered on this pipeline (engine/lora.py)
         self.layers = tuple(variant.text_encoder_layers)
-        n_layers = pipeline.text_encoder.config.num_hidden_layers
-        if max(self.layers) >= n_layers:
-            # hidden_states[n_layers] would be the final-norm output, which klein never taps.
-            raise ValueError(f"text encoder has {n_layers} layers; cannot tap layer {max(self.layers)}")
+        check_layers(pipeline.text_encoder, self.layers)
         self._empty_embedding: torch.Tensor | None = None
         if variant.kv_cache:
             use_kv_processors(pipeline.transformer)
@@ -171,59 +128,14 @@ class Engine:
         dtype: torch.dtype = self.pipeline.transformer.dtype
         return dtype
 
-    # -- stage 1: prompt ------------------------------------------------------------------------
+    # -- stage 1: prompt (engine/prompt.py) -----------------------------------------------------
 
-    @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """The prompt embedding ``(1, 512, 3 * hidden)``: stacked hidden states of the tapped layers.
 
         Runs the decoder layers only up to the deepest tap; the final norm and the LM head never run.
         """
-        pipe = self.pipeline
-        text = pipe.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=False,
-        )
-        tokens = pipe.tokenizer(
-            text,
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=MAX_SEQUENCE_LENGTH,
-        )
-        encoder = pipe.text_encoder
-        device = self._text_encoder_device or encoder.device
-        captured: dict[int, torch.Tensor] = {}
-        deepest = max(self.layers)
-
-        def capture(index: int) -> Callable[..., None]:
-            def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
-                captured[index] = output[0] if isinstance(output, tuple) else output  # type: ignore[assignment]
-                if index == deepest:
-                    raise _StopEncoding
-
-            return hook
-
-        # hidden_states[k] is the output of decoder layer k - 1 (k = 0 is the token embedding).
-        modules = {k: encoder.model.layers[k - 1] if k > 0 else encoder.model.embed_tokens for k in self.layers}
-        handles = [modules[k].register_forward_hook(capture(k)) for k in self.layers]
-        try:
-            # The whole model is called (not encoder.model) so offloading hooks on it run.
-            encoder(
-                input_ids=tokens["input_ids"].to(device),
-                attention_mask=tokens["attention_mask"].to(device),
-                use_cache=False,
-            )
-        except _StopEncoding:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        stacked = torch.stack([captured[k] for k in self.layers], dim=1).to(encoder.dtype)
-        batch, channels, seq_len, hidden = stacked.shape
-        return stacked.permute(0, 2, 1, 3).reshape(batch, seq_len, channels * hidden).to(self.device)
+        return encode_prompt(self.pipeline, self.layers, prompt, self._text_encoder_device, self.device)
 
     def prompt_embedding(self, prompt: str) -> torch.Tensor:
         """:meth:`encode_prompt` through the prompt cache, when the engine has one."""
@@ -243,38 +155,19 @@ class Engine:
             self._empty_embedding = self.encode_prompt("")
         return self._empty_embedding
 
-    # -- stage 2: references --------------------------------------------------------------------
+    # -- stage 2: references (engine/references.py) ---------------------------------------------
 
     def preprocess_reference(self, image: Image.Image) -> torch.Tensor:
         """Resize (to at most 1 MP) and crop a reference to the 16-pixel grid, as diffusers does."""
-        processor = self.pipeline.image_processor
-        width, height = image.size
-        if width * height > REFERENCE_MAX_PIXELS:
-            image = processor._resize_to_target_area(image, REFERENCE_MAX_PIXELS)
-            width, height = image.size
-        multiple = self.pipeline.vae_scale_factor * 2
-        width, height = (width // multiple) * multiple, (height // multiple) * multiple
-        tensor: torch.Tensor = processor.preprocess(image, height=height, width=width, resize_mode="crop")
-        return tensor
+        return preprocess_reference(self.pipeline, image)
 
-    @torch.inference_mode()
     def encode_references(
         self, images: Sequence[Image.Image], batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """VAE latents and position ids of the references, and the first reference's (width, height)."""
-        pipe = self.pipeline
-        tensors = [self.preprocess_reference(image) for image in images]
-        first_size = (int(tensors[0].shape[-1]), int(tensors[0].shape[-2]))
-        latents, ids = pipe.prepare_image_latents(
-            images=tensors,
-            batch_size=batch_size,
-            generator=None,  # references are encoded with the posterior mode: no randomness
-            device=self.device,
-            dtype=pipe.vae.dtype,
-        )
-        return latents, ids, first_size
+        return encode_references(self.pipeline, images, batch_size, self.device)
 
-    # -- stages 3 and 4: denoise and decode -----------------------------------------------------
+    # -- stages 3 and 4: denoise (engine/denoising.py) and decode (engine/vae.py) ---------------
 
     @torch.inference_mode()
     def generate(
@@ -319,18 +212,17 @@ class Engine:
         report(Progress("encode_prompt", 0, 1))
         embedding = prompt_embedding if prompt_embedding is not None else self.prompt_embedding(inputs.prompt)
         prompt_embeds = embedding.expand(n, -1, -1)
-        text_ids = pipe._prepare_text_ids(prompt_embeds).to(self.device)
-        negative_embeds = negative_ids = None
+        text = Conditioning(prompt_embeds, pipe._prepare_text_ids(prompt_embeds).to(self.device))
         if cfg:
             negative_embeds = self.negative_embedding(inputs.negative_prompt).expand(n, -1, -1)
             negative_ids = pipe._prepare_text_ids(negative_embeds).to(self.device)
+            text = replace(text, negative_embeds=negative_embeds, negative_ids=negative_ids)
         timings["encode_prompt"] = time.perf_counter() - started
 
         if (inputs.strength is not None or inputs.mask is not None) and inputs.references:
-            return self._generate_from_image(inputs, report, cancelled, timings, prompt_embeds, text_ids, cfg,
-                                             negative_embeds, negative_ids)  # fmt: skip
+            return self._generate_from_image(inputs, report, cancelled, timings, text)
 
-        ref_latents = ref_ids = None
+        conditioning = text
         width, height = inputs.width, inputs.height
         if inputs.references:
             started = time.perf_counter()
@@ -338,10 +230,15 @@ class Engine:
             ref_latents, ref_ids, first_size = self.encode_references(inputs.references, n)
             if width is None or height is None:
                 width, height = first_size
+            kv = None
+            if self.variant.kv_cache:
+                # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
+                kv = ReferenceKV(ref_latents, ref_ids)
+            conditioning = replace(text, ref_latents=ref_latents, ref_ids=ref_ids, kv=kv)
             timings["encode_references"] = time.perf_counter() - started
         width = width or DEFAULT_SIZE
         height = height or DEFAULT_SIZE
-        self._check_cancel(cancelled)
+        check_cancel(cancelled)
 
         started = time.perf_counter()
         seeds = [inputs.seed + i for i in range(n)]
@@ -356,15 +253,10 @@ class Engine:
             generator=generators,
         )
         scheduler, timesteps = denoising_schedule(pipe, inputs.steps, latents.shape[1], self.device)
-
-        kv = None
-        if self.variant.kv_cache and ref_latents is not None and ref_ids is not None:
-            # klein 9B-KV: reference K/V computed at step 0 and reused (engine/kv.py); local to this call.
-            kv = ReferenceKV(ref_latents, ref_ids)
+        denoiser = self._denoiser(inputs, scheduler, timesteps, conditioning, width, height)
         return self._denoise_and_decode(
-            inputs, report, cancelled, timings, started, seeds, scheduler, timesteps, latents, latent_ids,
-            ref_latents, ref_ids, kv, prompt_embeds, text_ids, cfg, negative_embeds, negative_ids, width, height,
-        )  # fmt: skip
+            inputs, denoiser, latents, latent_ids, seeds, report, cancelled, timings, started
+        )
 
     def _generate_from_image(
         self,
@@ -372,11 +264,7 @@ class Engine:
         report: ProgressCallback,
         cancelled: CancelCheck,
         timings: dict[str, float],
-        prompt_embeds: torch.Tensor,
-        text_ids: torch.Tensor,
-        cfg: bool,
-        negative_embeds: torch.Tensor | None,
-        negative_ids: torch.Tensor | None,
+        text: Conditioning,
     ) -> EngineOutput:
         """Image-to-image with ``inputs.strength`` (engine/img2img.py), inpainting where ``inputs.mask``
         says (engine/inpaint.py): the output has the first image's size."""
@@ -393,107 +281,56 @@ class Engine:
         seeds = [inputs.seed + i for i in range(inputs.num_images)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        dtype = text.prompt_embeds.dtype
         start = starting_point(
-            self.pipeline, inputs.references, strength, inputs.steps, scheduler, generators,
-            prompt_embeds.dtype, self.device,
-        )  # fmt: skip
+            self.pipeline, inputs.references, strength, inputs.steps, scheduler, generators, dtype, self.device
+        )
         blend = None
         if inputs.mask is not None:
-            blend = mask_blend(self.pipeline, inputs.mask, start, prompt_embeds.dtype, self.device)
+            blend = mask_blend(self.pipeline, inputs.mask, start, dtype, self.device)
         timings["encode_references"] = time.perf_counter() - started
-        self._check_cancel(cancelled)
+        check_cancel(cancelled)
+        conditioning = replace(text, ref_latents=start.condition_latents, ref_ids=start.condition_ids)
+        denoiser = self._denoiser(inputs, scheduler, start.timesteps, conditioning, start.width, start.height, blend)
         return self._denoise_and_decode(
-            inputs, report, cancelled, timings, time.perf_counter(), seeds, scheduler, start.timesteps,
-            start.latents, start.latent_ids, start.condition_latents, start.condition_ids, None, prompt_embeds,
-            text_ids, cfg, negative_embeds, negative_ids, start.width, start.height, blend,
+            inputs, denoiser, start.latents, start.latent_ids, seeds, report, cancelled, timings, time.perf_counter()
+        )
+
+    def _denoiser(
+        self,
+        inputs: EngineInputs,
+        scheduler: object,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        width: int,
+        height: int,
+        blend: Blend | None = None,
+    ) -> Denoiser:
+        return Denoiser(
+            self.pipeline.transformer, scheduler, timesteps, conditioning, inputs.guidance, self.previews,
+            width, height, one_batch=self.cfg_in_one_batch, blend=blend,
         )  # fmt: skip
 
     def _denoise_and_decode(
         self,
         inputs: EngineInputs,
+        denoiser: Denoiser,
+        latents: torch.Tensor,
+        latent_ids: torch.Tensor,
+        seeds: list[int],
         report: ProgressCallback,
         cancelled: CancelCheck,
         timings: dict[str, float],
         started: float,
-        seeds: list[int],
-        scheduler: Any,
-        timesteps: torch.Tensor,
-        latents: torch.Tensor,
-        latent_ids: torch.Tensor,
-        ref_latents: torch.Tensor | None,
-        ref_ids: torch.Tensor | None,
-        kv: ReferenceKV | None,
-        prompt_embeds: torch.Tensor,
-        text_ids: torch.Tensor,
-        cfg: bool,
-        negative_embeds: torch.Tensor | None,
-        negative_ids: torch.Tensor | None,
-        width: int,
-        height: int,
-        blend: Callable[[Any, int, torch.Tensor], torch.Tensor] | None = None,
     ) -> EngineOutput:
-        """The denoising loop and the VAE decode, shared by every kind of generation. ``blend``
-        (inpainting) rewrites the latents after each scheduler step."""
-        pipe = self.pipeline
-        steps = inputs.steps
-
-        def step(noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
-            stepped: torch.Tensor = scheduler.step(noise, t, latents, return_dict=False)[0]
-            return stepped if blend is None else blend(scheduler, i, stepped)
-
-        model_input_ids = latent_ids if ref_ids is None else torch.cat([latent_ids, ref_ids], dim=1)
-        transformer = pipe.transformer
-        # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does.
-        cond, uncond = in_cache_context(transformer, "cond"), in_cache_context(transformer, "uncond")
-        for i, t in enumerate(timesteps):
-            self._check_cancel(cancelled)
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            if kv is not None:
-                noise = kv.predict(transformer, latents, latent_ids, timestep / 1000, prompt_embeds, text_ids)
-                latents = step(noise, t, latents, i)
-                report(self._denoised(i, timesteps, scheduler, latents, noise, latent_ids, width, height))
-                continue
-            model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
-            model_input = model_input.to(transformer.dtype)
-            one_batch = self.cfg_in_one_batch and cond is transformer  # step-cache hooks want one pass per branch
-            if cfg and one_batch and negative_embeds is not None and negative_ids is not None:
-                noise = guided_noise_one_batch(
-                    transformer, model_input, timestep / 1000, prompt_embeds, negative_embeds, text_ids,
-                    negative_ids, model_input_ids, latents.size(1), inputs.guidance,
-                )  # fmt: skip
-                latents = step(noise, t, latents, i)
-                report(self._denoised(i, timesteps, scheduler, latents, noise, latent_ids, width, height))
-                continue
-            noise = cond(
-                hidden_states=model_input,
-                timestep=timestep / 1000,
-                guidance=None,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=model_input_ids,
-                return_dict=False,
-            )[0][:, : latents.size(1)]
-            if cfg:
-                negative = uncond(
-                    hidden_states=model_input,
-                    timestep=timestep / 1000,
-                    guidance=None,
-                    encoder_hidden_states=negative_embeds,
-                    txt_ids=negative_ids,
-                    img_ids=model_input_ids,
-                    return_dict=False,
-                )[0][:, : latents.size(1)]
-                noise = negative + inputs.guidance * (noise - negative)
-            latents = step(noise, t, latents, i)
-            report(self._denoised(i, timesteps, scheduler, latents, noise, latent_ids, width, height))
-        if kv is not None:
-            kv.clear()  # the references' K/V are this request's; never kept past it
+        """The denoising loop and the VAE decode, shared by every kind of generation."""
+        latents = denoiser.run(latents, latent_ids, report, cancelled)
         timings["denoise"] = time.perf_counter() - started
-        self._check_cancel(cancelled)
+        check_cancel(cancelled)
 
         started = time.perf_counter()
         report(Progress("decode", 0, 1))
-        images = self.decode(latents, latent_ids, width, height)
+        images = self.decode(latents, latent_ids, denoiser.width, denoiser.height)
         timings["decode"] = time.perf_counter() - started
         report(Progress("decode", 1, 1))
         return EngineOutput(
@@ -501,43 +338,12 @@ class Engine:
             seeds=seeds,
             width=images[0].width,
             height=images[0].height,
-            steps=steps,
+            steps=inputs.steps,
             guidance=inputs.guidance,
-            cfg=cfg,
+            cfg=denoiser.conditioning.cfg,
             timings=timings,
         )
 
     def decode(self, latents: torch.Tensor, latent_ids: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         """Unpack packed latents, undo the VAE batch-norm and decode to PIL images."""
-        pipe = self.pipeline
-        grid = pipe.vae_scale_factor * 2
-        latents = pipe._unpack_latents_with_ids(latents, latent_ids, height // grid, width // grid)
-        vae = pipe.vae
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
-            latents.device, latents.dtype
-        )
-        latents = pipe._unpatchify_latents(latents * std + mean)
-        decoded = decode_latents(vae, latents.to(self.device), self.vae_tile_above_pixels, pipe.vae_scale_factor)
-        images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
-        return images
-
-    def _denoised(
-        self,
-        i: int,
-        timesteps: torch.Tensor,
-        scheduler: Any,
-        latents: torch.Tensor,
-        noise: torch.Tensor,
-        latent_ids: torch.Tensor,
-        width: int,
-        height: int,
-    ) -> Progress:
-        """Progress after denoising step ``i``, with its lazy preview."""
-        preview = self.previews.lazy(latents, noise, scheduler.sigmas, scheduler.step_index, latent_ids, width, height)
-        return Progress("denoise", i + 1, len(timesteps), preview)
-
-    @staticmethod
-    def _check_cancel(cancelled: CancelCheck) -> None:
-        if cancelled():
-            raise GenerationCancelledError()
+        return decode_packed(self.pipeline, latents, latent_ids, width, height, self.device, self.vae_tile_above_pixels)

@@ -1,4 +1,8 @@
-"""VAE decoding: whole, or in tiles above a size so large images fit in memory; channels_last.
+"""VAE decoding: packed latents to images, whole or in tiles above a size so large images fit in
+memory; channels_last.
+
+:func:`decode_packed` unpacks the transformer's packed latents to the VAE's grid, undoes the VAE's
+batch norm and unpatchifies them, as ``Flux2KleinPipeline`` does before its VAE decode.
 
 Tiling: diffusers' ``AutoencoderKLFlux2.tiled_decode`` decodes overlapping tiles of ``sample_size``
 pixels and blends their seams, so peak memory stays that of one tile. Blending changes pixels slightly
@@ -19,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 
 
 def use_channels_last(vae: torch.nn.Module) -> None:
@@ -40,3 +45,24 @@ def decode_latents(vae: Any, latents: torch.Tensor, tile_above_pixels: int, scal
         return tiled
     whole: torch.Tensor = vae.decode(latents, return_dict=False)[0]
     return whole
+
+
+def decode_packed(
+    pipeline: Any,
+    latents: torch.Tensor,
+    latent_ids: torch.Tensor,
+    width: int,
+    height: int,
+    device: torch.device,
+    tile_above_pixels: int,
+) -> list[Image.Image]:
+    """Unpack packed latents, undo the VAE batch-norm and decode to PIL images."""
+    grid = pipeline.vae_scale_factor * 2
+    latents = pipeline._unpack_latents_with_ids(latents, latent_ids, height // grid, width // grid)
+    vae = pipeline.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+    latents = pipeline._unpatchify_latents(latents * std + mean)
+    decoded = decode_latents(vae, latents.to(device), tile_above_pixels, pipeline.vae_scale_factor)
+    images: list[Image.Image] = pipeline.image_processor.postprocess(decoded, output_type="pil")
+    return images

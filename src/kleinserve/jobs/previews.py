@@ -24,7 +24,7 @@ from kleinserve.jobs.job import Job
 from kleinserve.storage.base import Storage
 
 if TYPE_CHECKING:  # no torch on import: API processes may read this module's names
-    from kleinserve.engine.engine import Progress
+    from kleinserve.engine.progress import Progress
 
 log = logging.getLogger(__name__)
 

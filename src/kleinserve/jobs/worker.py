@@ -35,9 +35,10 @@ from typing import Any
 
 from kleinserve import logs, metrics
 from kleinserve.engine.batch import BatchItem, Outcome, batch_key, generate_batch
-from kleinserve.engine.engine import Engine, EngineOutput, Progress
+from kleinserve.engine.engine import Engine, EngineOutput
 from kleinserve.engine.images import InputPolicy, load_references
 from kleinserve.engine.masks import load_mask
+from kleinserve.engine.progress import Progress
 from kleinserve.errors import GenerationCancelledError, KleinserveError, ResourceExhaustedError
 from kleinserve.generation import activate_loras, encode_output, lora_key, prepare_inputs
 from kleinserve.jobs.batches import Run, auto_max_batch, batch_groups

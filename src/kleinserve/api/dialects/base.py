@@ -104,7 +104,8 @@ class Dialect(Protocol):
     name: str
     prefixes: tuple[str, ...]
     # Optional ``upload_paths``: routes that take multipart/form-data; every other body must be
-    # JSON (api/guard.py answers 415 otherwise).
+    # JSON (api/guard.py answers 415 otherwise). Optional ``loose_prefixes``: path prefixes that
+    # also match inside a segment, for the error shape of unknown routes (api/errors.py).
 
     def router(self) -> APIRouter:
         """The dialect's routes (its module-level router)."""
@@ -205,8 +206,9 @@ def parameter_error(
     first = errors[0]
     kind = first.get("type")
     loc = list(first.get("loc", ()))
+    source = "body"
     if from_request and loc and loc[0] in _SOURCES:
-        loc = loc[1:]
+        source, loc = str(loc[0]), loc[1:]
     tags = loc[:-1] if kind == "extra_forbidden" else loc  # an unknown field's own name is kept
     loc = [part for part in tags if not (isinstance(part, str) and _UNION_TAG.match(part))] + loc[len(tags) :]
     where = ".".join(str(part) for part in loc)
@@ -221,7 +223,7 @@ def parameter_error(
         message = "is not a known parameter"
     name = (prefix + where) if where else (prefix.rstrip(".") or "body")
     # A field name taken from the body may hold lone surrogates; the error must still encode.
-    return InvalidParameterError(name.encode("utf-8", "replace").decode(), message)
+    return InvalidParameterError(name.encode("utf-8", "replace").decode(), message, source=source)
 
 
 def parse_body(model: type[M], data: Any, *, prefix: str = "") -> M:

@@ -28,17 +28,25 @@ Compatibility notes: docs/api/bfl.md. BFL's API is asynchronous only: a submit a
   e.g. ``aspect_ratio`` or ``steps`` would silently get something else).
 - ``get_result`` of an unknown id (or another key's) answers 200 with ``status: "Task not found"``,
   as BFL's OpenAPI documents only 200 for it. ``progress`` is the denoising fraction 0-1.
+- A submit's ``input_mp`` is the megapixels of the input images as sent, summed (0.0 without any,
+  as BFL answers a text-to-image task); ``output_mp`` those of the output, ``null`` when its size
+  is left to the first input; ``cost`` the operator's price for the job (``null`` when free).
 - Errors: FastAPI's shape, as BFL's API is FastAPI: ``{"detail": [{"loc", "msg", "type"}]}`` for a
-  bad parameter (status 400 here where BFL says 422), ``{"detail": "<message>"}`` otherwise.
+  bad parameter (status 400 here where BFL says 422; ``loc`` starts with where it was: ``body``, or
+  ``query`` for ``get_result``'s ``id``), ``{"detail": "<message>"}`` otherwise. Every path under
+  ``/v1/flux-`` is BFL's: a model route this server does not have is BFL's 404,
+  ``{"detail": "Not Found"}``.
 - The key comes in ``x-key`` (also any header api/auth.py reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api.auth import CallerDep
@@ -53,6 +61,7 @@ from kleinserve.api.dialects.base import (
 )
 from kleinserve.api.jobs_http import ReadyRuntime, outputs_of, result_url, runtime_of
 from kleinserve.api.webhooks_http import checked_webhook, webhook_from_header
+from kleinserve.engine.images import ASSET_PREFIX
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import InvalidParameterError, InvalidRequestError, KleinserveError, NotFoundError
 from kleinserve.jobs.job import Job, JobStatus
@@ -191,13 +200,30 @@ async def _submit(
     except InvalidRequestError as err:
         raise client_image_error(err, _input_image_field) from None
     output_mp = round(gen.width * gen.height / 1_000_000, 4) if gen.width and gen.height else None
+    input_mp = await asyncio.to_thread(input_megapixels, runtime, job.request)
     return {
         "id": job.id,
         "polling_url": polling_url(runtime, job.id),
         "cost": job.cost or None,
-        "input_mp": None,
+        "input_mp": input_mp,
         "output_mp": output_mp,
     }
+
+
+def input_megapixels(runtime: Runtime, request: GenerationRequest) -> float | None:
+    """BFL's ``input_mp``: the megapixels of the input images as sent, summed (each listed image
+    counts, as BFL prices each input), 0.0 without any, as BFL answers a text-to-image task. Read from
+    the headers of the stored inputs (staged by now); ``None`` if one cannot be read."""
+    pixels = 0
+    for source in request.images:
+        try:
+            data = runtime.read_asset(source.strip().removeprefix(ASSET_PREFIX))
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except (KleinserveError, OSError, ValueError):
+            return None
+        pixels += width * height
+    return round(pixels / 1_000_000, 4)
 
 
 def _add_endpoint(endpoint: str) -> None:
@@ -235,13 +261,16 @@ class BflDialect:
 
     name = NAME
     prefixes: tuple[str, ...] = (*(f"{PREFIX}/{e}" for e in ENDPOINTS), RESULT_PATH)
+    # Every BFL model route is /v1/flux-...: one this server does not have (``flux-2-pro``) is BFL's
+    # 404, ``{"detail": "Not Found"}``, not the OpenAI dialect's (which owns the rest of /v1).
+    loose_prefixes: tuple[str, ...] = (f"{PREFIX}/flux-",)
 
     def router(self) -> APIRouter:
         return router
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         if isinstance(error, InvalidParameterError) and error.field:
-            loc = ["body", *error.field.split(".")]
+            loc = [error.source, *error.field.split(".")]
             return {"detail": [{"loc": loc, "msg": error.detail, "type": "value_error"}]}
         return {"detail": error.message}
 

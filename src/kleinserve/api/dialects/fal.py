@@ -214,7 +214,7 @@ def _add_endpoint(endpoint: str) -> None:
         fal_webhook: str | None = Query(None, max_length=2048),
     ) -> dict[str, Any]:
         gen = to_generation_request(endpoint, body, runtime)
-        webhook_url = await checked_webhook(runtime, fal_webhook, "fal_webhook") or await webhook_from_header(
+        webhook_url = await checked_webhook(runtime, fal_webhook, "fal_webhook", "query") or await webhook_from_header(
             request, runtime
         )
         extra = {"model": f"fal-ai/flux-2/{endpoint}", "sync_mode": body.sync_mode}
@@ -277,7 +277,7 @@ class FalDialect:
 
     def error_body(self, error: KleinserveError, status: int) -> dict[str, Any]:
         if isinstance(error, InvalidParameterError) and error.field:
-            loc = ["body", *error.field.split(".")]
+            loc = [error.source, *error.field.split(".")]
             return {"detail": [{"loc": loc, "msg": error.detail, "type": "value_error"}]}
         return {"detail": error.message, "error_type": error.code}
 

@@ -10,7 +10,8 @@ from kleinserve.api.auth import Caller
 from kleinserve.api.dialects.oxen_schema import REQUEST_SCHEMA
 from kleinserve.engine.variants import Variant
 from kleinserve.errors import NotFoundError
-from kleinserve.runtime import AdvertisedModel, Runtime
+from kleinserve.roster import AdvertisedModel
+from kleinserve.runtime import Runtime
 
 if TYPE_CHECKING:  # the engine (torch) stays out of api-only processes
     from kleinserve.engine.catalog import ServedModel

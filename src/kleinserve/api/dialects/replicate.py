@@ -28,7 +28,9 @@ with ``{"input": {...}}`` queues a job and answers the prediction object (201); 
   kleinserve's one error table: bad input is 400 where Replicate answers 422 (its client raises
   ``ReplicateError`` for either).
 - ``Prefer: wait`` that runs out answers the prediction as ``starting``, as Replicate does (its
-  client then polls ``urls.get``).
+  client then polls ``urls.get``). A malformed wait (``wait=abc``) is ignored, as RFC 7240 requires
+  of preferences a server cannot comply with, and a wait over 60 s waits 60 s (:func:`wait_seconds`);
+  ``Preference-Applied: wait=N`` says when a wait was applied.
 - ``webhook``: delivered by kleinserve's webhook machinery when the prediction ends (kleinserve's
   signed job payload, Standard Webhooks, not Replicate's prediction body); ``webhook_events_filter``
   must include ``completed`` (the only event sent), else a 400.
@@ -78,7 +80,7 @@ MODELS: dict[str, str] = {
 }
 MATCH_INPUT = "match_input_image"
 MAX_WAIT = 60  # seconds: Replicate's bound on Prefer: wait=N
-_PREFER_WAIT = re.compile(r"^\s*wait\s*(?:=\s*(\d+))?\s*$", re.I)
+_DELTA_SECONDS = re.compile(r"^\d+$")  # RFC 7240's delta-seconds (RFC 9111 § 1.2.2)
 NAMES = FieldNames({"quality": "output_quality", "size": "aspect_ratio", "width": "aspect_ratio"}, prefix="input.")
 _STATUS = {
     JobStatus.QUEUED: "starting",
@@ -205,16 +207,24 @@ def prediction(runtime: Runtime, job: Job) -> dict[str, Any]:
 
 
 def wait_seconds(prefer: str | None) -> int:
-    """Seconds ``Prefer: wait`` asks for (``wait`` alone is Replicate's 60); 0 without it."""
-    if not prefer:
-        return 0
-    for part in prefer.split(","):
-        found = _PREFER_WAIT.match(part)
-        if found:
-            asked = int(found.group(1)) if found.group(1) else MAX_WAIT
-            if not 1 <= asked <= MAX_WAIT:
-                raise InvalidParameterError("Prefer", f"wait must be 1-{MAX_WAIT} seconds; got {asked}")
-            return asked
+    """Seconds ``Prefer: wait`` asks for, at most :data:`MAX_WAIT` (``wait`` alone is Replicate's
+    60); 0 without a usable one.
+
+    RFC 7240 § 2: a server that does not recognize, or cannot comply with, a preference MUST ignore it
+    and continue processing instead of signaling an error; so a malformed wait (``wait=abc``,
+    ``wait=-1``, ``wait=1.5``) is ignored as if absent (the prediction is answered at once), never a
+    400, and only the first ``wait`` counts (§ 2: later occurrences are ignored). ``wait`` is an upper
+    bound (§ 4.3): ``wait=0`` answers at once, and a wait over 60 s is honoured by waiting at most 60
+    s, Replicate's limit. The answer says which wait applied in ``Preference-Applied`` (§ 3), so a
+    client can tell an ignored preference from a wait that ran out."""
+    for preference in (prefer or "").split(","):
+        token, equals, value = preference.split(";")[0].partition("=")  # parameters after ";" are unused
+        if token.strip().lower() != "wait":
+            continue
+        if not equals:
+            return MAX_WAIT  # "wait" alone: Replicate's 60 s
+        value = value.strip().strip('"')
+        return min(int(value), MAX_WAIT) if _DELTA_SECONDS.match(value) else 0
     return 0
 
 
@@ -261,6 +271,8 @@ async def create_prediction(
     if wait and not job.terminal:
         body_out["status"] = "starting"  # Replicate's answer to a wait that ran out
     headers = {"Location": body_out["urls"]["get"]}
+    if wait:
+        headers["Preference-Applied"] = f"wait={wait}"  # RFC 7240 § 3
     return JSONResponse(body_out, status_code=201, headers=headers)
 
 

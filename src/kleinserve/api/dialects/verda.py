@@ -30,7 +30,9 @@ synchronous: the raw image with ``X-Seed`` and ``X-Has-Nsfw-Content`` headers, o
   ``GET /status/<slug>`` (header ``X-Inference-Id``) says ``Queue``, ``Inference`` or ``Completed``
   (``Initialized`` is only the SDK's own state before its first poll), with ``QueuePosition`` and
   ``Progress`` where known; ``GET /result/<slug>`` answers as the sync call would (bytes or base64
-  JSON, or the error that ended the job), or 202 with the status while it is not done.
+  JSON, or the error that ended the job), or 202 with the status while it is not done. Other
+  preferences (``wait=N``, malformed ones) are ignored as RFC 7240 requires: the call answers
+  synchronously (:func:`async_preference`).
 - ``Authorization: Bearer <key>`` is accepted and not checked yet; unknown body fields are a 400
   naming the field; a klein slug this server does not serve, or any other ``POST /<slug>/generate``,
   is a 404 in the same shape.
@@ -294,10 +296,15 @@ def _base(request: Request, runtime: Runtime) -> str:
     return (runtime.settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def wants_async(prefer: str | None) -> bool:
-    """Verda's ``Prefer: respond-async`` (and its ``-proxy`` / ``-container`` forms)."""
-    tokens = [part.strip().lower() for part in (prefer or "").split(",")]
-    return any(token.startswith("respond-async") for token in tokens)
+def async_preference(prefer: str | None) -> str | None:
+    """Verda's ``Prefer: respond-async`` (and its ``-proxy`` / ``-container`` forms): the token sent,
+    or ``None`` (answer synchronously).
+
+    Every other preference, ``wait=N`` and malformed ones included, is ignored: RFC 7240 § 2 says a
+    server that does not recognize or cannot comply with a preference MUST ignore it and continue
+    instead of signaling an error. The 202 names the preference it applied in ``Preference-Applied``."""
+    tokens = [part.split(";")[0].strip().lower() for part in (prefer or "").split(",")]
+    return next((token for token in tokens if token.startswith("respond-async")), None)
 
 
 async def generate(
@@ -311,14 +318,19 @@ async def generate(
         "enable_safety_checker": body.enable_safety_checker,
         "enable_base64_output": body.enable_base64_output,
     }
-    if wants_async(prefer):
+    applied = async_preference(prefer)
+    if applied is not None:
         (job,) = await asyncio.to_thread(runtime.service.submit, [gen], key=caller.key, dialect=NAME, extra=extra)
         status_path, result_path = f"/status/{slug}", f"/result/{slug}"
         return JSONResponse(
             {"Id": job.id, "StatusPath": status_path, "ResultPath": result_path},
             status_code=202,
             # Where the client reached us (the configured public URL when one is set).
-            headers={INFERENCE_ID: job.id, "Location": _base(request, runtime) + status_path},
+            headers={
+                INFERENCE_ID: job.id,
+                "Location": _base(request, runtime) + status_path,
+                "Preference-Applied": applied,  # RFC 7240 § 3
+            },
         )
     (job,) = await submit_and_wait(
         request, runtime, caller, [gen], dialect=NAME, extra=extra, images_field="input_images"

@@ -36,13 +36,18 @@ class ServerProcess:
         self.log_path = data_dir / "server.log"
 
     def start(self, timeout: float = 120) -> ServerProcess:
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to be ready (see :func:`start_together`)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "kleinserve", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         for model in self.models:
             args += ["--model", model]
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen([*args, *self.extra], stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -72,6 +77,15 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def start_together(*servers: ServerProcess, timeout: float = 120) -> None:
+    """Start ``servers`` at once and wait until each is ready: a start is mostly one core importing
+    torch and the model libraries, so two starting side by side take little longer than one."""
+    for server in servers:
+        server.launch()
+    for server in servers:
+        server.wait_ready(timeout)
 
 
 @pytest.fixture(scope="session")

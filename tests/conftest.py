@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +26,33 @@ pytest_plugins = [
     "tests.services.postgres",
     "tests.services.seaweed",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_ssl_context_per_setting() -> Iterator[None]:
+    """``httpx.get`` and friends build a client, and with it an SSL context that loads the CA bundle
+    (~30 ms of CPU), on every call; the tests poll servers with them many times a second while those
+    servers work. Contexts are built once per setting instead (every URL here is plain HTTP anyway).
+    Left alone if a later httpx moves the function."""
+    from httpx._transports import default
+
+    build = getattr(default, "create_ssl_context", None)
+    if build is None:
+        yield
+        return
+    cache: dict[tuple[object, ...], Any] = {}
+
+    def cached(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if not isinstance(verify, bool) or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        key = (verify, trust_env)
+        if key not in cache:
+            cache[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(default, "create_ssl_context", cached)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -36,27 +36,33 @@ class ServerProcess:
         self.log_path = data_dir / "server.log"
 
     def start(self, timeout: float = 120) -> ServerProcess:
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to be ready (see :func:`start_together`)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "kleinserve", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         for model in self.models:
             args += ["--model", model]
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen([*args, *self.extra], stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        with httpx.Client(timeout=2) as client:  # one client: no new SSL context per look
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    if client.get(f"{self.url}/readyz").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
@@ -74,18 +80,22 @@ class ServerProcess:
         return self.process.returncode
 
 
-@pytest.fixture(scope="session")
-def server(
-    tiny_distilled: Path,
-    tiny_base: Path,
-    tiny_lora: Path,
-    tiny_autoencoder: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ServerProcess]:
-    """One server for the session: klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base;
-    one LoRA adapter, ``tiny``, offered; previews decoded by the tiny autoencoder."""
-    process = ServerProcess(
-        tmp_path_factory.mktemp("server"),
+def start_together(*servers: ServerProcess, timeout: float = 120) -> None:
+    """Start ``servers`` at once and wait until each is ready: a start is mostly one core importing
+    torch and the model libraries, so two starting side by side take little longer than one."""
+    for server in servers:
+        server.launch()
+    for server in servers:
+        server.wait_ready(timeout)
+
+
+def main_server(
+    tiny_distilled: Path, tiny_base: Path, tiny_lora: Path, tiny_autoencoder: Path, data_dir: Path
+) -> ServerProcess:
+    """klein 4B and 9B on tiny distilled weights, Base 4B and 9B on tiny base; one LoRA adapter,
+    ``tiny``, offered; previews decoded by the tiny autoencoder."""
+    return ServerProcess(
+        data_dir,
         [
             f"flux-2-klein-4b={tiny_distilled}",
             f"flux-2-klein-9b={tiny_distilled}",
@@ -105,9 +115,7 @@ def server(
             "KLEINSERVE_METRICS": "open",
             "KLEINSERVE_LORAS": f"tiny={tiny_lora}",
         },
-    ).start()
-    yield process
-    process.stop()
+    )
 
 
 ADMIN_TOKEN = "admin-token-for-tests"
@@ -123,14 +131,14 @@ class OpsServer:
     metrics_port: int
 
 
-@pytest.fixture(scope="session")
-def ops_server(
-    tiny_distilled: Path, classifiers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OpsServer]:
+def operations_server(tiny_distilled: Path, nsfw_classifier: Path, data_dir: Path) -> OpsServer:
     from kleinserve.keys import KeyStore
 
-    data_dir = tmp_path_factory.mktemp("ops")
-    _, secret = KeyStore(data_dir / "jobs.sqlite3").create("logger")
+    keys = KeyStore(data_dir / "jobs.sqlite3")
+    try:
+        _, secret = keys.create("logger")
+    finally:
+        keys.close()
     metrics_port = free_port()
     server = ServerProcess(
         data_dir,
@@ -145,7 +153,7 @@ def ops_server(
         "--metrics-port",
         str(metrics_port),
         "--safety-checker",
-        str(classifiers["nsfw"]),
+        str(nsfw_classifier),
         "--safety-policy",
         "flag",
         env={
@@ -154,6 +162,44 @@ def ops_server(
             "KLEINSERVE_FETCH_ALLOW": "127.0.0.1",
             "KLEINSERVE_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,0.2",
         },
-    ).start()
-    yield OpsServer(server, secret, metrics_port)
-    server.stop()
+    )
+    return OpsServer(server, secret, metrics_port)
+
+
+@pytest.fixture(scope="session")
+def session_servers(
+    request: pytest.FixtureRequest,
+    tiny_distilled: Path,
+    tiny_base: Path,
+    tiny_lora: Path,
+    tiny_autoencoder: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServerProcess, OpsServer]]:
+    """The session's two shared servers, started side by side when a test first needs either: the
+    main one boots while the operations server's classifier is written (a CLI subprocess), then both
+    are waited for. Most of a start is one core importing torch and the model libraries."""
+    main = main_server(tiny_distilled, tiny_base, tiny_lora, tiny_autoencoder, tmp_path_factory.mktemp("server"))
+    main.launch()
+    ops: OpsServer | None = None
+    try:
+        classifiers: dict[str, Path] = request.getfixturevalue("classifiers")
+        ops = operations_server(tiny_distilled, classifiers["nsfw"], tmp_path_factory.mktemp("ops"))
+        ops.server.launch()
+        main.wait_ready(120)
+        ops.server.wait_ready(120)
+        yield main, ops
+    finally:
+        for process in (main, ops.server if ops else None):
+            if process is not None and process.process is not None:
+                process.stop()
+
+
+@pytest.fixture(scope="session")
+def server(session_servers: tuple[ServerProcess, OpsServer]) -> ServerProcess:
+    """One server for the session (see :func:`main_server`)."""
+    return session_servers[0]
+
+
+@pytest.fixture(scope="session")
+def ops_server(session_servers: tuple[ServerProcess, OpsServer]) -> OpsServer:
+    return session_servers[1]

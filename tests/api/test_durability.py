@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.api.conftest import ServerProcess
+from tests.api.conftest import ServerProcess, start_together
 from tests.conftest import ImageServer, png_bytes
 
 MODEL = "black-forest-labs-flux-2-klein-4b"
@@ -55,62 +55,50 @@ def assert_graceful(server: ServerProcess, returncode: int) -> None:
     assert "Application shutdown complete." in server.log()
 
 
-@pytest.fixture
-def make_server(tmp_path: Path, tiny_distilled: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Servers on one data dir (so restarts see the same jobs), all stopped at the end."""
-    made: list[ServerProcess] = []
-
-    def make(**env: str) -> ServerProcess:
-        server = ServerProcess(
-            tmp_path,
-            [f"flux-2-klein-4b={tiny_distilled}"],
-            "--dtype",
-            "float32",
-            env={k.upper(): v for k, v in env.items()},
-        )
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        if server.process is not None:
-            server.stop(signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
-def one_attempt(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server allowing one attempt per job, shared by the tests below: each stops and restarts it
-    as it needs and leaves it running for the next (one start fewer than a server per test)."""
-    server = ServerProcess(
-        tmp_path_factory.mktemp("one-attempt"),
-        [f"flux-2-klein-4b={tiny_distilled}"],
-        "--dtype",
-        "float32",
-        env={"KLEINSERVE_MAX_ATTEMPTS": "1"},
-    )
-    yield server
-    if server.process is not None:
-        server.stop(signal.SIGKILL)
+def servers(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """The module's servers, each on a data dir of its own (so its restarts see its jobs), started side
+    by side: ``restarted`` (defaults), ``one_attempt`` (one attempt per job) and ``bounded`` (room for two
+    jobs). No fetch allow-list on any. A test stops and restarts a server as it needs (see :func:`running`)."""
+    env = {"restarted": {}, "one_attempt": {"KLEINSERVE_MAX_ATTEMPTS": "1"}, "bounded": {"KLEINSERVE_MAX_QUEUE": "2"}}
+    made = {
+        name: ServerProcess(
+            tmp_path_factory.mktemp(name), [f"flux-2-klein-4b={tiny_distilled}"], "--dtype", "float32", env=extra
+        )
+        for name, extra in env.items()
+    }
+    try:
+        start_together(*made.values())
+        yield made
+    finally:
+        for server in made.values():
+            if server.process is not None:
+                server.stop(signal.SIGKILL)
 
 
 def running(server: ServerProcess) -> ServerProcess:
-    """``server``, started unless it runs already."""
+    """``server``, started unless it runs already (an earlier test may have stopped it)."""
     if server.process is None or server.process.poll() is not None:
         server.start()
     return server
 
 
-def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server().start()
+@pytest.fixture
+def bounded(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return running(servers["bounded"])
+
+
+def test_kill_9_mid_job_then_restart_finishes_every_job(servers: dict[str, ServerProcess]) -> None:
+    server = running(servers["restarted"])
     done_before = enqueue(server, QUICK)
     wait_terminal(server, done_before)
-    running = enqueue(server, SLOW)
+    slow = enqueue(server, SLOW)
     waiting = enqueue(server, QUICK)
-    wait_until_running(server, running)
+    wait_until_running(server, slow)
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
 
     server.start()  # same data dir, new process
-    finished = wait_terminal(server, running)
+    finished = wait_terminal(server, slow)
     assert finished["status"] == "succeeded" and finished["result_url"]
     assert wait_terminal(server, waiting)["status"] == "succeeded"
     before = item(server, done_before)
@@ -120,8 +108,8 @@ def test_kill_9_mid_job_then_restart_finishes_every_job(make_server: Callable[..
     assert_graceful(server, server.stop(signal.SIGINT))
 
 
-def test_sigterm_requeues_the_running_job_without_spending_an_attempt(one_attempt: ServerProcess) -> None:
-    server = running(one_attempt)
+def test_sigterm_requeues_the_running_job_without_spending_an_attempt(servers: dict[str, ServerProcess]) -> None:
+    server = running(servers["one_attempt"])
     job = enqueue(server, SLOW)
     wait_until_running(server, job)
     assert_graceful(server, server.stop(signal.SIGTERM))
@@ -132,8 +120,8 @@ def test_sigterm_requeues_the_running_job_without_spending_an_attempt(one_attemp
     assert wait_terminal(server, job)["status"] == "succeeded"
 
 
-def test_a_job_interrupted_too_often_fails_with_a_reason(one_attempt: ServerProcess) -> None:
-    server = running(one_attempt)
+def test_a_job_interrupted_too_often_fails_with_a_reason(servers: dict[str, ServerProcess]) -> None:
+    server = running(servers["one_attempt"])
     job = enqueue(server, SLOW)
     wait_until_running(server, job)
     server.stop(signal.SIGKILL)
@@ -142,20 +130,6 @@ def test_a_job_interrupted_too_often_fails_with_a_reason(one_attempt: ServerProc
     failed = wait_terminal(server, job)
     assert failed["status"] == "failed" and failed["error_message"].startswith("interrupted")
     assert_graceful(server, server.stop())
-
-
-@pytest.fixture(scope="module")
-def bounded(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server with room for two jobs and no fetch allow-list, for the tests that need no restart."""
-    server = ServerProcess(
-        tmp_path_factory.mktemp("bounded"),
-        [f"flux-2-klein-4b={tiny_distilled}"],
-        "--dtype",
-        "float32",
-        env={"KLEINSERVE_MAX_QUEUE": "2"},
-    ).start()
-    yield server
-    server.stop(signal.SIGKILL)
 
 
 def test_full_queue_is_503_with_retry_after(bounded: ServerProcess) -> None:

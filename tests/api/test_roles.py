@@ -20,8 +20,14 @@ from tests.api.conftest import free_port
 
 MODEL = "flux-2-klein-4b"
 SMALL = {"model": MODEL, "prompt": "a small test", "image_size": {"width": 64, "height": 64}}
-# Short heartbeats so the api notices the worker (and its going away) quickly.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "KLEINSERVE_HEARTBEAT_SECONDS": "0.5", "KLEINSERVE_EVENT_POLL": "0.05"}
+# Short heartbeats so the api notices the worker (and its going away) quickly; a reaper that looks often.
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "KLEINSERVE_HEARTBEAT_SECONDS": "0.5",
+    "KLEINSERVE_EVENT_POLL": "0.05",
+    "KLEINSERVE_REAP_INTERVAL": "0.5",
+}
 
 
 def test_api_imports_no_torch() -> None:
@@ -50,6 +56,10 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def _models(url: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{url}/v1/models", timeout=10).json()["data"])
 
 
 def _until(condition: Any, timeout: float = 120.0) -> Any:
@@ -171,15 +181,21 @@ def test_api_and_worker_processes_share_the_queue(
 def test_a_job_of_a_killed_worker_finishes_on_another(
     api: tuple[str, subprocess.Popen[bytes], Path], tiny_distilled: Path
 ) -> None:
-    """kill -9 of a worker mid-job: the reaper hands the job back and a second worker finishes it,
-    the interrupted run counted as an attempt."""
+    """kill -9 of a worker mid-job: the reaper of a live process hands the job back and the second
+    worker (started beside the first) finishes it, the interrupted run counted as an attempt."""
     from kleinserve.jobs.store.sqlite import SQLiteJobStore
 
     url, _, data_dir = api
     args = ["worker", "--model", f"{MODEL}={tiny_distilled}", "--data-dir", str(data_dir), "--device", "cpu"]
-    first = _start([*args, "--dtype", "float32"], data_dir / "worker1.log")
+    workers = [_start([*args, "--dtype", "float32"], data_dir / f"worker{n}.log") for n in (1, 2)]
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
     try:
-        _until(lambda: httpx.get(f"{url}/api/ai/models").json()["data"])
+
+        def both_live() -> bool:
+            models = _models(url)
+            return bool(models) and len(models[0]["devices"]) == 2
+
+        _until(both_live)
         response = httpx.post(
             f"{url}/api/ai/queue",
             json={**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 40, "seed": 5},
@@ -187,12 +203,12 @@ def test_a_job_of_a_killed_worker_finishes_on_another(
         )
         generation_id = response.json()["generations"][0]["generation_id"]
         _until(lambda: httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json()["progress_step"] >= 1)
-        first.send_signal(signal.SIGKILL)
-        first.wait(30)
-    finally:
-        _stop(first)
-    second = _start([*args, "--dtype", "float32"], data_dir / "worker2.log")
-    try:
+        job = store.get(generation_id)
+        assert job is not None and job.worker_id is not None
+        (holder,) = [w for w in store.live_workers(since=0) if w.id == job.worker_id]
+        (victim,) = [w for w in workers if w.pid == holder.info["pid"]]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
         done = _until(
             lambda: (
                 (j := httpx.get(f"{url}/api/ai/queue/{generation_id}", timeout=10).json())["status"]
@@ -202,11 +218,11 @@ def test_a_job_of_a_killed_worker_finishes_on_another(
             timeout=300,
         )
         assert done["status"] == "succeeded", done
-    finally:
-        assert _stop(second) == 0
-    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-    try:
+        (survivor,) = [w for w in workers if w is not victim]
+        assert _stop(survivor) == 0
         job = store.get(generation_id)
-        assert job is not None and job.attempts == 2
+        assert job is not None and job.attempts == 2 and job.worker_id != holder.id
     finally:
+        for worker in workers:
+            _stop(worker)
         store.close()

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from kleinserve.safety import blurred
-from tests.api.conftest import OpsServer, ServerProcess
+from tests.api.conftest import OpsServer, ServerProcess, start_together
 
 SMALL = {"prompt": "a safety test", "width": 64, "height": 64, "seed": 11}
 
@@ -34,32 +34,42 @@ class Case:
         return self.policy == "refuse"
 
 
+@pytest.fixture(scope="module")
+def policy_servers(
+    tiny_distilled: Path, classifiers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServerProcess]]:
+    """The blur and the refuse server, started side by side; clients may skip the blur server's
+    checker, not the refuse one's."""
+    servers = {
+        policy: ServerProcess(
+            tmp_path_factory.mktemp(f"safety-{policy}"),
+            [f"flux-2-klein-4b={tiny_distilled}"],
+            "--dtype",
+            "float32",
+            "--safety-checker",
+            str(classifiers["nsfw"]),
+            "--safety-policy",
+            policy,
+            *(["--safety-allow-disable"] if policy == "blur" else []),
+        )
+        for policy in ("blur", "refuse")
+    }
+    try:
+        start_together(*servers.values())
+        yield servers
+    finally:
+        for server in servers.values():
+            if server.process is not None:
+                server.stop()
+
+
 @pytest.fixture(scope="module", params=["flag", "blur", "refuse"])
-def case(
-    request: pytest.FixtureRequest,
-    ops_server: OpsServer,
-    tiny_distilled: Path,
-    classifiers: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Case]:
+def case(request: pytest.FixtureRequest, ops_server: OpsServer) -> Case:
     """A server per policy; ``flag`` is the shared operations server (which has an API key)."""
     if request.param == "flag":
-        yield Case("flag", False, ops_server.server, {"Authorization": f"Bearer {ops_server.secret}"})
-        return
-    allow_disable = request.param == "blur"  # clients may skip the blur server's checker, not the refuse one's
-    server = ServerProcess(
-        tmp_path_factory.mktemp(f"safety-{request.param}"),
-        [f"flux-2-klein-4b={tiny_distilled}"],
-        "--dtype",
-        "float32",
-        "--safety-checker",
-        str(classifiers["nsfw"]),
-        "--safety-policy",
-        request.param,
-        *(["--safety-allow-disable"] if allow_disable else []),
-    ).start()
-    yield Case(request.param, allow_disable, server, {})
-    server.stop()
+        return Case("flag", False, ops_server.server, {"Authorization": f"Bearer {ops_server.secret}"})
+    servers: dict[str, ServerProcess] = request.getfixturevalue("policy_servers")
+    return Case(request.param, request.param == "blur", servers[request.param], {})
 
 
 def url(case: Case) -> str:

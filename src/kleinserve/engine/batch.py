@@ -22,6 +22,7 @@ import torch
 
 from kleinserve.engine.denoising import denoising_schedule
 from kleinserve.engine.engine import DEFAULT_SIZE, Engine, EngineInputs, EngineOutput
+from kleinserve.engine.guidance import guide, predict_noise
 from kleinserve.engine.progress import CancelCheck, Progress, ProgressCallback
 from kleinserve.errors import GenerationCancelledError, ResourceExhaustedError
 
@@ -155,26 +156,16 @@ def _generate_batch(engine: Engine, items: Sequence[BatchItem]) -> list[Outcome]
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
         model_input = latents if ref_latents is None else torch.cat([latents, ref_latents], dim=1)
         model_input = model_input.to(transformer.dtype)
-        noise = transformer(
-            hidden_states=model_input,
-            timestep=timestep / 1000,
-            guidance=None,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=text_ids,
-            img_ids=model_ids,
-            return_dict=False,
-        )[0][:, : latents.size(1)]
+        image_tokens = latents.size(1)
+        noise = predict_noise(
+            transformer, model_input, timestep / 1000, prompt_embeds, text_ids, model_ids, image_tokens
+        )
         if negative_embeds is not None:
-            negative = transformer(
-                hidden_states=model_input,
-                timestep=timestep / 1000,
-                guidance=None,
-                encoder_hidden_states=negative_embeds,
-                txt_ids=pipe._prepare_text_ids(negative_embeds).to(engine.device),
-                img_ids=model_ids,
-                return_dict=False,
-            )[0][:, : latents.size(1)]
-            noise = negative + first.guidance * (noise - negative)
+            negative_ids = pipe._prepare_text_ids(negative_embeds).to(engine.device)
+            negative = predict_noise(
+                transformer, model_input, timestep / 1000, negative_embeds, negative_ids, model_ids, image_tokens
+            )
+            noise = guide(noise, negative, first.guidance)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         for index in sorted(set(owner)):
             # Each item's preview decodes its own rows only (engine/preview.py), lazily.

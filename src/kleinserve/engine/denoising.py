@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kleinserve.engine.guidance import guided_noise_one_batch
+from kleinserve.engine.guidance import guide, guided_noise_one_batch, predict_noise
 from kleinserve.engine.kv import ReferenceKV
 from kleinserve.engine.preview import Previewer
 from kleinserve.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
@@ -85,59 +85,47 @@ class Denoiser:
         self, latents: torch.Tensor, latent_ids: torch.Tensor, report: ProgressCallback, cancelled: CancelCheck
     ) -> torch.Tensor:
         """Denoise ``latents`` (packed, at ``timesteps[0]``) through every timestep; the clean latents."""
-        c = self.conditioning
-        transformer = self.transformer
-        model_input_ids = latent_ids if c.ref_ids is None else torch.cat([latent_ids, c.ref_ids], dim=1)
-        # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does.
-        cond, uncond = in_cache_context(transformer, "cond"), in_cache_context(transformer, "uncond")
-        one_batch = self.one_batch and cond is transformer  # step-cache hooks want one pass per branch
+        model_ids = (
+            latent_ids
+            if self.conditioning.ref_ids is None
+            else torch.cat([latent_ids, self.conditioning.ref_ids], dim=1)
+        )
         for i, t in enumerate(self.timesteps):
             check_cancel(cancelled)
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            if c.kv is not None:
-                noise = c.kv.predict(transformer, latents, latent_ids, timestep / 1000, c.prompt_embeds, c.text_ids)
-                latents = self._step(noise, t, latents, i)
-                report(self._progress(i, latents, noise, latent_ids))
-                continue
-            model_input = latents if c.ref_latents is None else torch.cat([latents, c.ref_latents], dim=1)
-            model_input = model_input.to(transformer.dtype)
-            if one_batch and c.negative_embeds is not None and c.negative_ids is not None:
-                noise = guided_noise_one_batch(
-                    transformer, model_input, timestep / 1000, c.prompt_embeds, c.negative_embeds, c.text_ids,
-                    c.negative_ids, model_input_ids, latents.size(1), self.guidance,
-                )  # fmt: skip
-                latents = self._step(noise, t, latents, i)
-                report(self._progress(i, latents, noise, latent_ids))
-                continue
-            noise = cond(
-                hidden_states=model_input,
-                timestep=timestep / 1000,
-                guidance=None,
-                encoder_hidden_states=c.prompt_embeds,
-                txt_ids=c.text_ids,
-                img_ids=model_input_ids,
-                return_dict=False,
-            )[0][:, : latents.size(1)]
-            if c.cfg:
-                negative = uncond(
-                    hidden_states=model_input,
-                    timestep=timestep / 1000,
-                    guidance=None,
-                    encoder_hidden_states=c.negative_embeds,
-                    txt_ids=c.negative_ids,
-                    img_ids=model_input_ids,
-                    return_dict=False,
-                )[0][:, : latents.size(1)]
-                noise = negative + self.guidance * (noise - negative)
-            latents = self._step(noise, t, latents, i)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            noise = self._noise(latents, latent_ids, model_ids, timestep)
+            stepped: torch.Tensor = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+            latents = stepped if self.blend is None else self.blend(self.scheduler, i, stepped)
             report(self._progress(i, latents, noise, latent_ids))
-        if c.kv is not None:
-            c.kv.clear()  # the references' K/V are this request's; never kept past it
+        if self.conditioning.kv is not None:
+            self.conditioning.kv.clear()  # the references' K/V are this request's; never kept past it
         return latents
 
-    def _step(self, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
-        stepped: torch.Tensor = self.scheduler.step(noise, t, latents, return_dict=False)[0]
-        return stepped if self.blend is None else self.blend(self.scheduler, i, stepped)
+    def _noise(
+        self, latents: torch.Tensor, latent_ids: torch.Tensor, model_ids: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        """The (guided) noise prediction of one step for ``latents``: through the references' cached K/V
+        (9B-KV), as one CFG batch, or as one pass per branch."""
+        c, transformer = self.conditioning, self.transformer
+        if c.kv is not None:
+            return c.kv.predict(transformer, latents, latent_ids, timestep, c.prompt_embeds, c.text_ids)
+        model_input = latents if c.ref_latents is None else torch.cat([latents, c.ref_latents], dim=1)
+        model_input = model_input.to(transformer.dtype)
+        tokens = latents.size(1)
+        # With step caching, each pass names its branch for the cache hooks, as diffusers' pipeline does;
+        # those hooks want one pass per branch, so CFG is batched only without them.
+        cond = in_cache_context(transformer, "cond")
+        if c.negative_embeds is None or c.negative_ids is None:
+            return predict_noise(cond, model_input, timestep, c.prompt_embeds, c.text_ids, model_ids, tokens)
+        if self.one_batch and cond is transformer:
+            return guided_noise_one_batch(
+                transformer, model_input, timestep, c.prompt_embeds, c.negative_embeds, c.text_ids,
+                c.negative_ids, model_ids, tokens, self.guidance,
+            )  # fmt: skip
+        positive = predict_noise(cond, model_input, timestep, c.prompt_embeds, c.text_ids, model_ids, tokens)
+        uncond = in_cache_context(transformer, "uncond")
+        negative = predict_noise(uncond, model_input, timestep, c.negative_embeds, c.negative_ids, model_ids, tokens)
+        return guide(positive, negative, self.guidance)
 
     def _progress(self, i: int, latents: torch.Tensor, noise: torch.Tensor, latent_ids: torch.Tensor) -> Progress:
         """Progress after denoising step ``i``, with its lazy preview."""

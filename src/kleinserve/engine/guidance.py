@@ -14,6 +14,34 @@ from typing import Any
 import torch
 
 
+def predict_noise(
+    transformer: Any,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor,
+    embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+    image_tokens: int,
+) -> torch.Tensor:
+    """One transformer pass's noise prediction for the first ``image_tokens`` tokens (the image being
+    made; reference tokens after them are conditioning only). ``timestep`` is already divided by 1000."""
+    noise: torch.Tensor = transformer(
+        hidden_states=model_input,
+        timestep=timestep,
+        guidance=None,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0][:, :image_tokens]
+    return noise
+
+
+def guide(positive: torch.Tensor, negative: torch.Tensor, guidance: float) -> torch.Tensor:
+    """True CFG: ``negative + guidance * (positive - negative)``."""
+    return negative + guidance * (positive - negative)
+
+
 def guided_noise_one_batch(
     transformer: Any,
     model_input: torch.Tensor,
@@ -27,14 +55,14 @@ def guided_noise_one_batch(
     guidance: float,
 ) -> torch.Tensor:
     """``negative + guidance * (positive - negative)`` from one batched transformer call."""
-    both: torch.Tensor = transformer(
-        hidden_states=torch.cat([model_input, model_input]),
-        timestep=torch.cat([timestep, timestep]),
-        guidance=None,
-        encoder_hidden_states=torch.cat([prompt_embeds, negative_embeds]),
-        txt_ids=torch.cat([text_ids, negative_ids]),
-        img_ids=torch.cat([img_ids, img_ids]),
-        return_dict=False,
-    )[0][:, :image_tokens]
+    both = predict_noise(
+        transformer,
+        torch.cat([model_input, model_input]),
+        torch.cat([timestep, timestep]),
+        torch.cat([prompt_embeds, negative_embeds]),
+        torch.cat([text_ids, negative_ids]),
+        torch.cat([img_ids, img_ids]),
+        image_tokens,
+    )
     positive, negative = both.chunk(2)
-    return negative + guidance * (positive - negative)
+    return guide(positive, negative, guidance)

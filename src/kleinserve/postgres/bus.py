@@ -38,6 +38,7 @@ class PgEventBus(StoreEventBus):
 
     def close(self) -> None:
         self._stop.set()
+        self._notifier.wake()  # the listener would otherwise finish its 0.5 s wait first
         self._listener.join(5)
         self._notifier.close()
         super().close()

@@ -56,6 +56,12 @@ class PgNotifier:
             time.sleep(min(timeout, 1.0))  # the database may be down: do not spin
             return None
 
+    def wake(self) -> None:
+        """Wake a :meth:`wait` blocked in another thread now (a notification of number 0, which every
+        listener on the channel reads as "nothing new"), so closing a reader never waits out a timeout."""
+        with contextlib.suppress(psycopg.Error), psycopg.connect(self.url, autocommit=True, connect_timeout=1) as conn:
+            conn.execute("SELECT pg_notify(%s, '0')", (self.channel,))
+
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):

@@ -36,6 +36,7 @@ from kleinserve.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
     from kleinserve.api.access_log import FinishedRequest
+    from kleinserve.engine.cache import CacheStats
     from kleinserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -192,17 +193,25 @@ class DeviceMemoryCollector(Collector):
 
 
 class PromptCacheCollector(Collector):
-    """The engine's prompt-embedding cache: hits and misses (counters), entries and bytes held."""
+    """The engines' prompt-embedding caches, one per device: hits and misses (counters), entries and
+    bytes held (gauges), each labelled by device."""
 
-    def __init__(self, read: Callable[[], tuple[int, int, int, int]]) -> None:
-        self.read = read  # -> (hits, misses, entries, bytes)
+    def __init__(self, read: Callable[[], list[tuple[str, CacheStats]]]) -> None:
+        self.read = read  # -> [(device, stats)]
 
     def collect(self) -> Iterator[Metric]:
-        hits, misses, entries, size = self.read()
-        yield CounterMetricFamily("kleinserve_prompt_cache_hits", "Prompts whose embedding was cached.", value=hits)
-        yield CounterMetricFamily("kleinserve_prompt_cache_misses", "Prompts encoded anew.", value=misses)
-        yield GaugeMetricFamily("kleinserve_prompt_cache_entries", "Embeddings held.", value=entries)
-        yield GaugeMetricFamily("kleinserve_prompt_cache_bytes", "Bytes the held embeddings take.", value=size)
+        families = (
+            (CounterMetricFamily, "kleinserve_prompt_cache_hits", "Prompts whose embedding was cached.", "hits"),
+            (CounterMetricFamily, "kleinserve_prompt_cache_misses", "Prompts encoded anew.", "misses"),
+            (GaugeMetricFamily, "kleinserve_prompt_cache_entries", "Embeddings held.", "entries"),
+            (GaugeMetricFamily, "kleinserve_prompt_cache_bytes", "Bytes the held embeddings take.", "bytes"),
+        )
+        caches = self.read()
+        for kind, name, documentation, attribute in families:
+            family = kind(name, documentation, labels=["device"])
+            for device, stats in caches:
+                family.add_metric([device], getattr(stats, attribute))
+            yield family
 
 
 def watch(collector: Collector) -> Callable[[], None]:
@@ -228,13 +237,10 @@ def watch_runtime(runtime: Runtime, *, queue: bool = True) -> Callable[[], None]
 
         return [row for device in runtime.device.split(",") for row in memory_rows(device)]  # "cuda:0,cuda:1"
 
-    def prompt_cache() -> tuple[int, int, int, int]:
-        if runtime.prompt_cache is None:  # an API process: the workers hold the cache
-            return 0, 0, 0, 0
-        stats = runtime.prompt_cache.stats()
-        return stats.hits, stats.misses, stats.entries, stats.bytes
+    def prompt_caches() -> list[tuple[str, CacheStats]]:  # none in an API process: the workers hold them
+        return [(device, cache.stats()) for device, cache in runtime.prompt_caches.items()]
 
-    undo = [watch(DeviceMemoryCollector(device_memory)), watch(PromptCacheCollector(prompt_cache))]
+    undo = [watch(DeviceMemoryCollector(device_memory)), watch(PromptCacheCollector(prompt_caches))]
     if queue:
         undo.append(watch(QueueCollector(queue_state)))
 

@@ -77,8 +77,9 @@ class Runtime:
     storage: Storage = field(init=False)
     service: JobService = field(init=False)
     engines: dict[str, Engine] = field(default_factory=dict, init=False)
-    # Built by roles that load models (hits/misses: prompt_cache.stats(), for /metrics).
-    prompt_cache: PromptCache | None = field(default=None, init=False)
+    # Built by roles that load models, one per distinct device (entries live on their device); their
+    # stats() are /metrics' prompt-cache series, labelled by device.
+    prompt_caches: dict[str, PromptCache] = field(default_factory=dict, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
     safety: SafetyChecker | None = field(default=None, init=False)
     webhooks: WebhookStore | None = field(default=None, init=False)  # set while the dispatcher runs
@@ -181,7 +182,7 @@ class Runtime:
             for device in devices:
                 loaded.append(await asyncio.to_thread(self._load_device, device, caches))
             self.engines, self.safety = loaded[0]
-            self.prompt_cache = caches[str(devices[0])]
+            self.prompt_caches = caches
             logs.adopt_library_loggers()  # imported by now: their later lines take our format too
         except KleinserveError as err:
             self.load_error = err.message

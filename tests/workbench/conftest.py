@@ -36,6 +36,7 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def workbench_server(
+    request: pytest.FixtureRequest,
     tiny_distilled: Path,
     tiny_base: Path,
     tiny_kv: Path,
@@ -61,9 +62,13 @@ def workbench_server(
         "--lora",
         f"style={tiny_lora}",
         env={"HF_HOME": str(data_dir / "hf"), "KLEINSERVE_KEEPALIVE_INTERVAL": "1"},
-    ).start()
-    yield server
-    server.stop()
+    ).launch()
+    try:
+        request.getfixturevalue("browser")  # Chromium starts while the server does
+        server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

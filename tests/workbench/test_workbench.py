@@ -47,7 +47,7 @@ window.previewLog = [];
 
 
 @pytest.fixture(scope="module")
-def page(browser: Any, workbench_server: ServerProcess) -> Iterator[Any]:
+def page(workbench_server: ServerProcess, browser: Any) -> Iterator[Any]:
     page = browser.new_page()
     page.add_init_script(RECORD_STATUSES)
     errors: list[str] = []

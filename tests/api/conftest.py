@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +81,22 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_together(*servers: ServerProcess, timeout: float = 120) -> None:
-    """Start ``servers`` at once and wait until each is ready: a start is mostly one core importing
-    torch and the model libraries, so two starting side by side take little longer than one."""
-    for server in servers:
-        server.launch()
-    for server in servers:
-        server.wait_ready(timeout)
+@contextmanager
+def running_together(servers: Iterable[ServerProcess], stop: int = signal.SIGTERM) -> Iterator[None]:
+    """Start ``servers`` at once, wait until each is ready, and stop (with ``stop``) every one still
+    running on exit, also when a start failed: a start is mostly one core importing torch and the
+    model libraries, so two starting side by side take little longer than one."""
+    servers = list(servers)
+    try:
+        for server in servers:
+            server.launch()
+        for server in servers:
+            server.wait_ready(120)
+        yield
+    finally:
+        for server in servers:
+            if server.process is not None:
+                server.stop(stop)
 
 
 def main_server(

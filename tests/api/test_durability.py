@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.conftest import ServerProcess, start_together
+from tests.api.conftest import ServerProcess, running_together
 from tests.conftest import ImageServer, png_bytes
 
 MODEL = "black-forest-labs-flux-2-klein-4b"
@@ -67,13 +67,8 @@ def servers(tiny_distilled: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         )
         for name, extra in env.items()
     }
-    try:
-        start_together(*made.values())
+    with running_together(made.values(), stop=signal.SIGKILL):
         yield made
-    finally:
-        for server in made.values():
-            if server.process is not None:
-                server.stop(signal.SIGKILL)
 
 
 def running(server: ServerProcess) -> ServerProcess:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from kleinserve.safety import blurred
-from tests.api.conftest import OpsServer, ServerProcess, start_together
+from tests.api.conftest import OpsServer, ServerProcess, running_together
 
 SMALL = {"prompt": "a safety test", "width": 64, "height": 64, "seed": 11}
 
@@ -54,13 +54,8 @@ def policy_servers(
         )
         for policy in ("blur", "refuse")
     }
-    try:
-        start_together(*servers.values())
+    with running_together(servers.values()):
         yield servers
-    finally:
-        for server in servers.values():
-            if server.process is not None:
-                server.stop()
 
 
 @pytest.fixture(scope="module", params=["flag", "blur", "refuse"])
